@@ -1,0 +1,598 @@
+"""The engine: one execution per fingerprint among every caller sharing a store.
+
+A call goes: fingerprint -> in-process flight table -> store receipt -> store lease ->
+run the tool (see docs/how-it-works.md). The decisions live in one generator,
+``_resolve``, which yields the two things that differ between sync and async code
+(run the tool, wait for another process); ``_drive_sync`` and ``_drive_async`` are
+the two thin entries that carry those out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import hashlib
+import inspect
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from . import codec
+from .fingerprint import bind_arguments, encode_inputs, fingerprint_of
+from .flights import ABANDONED, FLIGHTS, Flight, run_in_thread, wait_future
+from .models import (
+    ExecutionOutcome,
+    Receipt,
+    SharedExecutionError,
+    Source,
+    StoreError,
+    ToolExecutionOptions,
+)
+from .signing import Signer, key_path_for, load_key
+from .stats import Stats, summarize
+from .store import ReceiptStore, SQLiteStore, open_store
+from .store.base import Busy, Lease
+
+F = TypeVar("F", bound=Callable[..., Any])
+ENV_RUN_ID = "SINGLEFLIGHT_RUN_ID"
+_FLUSH_INTERVAL = 1.0
+
+
+@dataclass(slots=True)
+class _Call:
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: ToolExecutionOptions
+    tool_name: str
+    key: str = ""
+    inputs: str = ""
+    is_async: bool = False
+
+
+@dataclass(slots=True)
+class _Result:
+    value: Any
+    source: Source
+    receipt: Receipt | None = None
+    encoded: tuple[str, str] | None = None  # lets each waiter decode its own copy
+    latency_ms: float = 0.0
+    takeover: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    timeout: float
+
+
+_RUN = object()  # step: run the tool and send its value back
+_Step = Any
+
+
+def _tool_name(func: Callable[..., Any]) -> str:
+    return f"{getattr(func, '__module__', None) or 'tool'}.{getattr(func, '__qualname__', func)}"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Heartbeat:
+    """One daemon thread per engine renewing every held lease each third of its term."""
+
+    def __init__(self, store: ReceiptStore) -> None:
+        self._store = store
+        self._cond = threading.Condition()
+        self._leases: set[int] = set()
+        self._by_id: dict[int, Lease] = {}
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def hold(self, lease: Lease) -> Iterator[None]:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():  # also after a fork
+                self._by_id.clear()
+                self._thread = threading.Thread(target=self._run, name="singleflight-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            self._by_id[id(lease)] = lease
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._by_id.pop(id(lease), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._by_id:
+                    self._cond.wait()
+                self._cond.wait(min(lease.lease_seconds for lease in self._by_id.values()) / 3)
+                due = list(self._by_id.values())
+            for lease in due:
+                with contextlib.suppress(Exception):  # a lost lease shows at the fenced write
+                    self._store.renew(lease)
+
+
+class Singleflight:
+    """Deduplicates tool calls across tasks, threads and processes sharing one store.
+
+    ``db_path`` (or ``store``: a URL or a :class:`ReceiptStore`) says where receipts
+    live; by default ``.singleflight/receipts.db`` under the current directory.
+    ``secret`` signs receipts (else ``$SINGLEFLIGHT_SECRET``, else a key file beside
+    the store). ``run_id`` groups statistics of several processes (else
+    ``$SINGLEFLIGHT_RUN_ID``, else a fresh id).
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str] | None = None,
+        *,
+        store: str | ReceiptStore | None = None,
+        secret: str | bytes | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        if db_path is not None and store is not None:
+            raise ValueError("pass either db_path or store, not both")
+        self.store = store if isinstance(store, ReceiptStore) else open_store(db_path or store)
+        key_path = key_path_for(self.store.path) if isinstance(self.store, SQLiteStore) else None
+        self._signer = Signer(load_key(secret, key_path))
+        self.run_id = run_id or os.environ.get(ENV_RUN_ID) or (
+            time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+        self._instance = uuid.uuid4().hex[:8]
+        self._stats = Stats()
+        self._heartbeat = _Heartbeat(self.store)
+        self._last_flush = 0.0
+        self._flush_lock = threading.Lock()
+        self._warned: set[str] = set()
+        _ENGINES.add(self)
+
+    @property
+    def db_path(self) -> str:
+        return self.store.url
+
+    @property
+    def _owner(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{self._instance}"
+
+    # -- public API -----------------------------------------------------------------
+
+    def tool(self, func: F | None = None, /, **options: Any) -> Any:
+        """Decorator: calls of the function go through the engine; sync stays sync.
+
+        Takes the fields of :class:`ToolExecutionOptions` as keywords.
+        """
+        base = ToolExecutionOptions().replace(**options)
+
+        def decorate(f: F) -> F:
+            opts = base if base.tool_name else base.replace(tool_name=_tool_name(f))
+            wrapper: Any
+            if inspect.iscoroutinefunction(f):
+                @functools.wraps(f)
+                async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    return (await self._execute(self._prepare(f, args, kwargs, opts))).value
+            else:
+                @functools.wraps(f)
+                def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    return self._execute_sync(self._prepare(f, args, kwargs, opts)).value
+            wrapper.singleflight_options = opts
+            return wrapper  # type: ignore[no-any-return]
+
+        return decorate(func) if func is not None else decorate
+
+    async def execute(
+        self, func: Callable[..., Any], /, *args: Any,
+        options: ToolExecutionOptions | None = None, **kwargs: Any,
+    ) -> ExecutionOutcome:
+        """Call ``func(*args, **kwargs)`` through the engine from async code."""
+        return await self._execute(self._prepare(func, args, kwargs, options))
+
+    def execute_sync(
+        self, func: Callable[..., Any], /, *args: Any,
+        options: ToolExecutionOptions | None = None, **kwargs: Any,
+    ) -> ExecutionOutcome:
+        """Call ``func(*args, **kwargs)`` through the engine from sync code (any thread,
+        also one running an event loop)."""
+        return self._execute_sync(self._prepare(func, args, kwargs, options))
+
+    def summary(self, run_id: str | None = None) -> dict[str, Any]:
+        """Statistics of this run (every process that shares ``run_id``), per tool."""
+        self.flush_stats()
+        run = run_id or self.run_id
+        return summarize(self.store.load_stats(run), db_path=self.db_path, run_id=run)
+
+    def verify_receipt(self, receipt: Receipt) -> bool:
+        """Whether ``receipt`` carries a valid signature by this engine's key."""
+        return receipt.key_id == self._signer.key_id and self._signer.verify(receipt)
+
+    def flush_stats(self) -> None:
+        """Write this process's counters to the store now."""
+        with self._flush_lock:
+            self._last_flush = time.monotonic()
+            if self._stats.dirty:
+                self.store.save_stats(self.run_id, self._owner, self._stats.snapshot())
+
+    def close(self) -> None:
+        """Write pending statistics and close this thread's store connection."""
+        with contextlib.suppress(StoreError):
+            self.flush_stats()
+        _ENGINES.discard(self)
+        self.store.close()
+
+    def __enter__(self) -> Singleflight:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the two entries ------------------------------------------------------------
+
+    def _prepare(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 options: ToolExecutionOptions | None) -> _Call:
+        if options is None:
+            options = getattr(func, "singleflight_options", None) or ToolExecutionOptions()
+        func = getattr(func, "__wrapped__", func) if hasattr(func, "singleflight_options") else func
+        if not callable(func):
+            raise TypeError(f"expected a callable tool, got {type(func).__name__}")
+        call = _Call(func, args, kwargs, options, options.tool_name or _tool_name(func),
+                     is_async=inspect.iscoroutinefunction(func))
+        if options.shared:
+            ident = options.key(*args, **kwargs) if options.key else bind_arguments(
+                func, args, kwargs)
+            call.inputs = encode_inputs(call.tool_name, ident)
+            call.key = fingerprint_of(call.tool_name, call.inputs, namespace=options.namespace,
+                                      scope=options.scope, version=options.version)
+        return call
+
+    async def _execute(self, call: _Call) -> ExecutionOutcome:
+        started = time.perf_counter()
+        try:
+            if not call.options.shared:
+                result = await self._run_unshared_async(call, Source.EXECUTED_UNSHARED)
+                return self._finish(call, result, started)
+            hit = self._fast_lookup(call)
+            if hit is not None:
+                return self._finish(call, hit, started)
+            while True:
+                flight, owner = FLIGHTS.join((self.store.identity, call.key))
+                if owner and call.is_async:
+                    result = await self._own_async(call, flight)
+                    return self._finish(call, result, started)
+                if owner:  # a sync tool: a thread owns the flight, we wait like the others
+                    threading.Thread(target=self._own_quietly, args=(call, flight),
+                                     name="singleflight-owner", daemon=True).start()
+                try:
+                    result = await wait_future(flight.future, call.options.wait_timeout_seconds)
+                except TimeoutError:
+                    result = await self._fallback_async(call, "waiting for it timed out")
+                if result is not ABANDONED:
+                    return self._finish(call, result if owner else self._as_waiter(result), started)
+        except BaseException:
+            self._stats.add(call.tool_name, calls=1)
+            raise
+
+    def _execute_sync(self, call: _Call) -> ExecutionOutcome:
+        started = time.perf_counter()
+        try:
+            if not call.options.shared:
+                result = self._run_unshared(call, Source.EXECUTED_UNSHARED)
+                return self._finish(call, result, started)
+            hit = self._fast_lookup(call)
+            if hit is not None:
+                return self._finish(call, hit, started)
+            while True:
+                flight, owner = FLIGHTS.join((self.store.identity, call.key))
+                if owner:
+                    return self._finish(call, self._own_sync(call, flight), started)
+                if flight.loop is not None and flight.loop is _running_loop():
+                    result = self._fallback(call, "its owner runs on the event loop this "
+                                                  "sync call blocks")
+                else:
+                    try:
+                        result = flight.future.result(call.options.wait_timeout_seconds)
+                    except TimeoutError:
+                        result = self._fallback(call, "waiting for it timed out")
+                if result is not ABANDONED:
+                    return self._finish(call, self._as_waiter(result), started)
+        except BaseException:
+            self._stats.add(call.tool_name, calls=1)
+            raise
+
+    # -- owning a flight ------------------------------------------------------------
+
+    def _own_sync(self, call: _Call, flight: Flight) -> _Result:
+        try:
+            result = self._drive_sync(call, self._resolve(call))
+        except BaseException as exc:
+            FLIGHTS.land((self.store.identity, call.key), flight, exc)
+            raise
+        FLIGHTS.land((self.store.identity, call.key), flight, result)
+        return result
+
+    def _own_quietly(self, call: _Call, flight: Flight) -> None:
+        with contextlib.suppress(BaseException):  # the flight carries the outcome
+            self._own_sync(call, flight)
+
+    async def _own_async(self, call: _Call, flight: Flight) -> _Result:
+        flight.loop = asyncio.get_running_loop()
+        landing = (self.store.identity, call.key)
+        try:
+            result = await self._drive_async(call, self._resolve(call))
+        except asyncio.CancelledError:
+            FLIGHTS.land(landing, flight, ABANDONED)  # a waiter takes over, not cancelled
+            raise
+        except BaseException as exc:
+            FLIGHTS.land(landing, flight, exc)
+            raise
+        FLIGHTS.land(landing, flight, result)
+        return result
+
+    def _drive_sync(self, call: _Call, steps: Generator[_Step, Any, _Result]) -> _Result:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as stop:
+                result: _Result = stop.value
+                return result
+            reply, error = None, None
+            try:
+                if step is _RUN:
+                    reply = self._call_tool(call)
+                else:
+                    self.store.wait(call.key, step.timeout)
+            except BaseException as exc:
+                error = exc
+
+    async def _drive_async(self, call: _Call, steps: Generator[_Step, Any, _Result]) -> _Result:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as stop:
+                result: _Result = stop.value
+                return result
+            reply, error = None, None
+            try:
+                if step is _RUN:
+                    reply = await call.func(*call.args, **call.kwargs)
+                else:
+                    await run_in_thread(self.store.wait, call.key, step.timeout)
+            except BaseException as exc:
+                error = exc
+
+    # -- the decisions, shared by both entries ----------------------------------------
+
+    def _resolve(self, call: _Call) -> Generator[_Step, Any, _Result]:
+        try:
+            got = yield from self._get_lease(call)
+        except StoreError as exc:
+            got = f"the store failed: {exc}"
+        if isinstance(got, Lease):
+            return (yield from self._run_holding(call, got))
+        if isinstance(got, _Result):
+            return got
+        self._warn(call.tool_name, f"{call.tool_name}: executing without sharing because {got}")
+        self._stats.add(call.tool_name, fallbacks=1)
+        value = yield _RUN
+        return _Result(value, Source.EXECUTED_FALLBACK)
+
+    def _get_lease(self, call: _Call) -> Generator[_Step, Any, Lease | _Result | str]:
+        """The lease, a result someone else produced meanwhile, or why neither came."""
+        options = call.options
+        deadline = time.monotonic() + options.wait_timeout_seconds
+        busy: Busy | None = None
+        while True:
+            hit = self._lookup(call)
+            if hit is not None:
+                if busy is not None:
+                    hit.source = Source.SHARED_WAIT
+                return hit
+            if busy is not None and options.share_failures:
+                failure = self.store.last_failure(call.key)
+                if failure is not None and failure.token >= busy.since_token:
+                    raise SharedExecutionError(call.tool_name, failure.error_type, failure.message)
+            attempt = self.store.acquire(call.key, self._owner, options.lease_seconds)
+            if isinstance(attempt, Lease):
+                return attempt
+            busy = attempt
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "waiting for another process timed out"
+            yield _Wait(remaining)
+
+    def _run_holding(self, call: _Call, lease: Lease) -> Generator[_Step, Any, _Result]:
+        with self._heartbeat.hold(lease):
+            try:
+                hit = self._lookup(call)  # a holder may have finished since our last look
+                if hit is not None:
+                    self.store.release(lease)
+                    return hit
+                started = time.perf_counter()
+                value = yield _RUN
+            except BaseException as exc:
+                failure = None
+                if isinstance(exc, Exception):  # not cancelled or interrupted: the tool failed
+                    self._stats.add(call.tool_name, failures=1)
+                    failure = (type(exc).__qualname__, str(exc)[:2000])
+                with contextlib.suppress(StoreError):  # the tool's error matters more
+                    self.store.release(lease, failure)
+                raise
+        latency_ms = (time.perf_counter() - started) * 1000
+        result = _Result(value, Source.EXECUTED, latency_ms=latency_ms, takeover=lease.takeover)
+        self._persist(call, result, lease)
+        return result
+
+    def _persist(self, call: _Call, result: _Result, lease: Lease) -> None:
+        options = call.options
+        try:
+            result.encoded = codec.encode(result.value, options.allow_pickle)
+        except codec.UnencodableError as exc:
+            with contextlib.suppress(StoreError):
+                self.store.release(lease)
+            self._stats.add(call.tool_name, not_persisted=1)
+            self._warn(call.tool_name, f"{call.tool_name}: result of type {exc.type_name} cannot "
+                       f"be stored as JSON; it reached this call's waiters but was not "
+                       f"persisted (return JSON-able data, or pass allow_pickle=True)")
+            return
+        now = time.time()
+        receipt = self._signer.sign(Receipt(
+            fingerprint=call.key, tool_name=call.tool_name, namespace=options.namespace,
+            scope=options.scope, version=options.version,
+            inputs=call.inputs if options.store_inputs else None,
+            inputs_sha256=hashlib.sha256(call.inputs.encode()).hexdigest(),
+            codec=result.encoded[0], output=result.encoded[1], created_at=now,
+            expires_at=now + options.ttl_seconds, latency_ms=round(result.latency_ms, 3),
+            cost_usd=options.estimated_cost_usd, executor=self._owner, token=lease.token,
+            key_id=self._signer.key_id,
+        ))
+        try:
+            stored = self.store.put(receipt, lease)
+        except StoreError as exc:
+            self._stats.add(call.tool_name, not_persisted=1)
+            self._warn(call.tool_name, f"{call.tool_name}: result not persisted: {exc}")
+            return
+        if stored:
+            result.receipt = receipt
+        else:
+            self._stats.add(call.tool_name, fenced_out=1)
+            self._warn(call.tool_name, f"{call.tool_name}: lease was taken over while the tool "
+                       f"ran; the newer holder's receipt was kept")
+
+    def _lookup(self, call: _Call) -> _Result | None:
+        receipt = self.store.get(call.key)
+        if receipt is None or receipt.expires_at <= time.time():
+            return None
+        if receipt.fingerprint != call.key or not self.verify_receipt(receipt):
+            self._stats.add(call.tool_name, tampered=1)
+            self._warn(f"tampered:{call.tool_name}", f"{call.tool_name}: a stored receipt failed "
+                       f"its signature check (tampered, or signed with another key); re-executing")
+            return None
+        try:
+            value = codec.decode(receipt.codec, receipt.output, call.options.allow_pickle)
+        except ValueError:
+            return None
+        return _Result(value, Source.CACHE_HIT, receipt, (receipt.codec, receipt.output),
+                       receipt.latency_ms)
+
+    def _fast_lookup(self, call: _Call) -> _Result | None:
+        if FLIGHTS.peek((self.store.identity, call.key)) is not None:
+            return None
+        try:
+            return self._lookup(call)
+        except StoreError:
+            return None  # the owner's path reports it
+
+    # -- running tools --------------------------------------------------------------
+
+    def _call_tool(self, call: _Call) -> Any:
+        if not call.is_async:
+            return call.func(*call.args, **call.kwargs)
+        if _running_loop() is None:
+            return asyncio.run(call.func(*call.args, **call.kwargs))
+        # This thread runs a loop we must not re-enter: give the coroutine its own.
+        return _run_blocking_in_thread(lambda: asyncio.run(call.func(*call.args, **call.kwargs)))
+
+    def _run_unshared(self, call: _Call, source: Source) -> _Result:
+        started = time.perf_counter()
+        value = self._call_tool(call)
+        return _Result(value, source, latency_ms=(time.perf_counter() - started) * 1000)
+
+    async def _run_unshared_async(self, call: _Call, source: Source) -> _Result:
+        started = time.perf_counter()
+        if call.is_async:
+            value = await call.func(*call.args, **call.kwargs)
+        else:
+            value = await run_in_thread(functools.partial(call.func, *call.args, **call.kwargs))
+        return _Result(value, source, latency_ms=(time.perf_counter() - started) * 1000)
+
+    def _fallback(self, call: _Call, reason: str) -> _Result:
+        self._warn(call.tool_name, f"{call.tool_name}: executing without sharing because {reason}")
+        self._stats.add(call.tool_name, fallbacks=1)
+        return self._run_unshared(call, Source.EXECUTED_FALLBACK)
+
+    async def _fallback_async(self, call: _Call, reason: str) -> _Result:
+        self._warn(call.tool_name, f"{call.tool_name}: executing without sharing because {reason}")
+        self._stats.add(call.tool_name, fallbacks=1)
+        return await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _as_waiter(self, result: _Result) -> _Result:
+        if result.source is not Source.CACHE_HIT:
+            source = Source.SHARED_WAIT
+        else:
+            source = Source.CACHE_HIT
+        value = result.value
+        if result.encoded is not None:  # every waiter gets its own copy, like a cache hit
+            value = codec.decode(*result.encoded, allow_pickle=True)
+        return _Result(value, source, result.receipt, result.encoded, result.latency_ms)
+
+    def _finish(self, call: _Call, result: _Result, started: float) -> ExecutionOutcome:
+        source = result.source
+        counters: dict[str, float] = {"calls": 1}
+        if source in (Source.CACHE_HIT, Source.SHARED_WAIT):
+            counters["cache_hits" if source is Source.CACHE_HIT else "shared_waits"] = 1
+            counters["dollars_saved"] = call.options.estimated_cost_usd
+            counters["latency_saved_ms"] = result.latency_ms
+        elif source is Source.EXECUTED:
+            counters["executed"] = 1
+            counters["takeovers"] = int(result.takeover)
+        elif source is Source.EXECUTED_UNSHARED:
+            counters["unshared"] = 1
+        self._stats.add(call.tool_name, **counters)
+        if source is not Source.CACHE_HIT and time.monotonic() - self._last_flush > _FLUSH_INTERVAL:
+            with contextlib.suppress(StoreError):
+                self.flush_stats()
+        return ExecutionOutcome(
+            value=result.value, source=source, tool_name=call.tool_name, fingerprint=call.key,
+            receipt=result.receipt, elapsed_ms=(time.perf_counter() - started) * 1000,
+            takeover=result.takeover,
+        )
+
+    def _warn(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _run_blocking_in_thread(func: Callable[[], Any]) -> Any:
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = func()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="singleflight-loop", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+_ENGINES: weakref.WeakSet[Singleflight] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    for engine in list(_ENGINES):
+        with contextlib.suppress(Exception):
+            engine.flush_stats()

@@ -1,0 +1,78 @@
+"""Fingerprints: one key per (tool, arguments), whatever form the call took.
+
+Arguments are bound to the function's signature with defaults applied, so ``f("a")``,
+``f(x="a")`` and ``f()`` with default ``"a"`` are one call. They are then encoded
+canonically (see :mod:`.codec`): ``1``, ``1.0``, ``True`` and ``"1"`` differ, tuples
+differ from lists, dict and set order does not matter. Nothing is ever ``repr()``-ed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .codec import UnencodableError, canonical_json
+
+FORMAT = "sf1"
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def bind_arguments(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults applied."""
+    signature = _signature(func)
+    if signature is None:
+        return {"args": args, "kwargs": dict(kwargs)}
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def encode_inputs(tool_name: str, arguments: Any) -> str:
+    """Canonical JSON of ``arguments``; a ``TypeError`` names the argument that has none."""
+    try:
+        return canonical_json(arguments)
+    except UnencodableError as exc:
+        # "['payload']['items'][2]" reads better as "payload['items'][2]".
+        where = re.sub(r"^\[(['\"])(.*?)\1\]", r"\2", exc.where(""), count=1)
+        raise TypeError(
+            f"{tool_name}: argument {where or 'value'!r} of type {exc.type_name} cannot be "
+            f"fingerprinted; pass key= to the tool to choose what identifies the call"
+        ) from None
+
+
+def fingerprint_of(
+    tool_name: str, inputs_json: str, *, namespace: str = "default", scope: str = "default",
+    version: str = "1",
+) -> str:
+    """SHA-256 hex of the tool's identity and its canonical inputs."""
+    head = canonical_json([FORMAT, namespace, tool_name, scope, version])
+    return hashlib.sha256(f"{head}\n{inputs_json}".encode()).hexdigest()
+
+
+def make_fingerprint(
+    tool_name: str,
+    arguments: Any = None,
+    *,
+    namespace: str = "default",
+    scope: str = "default",
+    version: str = "1",
+) -> str:
+    """The fingerprint of a call of ``tool_name`` with ``arguments`` (any encodable value,
+    usually the dict of bound arguments)."""
+    return fingerprint_of(
+        tool_name, encode_inputs(tool_name, arguments), namespace=namespace, scope=scope,
+        version=version,
+    )

@@ -1,0 +1,92 @@
+"""The in-process flight table: one owner per key, everyone else waits on its future.
+
+Go's ``singleflight.Group`` for threads and event loops at once: the future is a
+``concurrent.futures.Future`` (bound to no loop), so sync callers block on it and async
+callers on any loop await it without polling and without a thread each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import threading
+from typing import Any
+
+ABANDONED = object()  # the owner was cancelled: a waiter should take the flight over
+
+
+class Flight:
+    __slots__ = ("future", "loop")
+
+    def __init__(self) -> None:
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        # The event loop an async owner runs on: a sync waiter on that loop's thread
+        # would block the very loop the owner needs.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
+class FlightTable:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[tuple[str, str], Flight] = {}
+
+    def peek(self, key: tuple[str, str]) -> Flight | None:
+        return self._flights.get(key)
+
+    def join(self, key: tuple[str, str]) -> tuple[Flight, bool]:
+        """The flight for ``key`` and whether the caller now owns it."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                return flight, False
+            flight = self._flights[key] = Flight()
+            return flight, True
+
+    def land(self, key: tuple[str, str], flight: Flight, result: Any) -> None:
+        """End the flight: later callers start afresh, waiters get ``result``."""
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        if isinstance(result, BaseException):
+            flight.future.set_exception(result)
+        else:
+            flight.future.set_result(result)
+
+    def clear(self) -> None:
+        self._lock = threading.Lock()
+        self._flights = {}
+
+
+FLIGHTS = FlightTable()
+os.register_at_fork(after_in_child=FLIGHTS.clear)
+
+
+async def wait_future(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
+    """Await ``future`` from any loop. Cancelling the awaiting task leaves ``future`` alone
+    (``asyncio.wrap_future`` would cancel it for every other waiter too)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: concurrent.futures.Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    future.add_done_callback(wake)
+    await asyncio.wait_for(waiter, timeout)  # TimeoutError, like Future.result(timeout)
+    return future.result()
+
+
+async def run_in_thread(func: Any, *args: Any) -> Any:
+    """Run ``func`` in a new thread: unlike the default executor, never starved."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(func(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="singleflight-call", daemon=True).start()
+    return await wait_future(future, None)

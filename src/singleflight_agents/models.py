@@ -1,0 +1,140 @@
+"""Data types shared by every layer: options, receipts, outcomes and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class Source(enum.StrEnum):
+    """Where an outcome's value came from."""
+
+    EXECUTED = "executed"
+    CACHE_HIT = "cache_hit"
+    SHARED_WAIT = "shared_wait"
+    EXECUTED_UNSHARED = "executed_unshared"
+    EXECUTED_FALLBACK = "executed_fallback"
+
+
+class SingleflightError(Exception):
+    """Base class of the errors this library raises on purpose."""
+
+
+class StoreError(SingleflightError):
+    """The store cannot be opened or used; the message names the store and the fix."""
+
+
+class SharedExecutionError(SingleflightError):
+    """The execution another process ran for this call failed (``share_failures=True``)."""
+
+    def __init__(self, tool_name: str, error_type: str, message: str) -> None:
+        super().__init__(f"{tool_name}: shared execution failed with {error_type}: {message}")
+        self.tool_name = tool_name
+        self.error_type = error_type
+        self.error_message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ToolExecutionOptions:
+    """How one tool is fingerprinted, shared and stored.
+
+    A call is shared only when ``deterministic`` or ``bounded_read`` is true and
+    ``side_effecting`` is false; ``side_effecting`` always wins. ``key`` replaces the
+    arguments in the fingerprint with ``key(*args, **kwargs)``. ``allow_pickle`` lets
+    results that JSON cannot carry be stored as pickle (loaded only after the signature
+    verified). ``store_inputs=False`` keeps only a hash of the arguments in the receipt.
+    """
+
+    tool_name: str | None = None
+    scope: str = "default"
+    namespace: str = "default"
+    version: str = "1"
+    ttl_seconds: float = 3600.0
+    lease_seconds: float = 10.0
+    wait_timeout_seconds: float = 300.0
+    estimated_cost_usd: float = 0.0
+    deterministic: bool = False
+    bounded_read: bool = False
+    side_effecting: bool = False
+    share_failures: bool = False
+    key: Callable[..., Any] | None = None
+    allow_pickle: bool = False
+    store_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("ttl_seconds", "lease_seconds", "wait_timeout_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ToolExecutionOptions.{name} must be a positive number, got {value!r}")
+        cost = self.estimated_cost_usd
+        if not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
+            raise ValueError(
+                f"ToolExecutionOptions.estimated_cost_usd must be a number >= 0, got {cost!r}"
+            )
+        for name in ("scope", "namespace", "version"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"ToolExecutionOptions.{name} must be a string")
+        if self.key is not None and not callable(self.key):
+            raise ValueError("ToolExecutionOptions.key must be a callable taking the tool's arguments")
+
+    @property
+    def shared(self) -> bool:
+        return (self.deterministic or self.bounded_read) and not self.side_effecting
+
+    def replace(self, **changes: Any) -> ToolExecutionOptions:
+        """A copy with ``changes`` applied; unknown names raise ``TypeError``."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown tool option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A signed record of one execution, as kept in the store.
+
+    ``output`` is the encoded result (``codec`` says how), ``inputs`` the canonical
+    JSON of the arguments, or ``None`` when inputs were not stored (``inputs_sha256``
+    is always kept). Times are Unix seconds.
+    """
+
+    fingerprint: str
+    tool_name: str
+    namespace: str
+    scope: str
+    version: str
+    inputs: str | None
+    inputs_sha256: str
+    codec: str
+    output: str
+    created_at: float
+    expires_at: float
+    latency_ms: float
+    cost_usd: float
+    executor: str
+    token: int
+    key_id: str
+    signature: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionOutcome:
+    """What one call returned and how: ``source`` is a :class:`Source`."""
+
+    value: Any
+    source: Source
+    tool_name: str
+    fingerprint: str
+    receipt: Receipt | None = None
+    elapsed_ms: float = 0.0
+    takeover: bool = False

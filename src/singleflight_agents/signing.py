@@ -1,0 +1,97 @@
+"""HMAC-SHA256 signatures over receipts, and where the key comes from.
+
+The key is ``secret=``, else ``$SINGLEFLIGHT_SECRET``, else a key file beside the
+store (created 0600). It is never written into the store it protects: the store only
+keeps a key id (an HMAC of a fixed label), so a wrong key can be told from tampering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+import warnings
+from pathlib import Path
+
+from .models import Receipt, StoreError
+
+ENV_SECRET = "SINGLEFLIGHT_SECRET"
+_FIELDS = tuple(f.name for f in dataclasses.fields(Receipt) if f.name != "signature")
+
+
+class Signer:
+    """Signs and verifies receipts with one key."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the signing secret must be at least 16 bytes long")
+        self._key = key
+        self.key_id = hmac.new(key, b"singleflight-agents key id", hashlib.sha256).hexdigest()[:16]
+
+    def _digest(self, receipt: Receipt) -> str:
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for name in _FIELDS:
+            value = getattr(receipt, name)
+            data = (repr(value) if type(value) is float else str(value)).encode()
+            mac.update(len(data).to_bytes(8, "big"))
+            mac.update(data)
+        return mac.hexdigest()
+
+    def sign(self, receipt: Receipt) -> Receipt:
+        unsigned = dataclasses.replace(receipt, key_id=self.key_id, signature="")
+        return dataclasses.replace(unsigned, signature=self._digest(unsigned))
+
+    def verify(self, receipt: Receipt) -> bool:
+        return hmac.compare_digest(self._digest(receipt), receipt.signature)
+
+
+def key_path_for(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".key")
+
+
+def load_key(secret: str | bytes | None, key_path: Path | None) -> bytes:
+    """The signing key, from the first source that has one."""
+    if secret is None:
+        secret = os.environ.get(ENV_SECRET) or None
+    if secret is not None:
+        return secret.encode() if isinstance(secret, str) else secret
+    if key_path is None:
+        raise StoreError(f"no signing key: pass secret= or set {ENV_SECRET}")
+    return _read_or_create_key_file(key_path)
+
+
+def _read_or_create_key_file(path: Path) -> bytes:
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)  # atomic: a concurrent creator's key wins, never a half-written one
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    try:
+        info = path.stat()
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise StoreError(f"cannot read signing key file {path}: {exc.strerror}; fix its "
+                         f"permissions or set {ENV_SECRET}") from None
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
+        warnings.warn(
+            f"signing key file {path} is writable by others or owned by another user; "
+            f"anyone who can change it can forge receipts (chmod 600 it)",
+            stacklevel=3,
+        )
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise StoreError(f"signing key file {path} is not a hex key; delete it to make a new "
+                         f"one (its receipts will then be re-executed)") from None
+    if len(key) < 16:
+        raise StoreError(f"signing key file {path} holds a key shorter than 16 bytes; delete it")
+    return key

@@ -1,0 +1,76 @@
+"""Per-tool counters, kept in memory and written to the store in batches.
+
+A cache hit only bumps a counter here; the engine writes the counters now and then
+(after executions, at most once a second) and at exit, so reading stays read-only.
+Each process writes its own row per run, and summaries add the rows of one run up.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+COUNTERS = (
+    "calls", "executed", "cache_hits", "shared_waits", "unshared", "fallbacks", "takeovers",
+    "failures", "tampered", "not_persisted", "fenced_out", "dollars_saved", "latency_saved_ms",
+)
+
+
+class Stats:
+    """Thread-safe counters for one engine in one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._tools: dict[str, dict[str, float]] = {}
+        self.dirty = False
+
+    def add(self, tool_name: str, **increments: float) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child starts from zero
+                self._pid, self._tools = os.getpid(), {}
+            counters = self._tools.get(tool_name)
+            if counters is None:
+                counters = self._tools[tool_name] = dict.fromkeys(COUNTERS, 0)
+            for name, amount in increments.items():
+                counters[name] += amount
+            self.dirty = True
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            self.dirty = False
+            return {tool: dict(counters) for tool, counters in self._tools.items()}
+
+
+def summarize(
+    rows: Iterable[tuple[str, str, Mapping[str, float]]], *, db_path: str, run_id: str | None
+) -> dict[str, Any]:
+    """Add up ``(run_id, tool, counters)`` rows into the summary dict ``summary()`` returns."""
+    tools: dict[str, dict[str, float]] = {}
+    runs: set[str] = set()
+    for run, tool, counters in rows:
+        runs.add(run)
+        total = tools.setdefault(tool, dict.fromkeys(COUNTERS, 0))
+        for name in COUNTERS:
+            total[name] += counters.get(name, 0)
+    for counters in tools.values():
+        _derive(counters)
+    totals: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
+    for counters in tools.values():
+        for name in COUNTERS:
+            totals[name] += counters[name]
+    _derive(totals)
+    totals["dollars_saved"] = round(totals["dollars_saved"], 6)
+    totals.update(tools=dict(sorted(tools.items())), db_path=db_path, run_id=run_id,
+                  runs=sorted(runs))
+    return totals
+
+
+def _derive(counters: dict[str, Any]) -> None:
+    for name in COUNTERS:
+        if name not in ("dollars_saved", "latency_saved_ms"):
+            counters[name] = int(counters[name])
+    counters["unique_executions"] = counters["executed"]
+    counters["avoided_calls"] = counters["cache_hits"] + counters["shared_waits"]

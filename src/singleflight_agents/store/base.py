@@ -1,0 +1,109 @@
+"""The storage interface the engine talks to; backends implement it."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..models import Receipt
+
+
+@dataclass(slots=True)
+class Lease:
+    """The right to execute one fingerprint, fenced by ``token`` (only ever grows)."""
+
+    key: str
+    token: int
+    owner: str
+    lease_seconds: float
+    takeover: bool = False
+    handle: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another process holds the lease. A failure with ``token >= since_token`` is theirs."""
+
+    since_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    token: int
+    error_type: str
+    message: str
+
+
+class ReceiptStore(abc.ABC):
+    """Receipts, leases and statistics of one deduplication domain.
+
+    Every method is blocking and thread-safe. ``identity`` names the domain: two store
+    objects with the same identity see the same data.
+    """
+
+    url: str
+    identity: str
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Receipt | None:
+        """The stored receipt for ``key``, unverified and maybe expired, or ``None``."""
+
+    @abc.abstractmethod
+    def acquire(self, key: str, owner: str, lease_seconds: float) -> Lease | Busy:
+        """Take the lease for ``key``, or report who holds it."""
+
+    @abc.abstractmethod
+    def renew(self, lease: Lease) -> bool:
+        """Extend a held lease; ``False`` if it was lost to a newer token."""
+
+    @abc.abstractmethod
+    def release(self, lease: Lease, failure: tuple[str, str] | None = None) -> None:
+        """Give the lease up, marking it failed with ``(type, message)`` if given."""
+
+    @abc.abstractmethod
+    def put(self, receipt: Receipt, lease: Lease) -> bool:
+        """Store ``receipt`` and release ``lease`` if the lease is still ours."""
+
+    @abc.abstractmethod
+    def last_failure(self, key: str) -> Failure | None:
+        """The failure recorded by the last holder of ``key``, if it failed."""
+
+    @abc.abstractmethod
+    def wait(self, key: str, timeout: float) -> None:
+        """Block until ``key``'s holder finishes or dies, or ``timeout`` seconds pass."""
+
+    @abc.abstractmethod
+    def save_stats(
+        self, run_id: str, process_id: str, counters: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Replace this process's per-tool counters for ``run_id``."""
+
+    @abc.abstractmethod
+    def load_stats(self, run_id: str | None) -> list[tuple[str, str, dict[str, float]]]:
+        """``(run_id, tool_name, counters)`` rows of one run (or all runs for ``None``)."""
+
+    @abc.abstractmethod
+    def latest_run(self) -> str | None:
+        """The run whose statistics were written last."""
+
+    @abc.abstractmethod
+    def iter_receipts(self) -> Iterator[Receipt]:
+        """Every receipt, ordered by tool name then fingerprint."""
+
+    @abc.abstractmethod
+    def import_receipt(self, receipt: Receipt) -> None:
+        """Store an already signed receipt (used by ``import``)."""
+
+    @abc.abstractmethod
+    def prune(self, now: float) -> dict[str, int]:
+        """Drop expired receipts and finished or dead leases; reclaim space."""
+
+    @abc.abstractmethod
+    def check(self) -> list[str]:
+        """Problems found by the backend's own integrity check (empty when healthy)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release this process's connections."""

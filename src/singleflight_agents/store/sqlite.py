@@ -1,0 +1,338 @@
+"""The embedded store: one SQLite file (WAL) shared by every process on the machine.
+
+Leases live in the database (fencing tokens from one global counter, so they only
+grow even after ``prune``). Beside them, the holder keeps an ``flock`` on a per-key
+lock file for as long as it executes. Waiters in other processes block on that lock,
+so the kernel wakes them the moment the holder finishes and also when it dies: no
+polling, and a killed holder is taken over at once instead of after its lease lapses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from ..models import Receipt, StoreError
+from .base import Busy, Failure, Lease, ReceiptStore
+
+SCHEMA_VERSION = 1
+_RECEIPT_COLUMNS = (
+    "fingerprint, tool_name, namespace, scope, version, inputs, inputs_sha256, codec, output, "
+    "created_at, expires_at, latency_ms, cost_usd, executor, token, key_id, signature"
+)
+_SCHEMA = f"""
+CREATE TABLE receipts ({_RECEIPT_COLUMNS.replace("fingerprint,", "fingerprint TEXT PRIMARY KEY,", 1)});
+CREATE INDEX receipts_by_expiry ON receipts (expires_at);
+CREATE TABLE leases (
+    fingerprint TEXT PRIMARY KEY, token INTEGER NOT NULL, owner TEXT NOT NULL,
+    state TEXT NOT NULL, expires_at REAL NOT NULL, error_type TEXT, error_message TEXT
+);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('token', 0);
+CREATE TABLE stats (
+    run_id TEXT NOT NULL, process_id TEXT NOT NULL, tool_name TEXT NOT NULL,
+    counters TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, process_id, tool_name)
+);
+"""
+
+# Lock fds this process holds; closed in a forked child so a child cannot keep a
+# parent's lease alive after the parent is gone.
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_fds() -> None:
+    for fd in list(_HELD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_fds)
+
+
+class _KeyLocks:
+    """One lock file per key in flight; the file exists only while a holder runs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, key)
+
+    def try_lock(self, key: str) -> int | None:
+        path = self._path(key)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                _HELD_FDS.add(fd)
+                return fd
+            os.close(fd)  # the previous holder unlinked it after we opened: lock the new one
+
+    def unlock(self, key: str, fd: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+        _HELD_FDS.discard(fd)
+        os.close(fd)
+
+    def wait(self, key: str, timeout: float) -> None:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        released = threading.Event()
+
+        def block() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            finally:
+                os.close(fd)
+                released.set()
+
+        # flock has no timeout: block in a helper thread and stop waiting for it after
+        # `timeout`. The thread ends when the holder does and closes only its own fd.
+        threading.Thread(target=block, name="singleflight-wait", daemon=True).start()
+        released.wait(timeout)
+
+    def prune(self) -> int:
+        removed = 0
+        for name in os.listdir(self.directory):
+            fd = self.try_lock(name)
+            if fd is not None:
+                self.unlock(name, fd)
+                removed += 1
+        return removed
+
+
+class SQLiteStore(ReceiptStore):
+    """A :class:`ReceiptStore` in one SQLite file; see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.url = str(self.path)
+        self._local = threading.local()
+        self._open_file()
+        self.identity = f"sqlite:{os.path.realpath(self.path)}"
+        self._locks = _KeyLocks(self.path.with_name(self.path.name + ".locks"))
+        self._locks.directory.mkdir(mode=0o700, exist_ok=True)
+
+    # -- connection and schema ------------------------------------------------------
+
+    def _open_file(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(f"store path {self.path} is a directory; pass a file path like "
+                             f"{self.path / 'receipts.db'}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc.strerror}; check the path "
+                             f"and its permissions") from None
+        try:
+            self._ensure_schema(self._conn())
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a usable singleflight store ({exc}); move it "
+                             f"away or pass another --db") from None
+
+    def _conn(self) -> sqlite3.Connection:
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
+                                   check_same_thread=False, cached_statements=64)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            with self._write(conn):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                        raise StoreError(f"{self.path} is an SQLite database of another "
+                                         f"program, not a singleflight store; pass another --db")
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    version = SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer singleflight-agents (schema "
+                             f"{version} > {SCHEMA_VERSION}); upgrade the package or pass another --db")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+
+    @contextlib.contextmanager
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        conn = conn or self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- receipts and leases --------------------------------------------------------
+
+    def get(self, key: str) -> Receipt | None:
+        row = self._conn().execute(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE fingerprint = ?", (key,)
+        ).fetchone()
+        return Receipt(*row) if row else None
+
+    def acquire(self, key: str, owner: str, lease_seconds: float) -> Lease | Busy:
+        fd = self._locks.try_lock(key)
+        if fd is None:
+            row = self._conn().execute(
+                "SELECT token, state FROM leases WHERE fingerprint = ?", (key,)).fetchone()
+            token = 0 if row is None else row[0] if row[1] == "held" else row[0] + 1
+            return Busy(since_token=token)
+        try:
+            with self._write() as conn:
+                row = conn.execute("SELECT state FROM leases WHERE fingerprint = ?",
+                                   (key,)).fetchone()
+                # We hold the lock file, so a lease still marked held has a dead holder.
+                takeover = row is not None and row[0] == "held"
+                token = conn.execute(
+                    "UPDATE meta SET value = value + 1 WHERE name = 'token' RETURNING value"
+                ).fetchone()[0]
+                conn.execute(
+                    "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, 'held', ?, NULL, NULL)",
+                    (key, token, owner, time.time() + lease_seconds),
+                )
+        except BaseException:
+            self._locks.unlock(key, fd)
+            raise
+        return Lease(key, token, owner, lease_seconds, takeover, fd)
+
+    def renew(self, lease: Lease) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE leases SET expires_at = ? WHERE fingerprint = ? AND token = ? "
+                "AND state = 'held'", (time.time() + lease.lease_seconds, lease.key, lease.token))
+        return cursor.rowcount == 1
+
+    def _finish(self, lease: Lease) -> None:
+        if lease.handle is not None:
+            self._locks.unlock(lease.key, lease.handle)
+            lease.handle = None
+
+    def release(self, lease: Lease, failure: tuple[str, str] | None = None) -> None:
+        error_type, message = failure or (None, None)
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "UPDATE leases SET state = ?, expires_at = ?, error_type = ?, "
+                    "error_message = ? WHERE fingerprint = ? AND token = ?",
+                    ("failed" if failure else "released", time.time(), error_type, message,
+                     lease.key, lease.token),
+                )
+        finally:
+            self._finish(lease)
+
+    def put(self, receipt: Receipt, lease: Lease) -> bool:
+        try:
+            with self._write() as conn:
+                row = conn.execute("SELECT token, state FROM leases WHERE fingerprint = ?",
+                                   (lease.key,)).fetchone()
+                if row is None or row[0] != lease.token or row[1] != "held":
+                    return False
+                conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
+                             f"({', '.join('?' * 17)})", _receipt_row(receipt))
+                conn.execute("UPDATE leases SET state = 'done', expires_at = ? "
+                             "WHERE fingerprint = ?", (time.time(), lease.key))
+            return True
+        finally:
+            self._finish(lease)
+
+    def last_failure(self, key: str) -> Failure | None:
+        row = self._conn().execute(
+            "SELECT token, error_type, error_message FROM leases WHERE fingerprint = ? AND "
+            "state = 'failed'", (key,)).fetchone()
+        return Failure(*row) if row else None
+
+    def wait(self, key: str, timeout: float) -> None:
+        self._locks.wait(key, timeout)
+
+    # -- statistics -----------------------------------------------------------------
+
+    def save_stats(
+        self, run_id: str, process_id: str, counters: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        now = time.time()
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?)",
+                [(run_id, process_id, tool, json.dumps(dict(values), sort_keys=True), now)
+                 for tool, values in counters.items()],
+            )
+
+    def load_stats(self, run_id: str | None) -> list[tuple[str, str, dict[str, float]]]:
+        query = "SELECT run_id, tool_name, counters FROM stats"
+        rows = (self._conn().execute(query + " WHERE run_id = ?", (run_id,)) if run_id
+                else self._conn().execute(query))
+        return [(run, tool, json.loads(counters)) for run, tool, counters in rows]
+
+    def latest_run(self) -> str | None:
+        row = self._conn().execute(
+            "SELECT run_id FROM stats ORDER BY updated_at DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    # -- maintenance ----------------------------------------------------------------
+
+    def iter_receipts(self) -> Iterator[Receipt]:
+        rows = self._conn().execute(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts ORDER BY tool_name, fingerprint").fetchall()
+        return (Receipt(*row) for row in rows)
+
+    def import_receipt(self, receipt: Receipt) -> None:
+        with self._write() as conn:
+            conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
+                         f"({', '.join('?' * 17)})", _receipt_row(receipt))
+
+    def prune(self, now: float) -> dict[str, int]:
+        with self._write() as conn:
+            receipts = conn.execute("DELETE FROM receipts WHERE expires_at <= ?", (now,)).rowcount
+            leases = conn.execute("DELETE FROM leases WHERE state != 'held' OR expires_at <= ?",
+                                  (now,)).rowcount
+        lock_files = self._locks.prune()
+        conn = self._conn()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        return {"receipts": receipts, "leases": leases, "lock_files": lock_files}
+
+    def check(self) -> list[str]:
+        rows = self._conn().execute("PRAGMA quick_check").fetchall()
+        return [] if rows == [("ok",)] else [f"{self.path}: {row[0]}" for row in rows]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+
+def _receipt_row(receipt: Receipt) -> tuple[object, ...]:
+    return (receipt.fingerprint, receipt.tool_name, receipt.namespace, receipt.scope,
+            receipt.version, receipt.inputs, receipt.inputs_sha256, receipt.codec, receipt.output,
+            receipt.created_at, receipt.expires_at, receipt.latency_ms, receipt.cost_usd,
+            receipt.executor, receipt.token, receipt.key_id, receipt.signature)
