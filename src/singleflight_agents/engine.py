@@ -278,6 +278,7 @@ class Singleflight:
                     result = await wait_future(flight.future, call.options.wait_timeout_seconds)
                 except TimeoutError:
                     result = await self._fallback_async(call, "waiting for it timed out")
+                    return self._finish(call, result, started)
                 if result is not ABANDONED:
                     return self._finish(call, result if owner else self._as_waiter(result), started)
         except BaseException:
@@ -298,13 +299,13 @@ class Singleflight:
                 if owner:
                     return self._finish(call, self._own_sync(call, flight), started)
                 if flight.loop is not None and flight.loop is _running_loop():
-                    result = self._fallback(call, "its owner runs on the event loop this "
-                                                  "sync call blocks")
-                else:
-                    try:
-                        result = flight.future.result(call.options.wait_timeout_seconds)
-                    except TimeoutError:
-                        result = self._fallback(call, "waiting for it timed out")
+                    reason = "its owner runs on the event loop this sync call blocks"
+                    return self._finish(call, self._fallback(call, reason), started)
+                try:
+                    result = flight.future.result(call.options.wait_timeout_seconds)
+                except TimeoutError:
+                    result = self._fallback(call, "waiting for it timed out")
+                    return self._finish(call, result, started)
                 if result is not ABANDONED:
                     return self._finish(call, self._as_waiter(result), started)
         except BaseException:

@@ -52,14 +52,17 @@ def key_path_for(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".key")
 
 
-def load_key(secret: str | bytes | None, key_path: Path | None) -> bytes:
-    """The signing key, from the first source that has one."""
+def load_key(secret: str | bytes | None, key_path: Path | None, create: bool = True) -> bytes:
+    """The signing key, from the first source that has one; ``create`` makes the key file."""
     if secret is None:
         secret = os.environ.get(ENV_SECRET) or None
     if secret is not None:
         return secret.encode() if isinstance(secret, str) else secret
     if key_path is None:
         raise StoreError(f"no signing key: pass secret= or set {ENV_SECRET}")
+    if not create and not key_path.exists():
+        raise StoreError(f"signing key file {key_path} is missing, so receipts cannot be checked; "
+                         f"restore it or set {ENV_SECRET} to the secret that signed them")
     return _read_or_create_key_file(key_path)
 
 

@@ -11,25 +11,31 @@ from .sqlite import SQLiteStore
 
 DEFAULT_PATH = Path(".singleflight") / "receipts.db"
 
-__all__ = ["Busy", "Failure", "Lease", "ReceiptStore", "SQLiteStore", "open_store"]
+__all__ = ["DEFAULT_PATH", "Busy", "Failure", "Lease", "ReceiptStore", "SQLiteStore",
+           "open_store", "sqlite_path"]
 
 
-def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:
-    """The store for ``url``: ``None`` (``.singleflight/receipts.db`` under the cwd), a
-    file path, or ``sqlite:///relative/or//absolute/path``."""
+def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
+    """The file an SQLite store URL names: ``None`` (the default), a path, or
+    ``sqlite:///relative.db`` / ``sqlite:////absolute.db``."""
     if url is None:
-        return SQLiteStore(DEFAULT_PATH)
+        return DEFAULT_PATH
     text = os.fspath(url)
     if text.startswith("sqlite://"):
         path = text.removeprefix("sqlite://")
         if not path.startswith("/") or path == "/":
             raise StoreError(f"store URL {text!r} has no path; write sqlite:///relative.db "
                              f"or sqlite:////absolute/path.db")
-        return SQLiteStore(path[1:])
+        return Path(path[1:])
     if "://" in text:
         scheme = text.split("://", 1)[0]
         raise StoreError(f"store URL {text!r}: unknown scheme {scheme!r}; use a file path or "
                          f"sqlite:///path")
-    if not text:
+    if not text.strip():
         raise StoreError("store path is empty; pass a file path such as .singleflight/receipts.db")
-    return SQLiteStore(text)
+    return Path(text)
+
+
+def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:
+    """The store for ``url`` (see :func:`sqlite_path`); created if missing."""
+    return SQLiteStore(sqlite_path(url))

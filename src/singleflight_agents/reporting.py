@@ -1,0 +1,80 @@
+"""Renderings of a summary dict (see ``Singleflight.summary``): text, Markdown, JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_BAR = 20
+
+
+def _bar(share: float) -> str:
+    filled = round(share * _BAR)
+    return "█" * filled + "·" * (_BAR - filled)
+
+
+def _warnings(summary: dict[str, Any]) -> list[str]:
+    notes = []
+    if summary.get("tampered"):
+        notes.append(f"{summary['tampered']} receipt(s) failed their signature check and were "
+                     f"re-executed (run `singleflight-agents verify`)")
+    if summary.get("not_persisted"):
+        notes.append(f"{summary['not_persisted']} result(s) could not be stored (not JSON-able)")
+    if summary.get("fallbacks"):
+        notes.append(f"{summary['fallbacks']} call(s) executed without sharing (store failed or "
+                     f"wait timed out)")
+    if summary.get("fenced_out"):
+        notes.append(f"{summary['fenced_out']} result(s) lost their lease while running")
+    return notes
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A terminal report: totals, one row per tool with a bar of calls avoided, warnings."""
+    lines = [
+        f"singleflight summary - run {summary.get('run_id') or 'all'} - store {summary['db_path']}",
+        f"  {summary['calls']} calls, {summary['unique_executions']} executed, "
+        f"{summary['cache_hits']} served from receipts, {summary['shared_waits']} shared in "
+        f"flight, {summary['unshared']} unshared; saved ${summary['dollars_saved']:.2f} and "
+        f"{summary['latency_saved_ms'] / 1000:.1f} s",
+    ]
+    tools = summary.get("tools", {})
+    if tools:
+        name_width = max(4, *(len(name) for name in tools))
+        lines.append("")
+        lines.append(f"  {'tool':<{name_width}}  calls  exec  hits  shared  saved $  saved s  "
+                     f"avoided")
+        for name, row in tools.items():
+            share = row["avoided_calls"] / row["calls"] if row["calls"] else 0.0
+            lines.append(
+                f"  {name:<{name_width}}  {row['calls']:>5}  {row['executed']:>4}  "
+                f"{row['cache_hits']:>4}  {row['shared_waits']:>6}  {row['dollars_saved']:>7.2f}  "
+                f"{row['latency_saved_ms'] / 1000:>7.1f}  {_bar(share)} {share:>4.0%}"
+            )
+    else:
+        lines.append("  no calls recorded")
+    lines.extend(f"  warning: {note}" for note in _warnings(summary))
+    return "\n".join(lines)
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    """The same report as a Markdown table (for CI step summaries)."""
+    lines = [
+        "### singleflight summary",
+        "",
+        f"{summary['calls']} calls, {summary['unique_executions']} executed, "
+        f"{summary['avoided_calls']} avoided; saved **${summary['dollars_saved']:.2f}** and "
+        f"**{summary['latency_saved_ms'] / 1000:.1f} s**.",
+        "",
+        "| tool | calls | executed | from receipts | shared in flight | saved $ | saved s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in summary.get("tools", {}).items():
+        lines.append(f"| `{name}` | {row['calls']} | {row['executed']} | {row['cache_hits']} | "
+                     f"{row['shared_waits']} | {row['dollars_saved']:.2f} | "
+                     f"{row['latency_saved_ms'] / 1000:.1f} |")
+    lines.extend(f"\n> warning: {note}" for note in _warnings(summary))
+    return "\n".join(lines) + "\n"
+
+
+def format_json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, sort_keys=True)
