@@ -57,6 +57,7 @@ class _Call:
     key: str = ""
     inputs: str = ""
     is_async: bool = False
+    tampered: bool = False  # counted once per call, however often the receipt was read
 
 
 @dataclass(slots=True)
@@ -282,7 +283,7 @@ class Singleflight:
                 if result is not ABANDONED:
                     return self._finish(call, result if owner else self._as_waiter(result), started)
         except BaseException:
-            self._stats.add(call.tool_name, calls=1)
+            self._stats.add(call.tool_name, calls=1, tampered=int(call.tampered))
             raise
 
     def _execute_sync(self, call: _Call) -> ExecutionOutcome:
@@ -309,7 +310,7 @@ class Singleflight:
                 if result is not ABANDONED:
                     return self._finish(call, self._as_waiter(result), started)
         except BaseException:
-            self._stats.add(call.tool_name, calls=1)
+            self._stats.add(call.tool_name, calls=1, tampered=int(call.tampered))
             raise
 
     # -- owning a flight ------------------------------------------------------------
@@ -480,7 +481,7 @@ class Singleflight:
         if receipt is None or receipt.expires_at <= time.time():
             return None
         if receipt.fingerprint != call.key or not self.verify_receipt(receipt):
-            self._stats.add(call.tool_name, tampered=1)
+            call.tampered = True
             self._warn(f"tampered:{call.tool_name}", f"{call.tool_name}: a stored receipt failed "
                        f"its signature check (tampered, or signed with another key); re-executing")
             return None
@@ -546,7 +547,7 @@ class Singleflight:
 
     def _finish(self, call: _Call, result: _Result, started: float) -> ExecutionOutcome:
         source = result.source
-        counters: dict[str, float] = {"calls": 1}
+        counters: dict[str, float] = {"calls": 1, "tampered": int(call.tampered)}
         if source in (Source.CACHE_HIT, Source.SHARED_WAIT):
             counters["cache_hits" if source is Source.CACHE_HIT else "shared_waits"] = 1
             counters["dollars_saved"] = call.options.estimated_cost_usd

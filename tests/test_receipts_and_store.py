@@ -1,0 +1,170 @@
+"""Receipts are signed and verified; the SQLite store fails clearly and creates only its own files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from singleflight_agents import Singleflight, Source, StoreError, ToolExecutionOptions
+from singleflight_agents.store import SQLiteStore, open_store, sqlite_path
+
+SHARED = ToolExecutionOptions(tool_name="t.read", deterministic=True, estimated_cost_usd=0.1)
+
+
+def _tool(x: int) -> dict[str, int]:
+    return {"x": x}
+
+
+def _edit(db_path: Path, sql: str, *params: object) -> None:
+    db = sqlite3.connect(db_path)
+    with db:
+        db.execute(sql, params)
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("output", '{"x":999}'),
+        ("inputs", '{"x":2}'),
+        ("expires_at", 4102444800.0),
+        ("cost_usd", 0.0),
+        ("tool_name", "t.other"),
+        ("latency_ms", 0.5),
+        ("codec", "pickle"),
+        ("signature", "0" * 64),
+        ("key_id", "0" * 16),
+    ],
+)
+def test_an_edited_receipt_is_never_served(sf: Singleflight, db_path: Path, column: str,
+                                           value: object) -> None:
+    sf.execute_sync(_tool, 1, options=SHARED)
+    _edit(db_path, f"UPDATE receipts SET {column} = ?", value)
+    with pytest.warns(RuntimeWarning, match="signature check"):
+        outcome = sf.execute_sync(_tool, 1, options=SHARED)
+    assert outcome.source is Source.EXECUTED and outcome.value == {"x": 1}
+    assert sf.summary()["tampered"] == 1
+    # the re-execution overwrote the tampered receipt with a valid one
+    assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT
+
+
+def test_swapped_fingerprints_are_not_served(sf: Singleflight, db_path: Path) -> None:
+    sf.execute_sync(_tool, 1, options=SHARED)
+    sf.execute_sync(_tool, 2, options=SHARED)
+    db = sqlite3.connect(db_path)
+    rows = db.execute("SELECT fingerprint FROM receipts ORDER BY fingerprint").fetchall()
+    with db:
+        db.execute("UPDATE receipts SET fingerprint = 'tmp' WHERE fingerprint = ?", rows[0])
+        db.execute("UPDATE receipts SET fingerprint = ? WHERE fingerprint = ?", (rows[0][0], rows[1][0]))
+        db.execute("UPDATE receipts SET fingerprint = ? WHERE fingerprint = 'tmp'", rows[1])
+    with pytest.warns(RuntimeWarning):
+        assert sf.execute_sync(_tool, 1, options=SHARED).value == {"x": 1}
+        assert sf.execute_sync(_tool, 2, options=SHARED).value == {"x": 2}
+
+
+def test_another_key_is_a_miss_not_a_hit(db_path: Path) -> None:
+    with Singleflight(db_path, secret="a" * 32) as first:
+        first.execute_sync(_tool, 1, options=SHARED)
+    with Singleflight(db_path, secret="b" * 32) as second, pytest.warns(RuntimeWarning):
+        assert second.execute_sync(_tool, 1, options=SHARED).source is Source.EXECUTED
+
+
+def test_secret_from_environment(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINGLEFLIGHT_SECRET", "s" * 32)
+    with Singleflight(db_path) as sf:
+        sf.execute_sync(_tool, 1, options=SHARED)
+    assert not Path(f"{db_path}.key").exists()
+    with Singleflight(db_path, secret="s" * 32) as sf:
+        assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT
+
+
+def test_files_are_private_and_the_key_is_not_in_the_store(sf: Singleflight, db_path: Path) -> None:
+    sf.execute_sync(_tool, 1, options=SHARED)
+    key_file = Path(f"{db_path}.key")
+    for path in (db_path, key_file, Path(f"{db_path}-wal")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    key = key_file.read_text().strip()
+    assert key.encode() not in db_path.read_bytes()
+    assert bytes.fromhex(key) not in db_path.read_bytes()
+
+
+def test_given_a_path_nothing_is_created_elsewhere(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    target = tmp_path / "elsewhere" / "r.db"
+    with Singleflight(target) as sf:
+        sf.execute_sync(_tool, 1, options=SHARED)
+    assert list(cwd.iterdir()) == []
+    assert {p.name for p in target.parent.iterdir()} <= {
+        "r.db", "r.db-wal", "r.db-shm", "r.db.key", "r.db.locks"}
+
+
+def test_default_store_is_under_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with Singleflight() as sf:
+        sf.execute_sync(_tool, 1, options=SHARED)
+    assert (tmp_path / ".singleflight" / "receipts.db").is_file()
+
+
+def test_a_non_sqlite_file_gives_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"notes\.db is not a usable singleflight store") as info:
+        Singleflight(path)
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == b"this is not a database" * 100  # nothing was destroyed
+
+
+def test_another_programs_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE users (id INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="another program"):
+        SQLiteStore(path)
+
+
+def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    _edit(db_path, "PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="newer singleflight-agents.*schema 99"):
+        SQLiteStore(db_path)
+
+
+def test_a_directory_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is a directory"):
+        SQLiteStore(tmp_path)
+
+
+def test_store_urls(tmp_path: Path) -> None:
+    assert sqlite_path("sqlite:///rel.db") == Path("rel.db")
+    assert sqlite_path(f"sqlite:///{tmp_path}/abs.db") == tmp_path / "abs.db"
+    store = open_store(f"sqlite:///{tmp_path}/abs.db")
+    assert isinstance(store, SQLiteStore) and store.path == tmp_path / "abs.db"
+    with pytest.raises(StoreError, match="unknown scheme 'ftp'"):
+        open_store("ftp://x/y")
+    with pytest.raises(StoreError, match="has no path"):
+        open_store("sqlite://")
+
+
+def test_a_world_writable_key_file_warns(db_path: Path) -> None:
+    Singleflight(db_path).close()
+    os.chmod(f"{db_path}.key", 0o666)
+    with pytest.warns(UserWarning, match="writable by others"):
+        Singleflight(db_path).close()
+
+
+def test_concurrent_key_file_creation_agrees(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    db_path = tmp_path / "r.db"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        engines = list(pool.map(lambda _: Singleflight(db_path), range(8)))
+    assert len({engine._signer.key_id for engine in engines}) == 1
