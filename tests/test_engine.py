@@ -363,5 +363,5 @@ def test_options_are_validated() -> None:
         ToolExecutionOptions(ttl_seconds=0)
     with pytest.raises(ValueError, match="estimated_cost_usd"):
         ToolExecutionOptions(estimated_cost_usd=-1)
-    with pytest.raises(TypeError, match="unknown tool option.*ttl"):
+    with pytest.raises(TypeError, match=r"unknown tool option.*ttl"):
         ToolExecutionOptions().replace(ttl=5)

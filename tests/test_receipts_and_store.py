@@ -134,7 +134,7 @@ def test_another_programs_database_is_refused(tmp_path: Path) -> None:
 def test_a_newer_schema_is_refused(db_path: Path) -> None:
     SQLiteStore(db_path).close()
     _edit(db_path, "PRAGMA user_version = 99")
-    with pytest.raises(StoreError, match="newer singleflight-agents.*schema 99"):
+    with pytest.raises(StoreError, match=r"newer singleflight-agents.*schema 99"):
         SQLiteStore(db_path)
 
 

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from . import __version__, codec
 from .demo import run_demo
 from .engine import Singleflight
-from .models import Receipt, SingleflightError, StoreError
+from .models import Receipt, SingleflightError
 from .reporting import format_json, format_markdown, format_summary
 from .signing import Signer, key_path_for, load_key
 from .stats import summarize

@@ -536,10 +536,8 @@ class Singleflight:
     # -- bookkeeping ----------------------------------------------------------------
 
     def _as_waiter(self, result: _Result) -> _Result:
-        if result.source is not Source.CACHE_HIT:
-            source = Source.SHARED_WAIT
-        else:
-            source = Source.CACHE_HIT
+        hit = result.source is Source.CACHE_HIT
+        source = Source.CACHE_HIT if hit else Source.SHARED_WAIT
         value = result.value
         if result.encoded is not None:  # every waiter gets its own copy, like a cache hit
             value = codec.decode(*result.encoded, allow_pickle=True)

@@ -63,6 +63,11 @@ FLIGHTS = FlightTable()
 os.register_at_fork(after_in_child=FLIGHTS.clear)
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def wait_future(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
     """Await ``future`` from any loop. Cancelling the awaiting task leaves ``future`` alone
     (``asyncio.wrap_future`` would cancel it for every other waiter too)."""
@@ -71,7 +76,7 @@ async def wait_future(future: concurrent.futures.Future[Any], timeout: float | N
 
     def wake(_: concurrent.futures.Future[Any]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+            loop.call_soon_threadsafe(_resolve, waiter)
 
     future.add_done_callback(wake)
     await asyncio.wait_for(waiter, timeout)  # TimeoutError, like Future.result(timeout)
