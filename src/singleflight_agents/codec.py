@@ -11,13 +11,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
-import decimal
 import enum
+import importlib
 import json
 import math
-import pathlib
-import pickle
-import uuid
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -98,7 +96,8 @@ def _one_way(value: Any) -> Any:
         return {TAG: "dataclass", "c": name, "v": to_tagged(fields, True)}
     if isinstance(value, tuple) and hasattr(value, "_asdict"):
         return {TAG: "namedtuple", "c": name, "v": to_tagged(dict(value._asdict()), True)}
-    if isinstance(value, pathlib.PurePath):
+    pathlib = sys.modules.get("pathlib")
+    if pathlib is not None and isinstance(value, pathlib.PurePath):
         return {TAG: "path", "v": str(value)}
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):
@@ -118,9 +117,17 @@ _ENCODERS: dict[type, Callable[[Any, bool], Any]] = {
     dt.date: lambda v, c: {TAG: "date", "v": v.isoformat()},
     dt.time: lambda v, c: {TAG: "time", "v": v.isoformat()},
     dt.timedelta: lambda v, c: {TAG: "timedelta", "v": [v.days, v.seconds, v.microseconds]},
-    decimal.Decimal: lambda v, c: {TAG: "decimal", "v": str(v)},
-    uuid.UUID: lambda v, c: {TAG: "uuid", "v": str(v)},
 }
+# Keyed by name, so their modules need not be imported until a value of theirs shows up.
+_ENCODERS_BY_NAME: dict[str, Callable[[Any, bool], Any]] = {
+    "decimal.Decimal": lambda v, c: {TAG: "decimal", "v": str(v)},
+    "uuid.UUID": lambda v, c: {TAG: "uuid", "v": str(v)},
+}
+
+
+def _from(module: str, name: str) -> Callable[[Any], Any]:
+    return lambda v: getattr(importlib.import_module(module), name)(v)
+
 
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "float": float,
@@ -133,8 +140,8 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "date": dt.date.fromisoformat,
     "time": dt.time.fromisoformat,
     "timedelta": lambda v: dt.timedelta(days=v[0], seconds=v[1], microseconds=v[2]),
-    "decimal": decimal.Decimal,
-    "uuid": uuid.UUID,
+    "decimal": _from("decimal", "Decimal"),
+    "uuid": _from("uuid", "UUID"),
 }
 
 
@@ -145,6 +152,10 @@ def to_tagged(value: Any, canonical: bool = False) -> Any:
         return value
     encoder = _ENCODERS.get(cls)
     if encoder is not None:
+        return encoder(value, canonical)
+    encoder = _ENCODERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    if encoder is not None:
+        _ENCODERS[cls] = encoder
         return encoder(value, canonical)
     if canonical:
         return _one_way(value)
@@ -170,6 +181,8 @@ def encode(value: Any, allow_pickle: bool = False) -> tuple[str, str]:
     except UnencodableError:
         if not allow_pickle:
             raise
+    import pickle
+
     try:
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -182,5 +195,7 @@ def decode(codec: str, text: str, allow_pickle: bool = False) -> Any:
     if codec == JSON:
         return json.loads(text, object_hook=_untag)
     if codec == PICKLE and allow_pickle:
+        import pickle
+
         return pickle.loads(base64.b64decode(text))
     raise ValueError(f"codec {codec!r} is not allowed here (pickle needs allow_pickle=True)")

@@ -9,22 +9,20 @@ the two thin entries that carry those out.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import functools
 import hashlib
 import inspect
 import os
-import socket
+import sys
 import threading
 import time
-import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
 from .fingerprint import bind_arguments, encode_inputs, fingerprint_of
@@ -41,6 +39,9 @@ from .signing import Signer, key_path_for, load_key
 from .stats import Stats, summarize
 from .store import ReceiptStore, SQLiteStore, open_store
 from .store.base import Busy, Lease
+
+if TYPE_CHECKING:  # imported where used: most imports of the package never need asyncio
+    import asyncio
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_RUN_ID = "SINGLEFLIGHT_RUN_ID"
@@ -84,6 +85,10 @@ def _tool_name(func: Callable[..., Any]) -> str:
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
+    if "asyncio" not in sys.modules:  # no loop can run without asyncio imported
+        return None
+    import asyncio
+
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -152,8 +157,8 @@ class Singleflight:
         key_path = key_path_for(self.store.path) if isinstance(self.store, SQLiteStore) else None
         self._signer = Signer(load_key(secret, key_path))
         self.run_id = run_id or os.environ.get(ENV_RUN_ID) or (
-            time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
-        self._instance = uuid.uuid4().hex[:8]
+            time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex())
+        self._instance = os.urandom(4).hex()
         self._stats = Stats()
         self._heartbeat = _Heartbeat(self.store)
         self._last_flush = 0.0
@@ -167,7 +172,7 @@ class Singleflight:
 
     @property
     def _owner(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}:{self._instance}"
+        return f"{os.uname().nodename}:{os.getpid()}:{self._instance}"
 
     # -- public API -----------------------------------------------------------------
 
@@ -329,6 +334,8 @@ class Singleflight:
             self._own_sync(call, flight)
 
     async def _own_async(self, call: _Call, flight: Flight) -> _Result:
+        import asyncio
+
         flight.loop = asyncio.get_running_loop()
         landing = (self.store.identity, call.key)
         try:
@@ -505,6 +512,8 @@ class Singleflight:
     def _call_tool(self, call: _Call) -> Any:
         if not call.is_async:
             return call.func(*call.args, **call.kwargs)
+        import asyncio
+
         if _running_loop() is None:
             return asyncio.run(call.func(*call.args, **call.kwargs))
         # This thread runs a loop we must not re-enter: give the coroutine its own.

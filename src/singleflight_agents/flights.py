@@ -7,12 +7,14 @@ callers on any loop await it without polling and without a thread each.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported lazily: asyncio alone doubles the package's import time
+    import asyncio
+    import concurrent.futures
 
 ABANDONED = object()  # the owner was cancelled: a waiter should take the flight over
 
@@ -21,7 +23,9 @@ class Flight:
     __slots__ = ("future", "loop")
 
     def __init__(self) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        from concurrent.futures import Future
+
+        self.future: concurrent.futures.Future[Any] = Future()
         # The event loop an async owner runs on: a sync waiter on that loop's thread
         # would block the very loop the owner needs.
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -71,6 +75,8 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 async def wait_future(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
     """Await ``future`` from any loop. Cancelling the awaiting task leaves ``future`` alone
     (``asyncio.wrap_future`` would cancel it for every other waiter too)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
 
@@ -85,7 +91,9 @@ async def wait_future(future: concurrent.futures.Future[Any], timeout: float | N
 
 async def run_in_thread(func: Any, *args: Any) -> Any:
     """Run ``func`` in a new thread: unlike the default executor, never starved."""
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    from concurrent.futures import Future
+
+    future: concurrent.futures.Future[Any] = Future()
 
     def run() -> None:
         try:

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import hmac
 import os
-import secrets
 import stat
 import warnings
 from pathlib import Path
@@ -68,10 +67,10 @@ def load_key(secret: str | bytes | None, key_path: Path | None, create: bool = T
 
 def _read_or_create_key_file(path: Path) -> bytes:
     if not path.exists():
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
+            handle.write(os.urandom(32).hex() + "\n")
         try:
             os.link(tmp, path)  # atomic: a concurrent creator's key wins, never a half-written one
         except FileExistsError:
