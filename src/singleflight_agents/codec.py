@@ -36,8 +36,10 @@ class UnencodableError(TypeError):
         return root + "".join(reversed(self.path))
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# Built once: json.dumps/loads with options would build a new encoder or decoder per call.
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _float(value: float, canonical: bool) -> Any:
@@ -169,6 +171,9 @@ def _untag(obj: dict[str, Any]) -> Any:
     return _DECODERS[tag](obj["v"])
 
 
+_loads = json.JSONDecoder(object_hook=_untag).decode
+
+
 def canonical_json(value: Any) -> str:
     """Canonical JSON text of ``value``: equal values give equal text."""
     return _dumps(to_tagged(value, True))
@@ -177,7 +182,7 @@ def canonical_json(value: Any) -> str:
 def encode(value: Any, allow_pickle: bool = False) -> tuple[str, str]:
     """``(codec, text)`` for a result; raises :class:`UnencodableError` if neither codec fits."""
     try:
-        return JSON, json.dumps(to_tagged(value), separators=(",", ":"), ensure_ascii=False)
+        return JSON, _compact(to_tagged(value))
     except UnencodableError:
         if not allow_pickle:
             raise
@@ -193,7 +198,7 @@ def encode(value: Any, allow_pickle: bool = False) -> tuple[str, str]:
 def decode(codec: str, text: str, allow_pickle: bool = False) -> Any:
     """The value ``encode`` produced. Callers verify the receipt's signature first."""
     if codec == JSON:
-        return json.loads(text, object_hook=_untag)
+        return _loads(text)
     if codec == PICKLE and allow_pickle:
         import pickle
 

@@ -20,24 +20,41 @@ from .codec import UnencodableError, canonical_json
 FORMAT = "sf1"
 
 
+class _Binder:
+    """Binds a call's arguments to parameter names; plain positional calls skip inspect."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(func)
+        except (TypeError, ValueError):
+            self.signature = None
+        params = list(self.signature.parameters.values()) if self.signature else []
+        simple = self.signature is not None and all(
+            p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        self.names = tuple(p.name for p in params) if simple else None
+        self.is_async = inspect.iscoroutinefunction(func)
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if self.names is not None and not kwargs and len(args) == len(self.names):
+            return dict(zip(self.names, args, strict=True))
+        if self.signature is None:
+            return {"args": args, "kwargs": dict(kwargs)}
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+
 @functools.lru_cache(maxsize=4096)
-def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
-    try:
-        return inspect.signature(func)
-    except (TypeError, ValueError):
-        return None
+def binder(func: Callable[..., Any]) -> _Binder:
+    """The (cached) binder of ``func``."""
+    return _Binder(func)
 
 
 def bind_arguments(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The call's arguments by parameter name, defaults applied."""
-    signature = _signature(func)
-    if signature is None:
-        return {"args": args, "kwargs": dict(kwargs)}
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
+    return binder(func).bind(args, kwargs)
 
 
 def encode_inputs(tool_name: str, arguments: Any) -> str:
@@ -58,8 +75,13 @@ def fingerprint_of(
     version: str = "1",
 ) -> str:
     """SHA-256 hex of the tool's identity and its canonical inputs."""
-    head = canonical_json([FORMAT, namespace, tool_name, scope, version])
+    head = _head(tool_name, namespace, scope, version)
     return hashlib.sha256(f"{head}\n{inputs_json}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _head(tool_name: str, namespace: str, scope: str, version: str) -> str:
+    return canonical_json([FORMAT, namespace, tool_name, scope, version])
 
 
 def make_fingerprint(

@@ -158,10 +158,12 @@ class SQLiteStore(ReceiptStore):
                                    check_same_thread=False, cached_statements=64)
             conn.execute("PRAGMA synchronous=NORMAL")
             local.conn, local.pid = conn, os.getpid()
+            local.receipts, local.data_version = {}, None
         return conn
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        self._use_wal(conn)
         if version == 0:
             with self._write(conn):
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -177,8 +179,19 @@ class SQLiteStore(ReceiptStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer singleflight-agents (schema "
                              f"{version} > {SCHEMA_VERSION}); upgrade the package or pass another --db")
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode=WAL")
+
+    @staticmethod
+    def _use_wal(conn: sqlite3.Connection) -> None:
+        # Switching a fresh file to WAL does not wait on the busy timeout: when several
+        # processes open a new store at once, retry until one of them has switched it.
+        deadline = time.monotonic() + 60
+        while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     @contextlib.contextmanager
     def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
@@ -190,14 +203,31 @@ class SQLiteStore(ReceiptStore):
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self._local.receipts = {}  # our own commits do not move data_version
 
     # -- receipts and leases --------------------------------------------------------
 
     def get(self, key: str) -> Receipt | None:
-        row = self._conn().execute(
-            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE fingerprint = ?", (key,)
-        ).fetchone()
-        return Receipt(*row) if row else None
+        # Receipts this thread read stay valid until the file changes: data_version moves
+        # on every commit by another connection (ours clear the memo in _write), and is
+        # cheaper than reading the row again. A hit therefore costs one pragma.
+        conn, local = self._conn(), self._local
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        receipts: dict[str, Receipt] = local.receipts
+        if version != local.data_version:
+            receipts.clear()
+            local.data_version = version
+        receipt = receipts.get(key)
+        if receipt is None:
+            row = conn.execute(
+                f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE fingerprint = ?", (key,)
+            ).fetchone()
+            if row is None:
+                return None
+            if len(receipts) >= 4096:
+                receipts.clear()
+            receipt = receipts[key] = Receipt(*row)
+        return receipt
 
     def acquire(self, key: str, owner: str, lease_seconds: float) -> Lease | Busy:
         fd = self._locks.try_lock(key)
