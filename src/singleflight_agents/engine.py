@@ -21,7 +21,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
@@ -48,32 +47,37 @@ ENV_RUN_ID = "SINGLEFLIGHT_RUN_ID"
 _FLUSH_INTERVAL = 1.0
 
 
-@dataclass(slots=True)
+# Plain classes, not dataclasses: each dataclass costs milliseconds at import.
+
+
 class _Call:
-    func: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    options: ToolExecutionOptions
-    tool_name: str
-    key: str = ""
-    inputs: str = ""
-    is_async: bool = False
-    tampered: bool = False  # counted once per call, however often the receipt was read
+    __slots__ = ("args", "func", "inputs", "is_async", "key", "kwargs", "options", "tampered",
+                 "tool_name")
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 options: ToolExecutionOptions, tool_name: str, is_async: bool) -> None:
+        self.func, self.args, self.kwargs, self.options = func, args, kwargs, options
+        self.tool_name, self.is_async = tool_name, is_async
+        self.key = self.inputs = ""  # set for shared calls only
+        self.tampered = False  # counted once per call, however often the receipt was read
 
 
-@dataclass(slots=True)
 class _Result:
-    value: Any
-    source: Source
-    receipt: Receipt | None = None
-    encoded: tuple[str, str] | None = None  # lets each waiter decode its own copy
-    latency_ms: float = 0.0
-    takeover: bool = False
+    __slots__ = ("encoded", "latency_ms", "receipt", "source", "takeover", "value")
+
+    def __init__(self, value: Any, source: Source, receipt: Receipt | None = None,
+                 encoded: tuple[str, str] | None = None, latency_ms: float = 0.0,
+                 takeover: bool = False) -> None:
+        self.value, self.source, self.receipt = value, source, receipt
+        self.encoded = encoded  # lets each waiter decode its own copy
+        self.latency_ms, self.takeover = latency_ms, takeover
 
 
-@dataclass(frozen=True, slots=True)
 class _Wait:
-    timeout: float
+    __slots__ = ("timeout",)
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
 
 
 _RUN = object()  # step: run the tool and send its value back
@@ -256,7 +260,7 @@ class Singleflight:
             raise TypeError(f"expected a callable tool, got {type(func).__name__}")
         bind = binder(func)
         call = _Call(func, args, kwargs, options, options.tool_name or _tool_name(func),
-                     is_async=bind.is_async)
+                     bind.is_async)
         if options.shared:
             ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
             call.inputs = encode_inputs(call.tool_name, ident)

@@ -4,36 +4,41 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import Receipt
 
+# Plain classes, not dataclasses: each dataclass costs milliseconds at import.
 
-@dataclass(slots=True)
+
 class Lease:
-    """The right to execute one fingerprint, fenced by ``token`` (only ever grows)."""
+    """The right to execute one fingerprint, fenced by ``token`` (only ever grows).
+    ``handle`` is the backend's own (the SQLite store keeps the lock file there)."""
 
-    key: str
-    token: int
-    owner: str
-    lease_seconds: float
-    takeover: bool = False
-    handle: Any = field(default=None, repr=False)
+    __slots__ = ("handle", "key", "lease_seconds", "owner", "takeover", "token")
+
+    def __init__(self, key: str, token: int, owner: str, lease_seconds: float,
+                 takeover: bool = False, handle: Any = None) -> None:
+        self.key, self.token, self.owner = key, token, owner
+        self.lease_seconds, self.takeover, self.handle = lease_seconds, takeover, handle
 
 
-@dataclass(frozen=True, slots=True)
 class Busy:
     """Another process holds the lease. A failure with ``token >= since_token`` is theirs."""
 
-    since_token: int
+    __slots__ = ("since_token",)
+
+    def __init__(self, since_token: int) -> None:
+        self.since_token = since_token
 
 
-@dataclass(frozen=True, slots=True)
 class Failure:
-    token: int
-    error_type: str
-    message: str
+    """What the last holder's tool raised."""
+
+    __slots__ = ("error_type", "message", "token")
+
+    def __init__(self, token: int, error_type: str, message: str) -> None:
+        self.token, self.error_type, self.message = token, error_type, message
 
 
 class ReceiptStore(abc.ABC):
