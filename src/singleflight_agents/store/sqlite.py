@@ -86,8 +86,10 @@ class _KeyLocks:
             os.close(fd)  # the previous holder unlinked it after we opened: lock the new one
 
     def unlock(self, key: str, fd: int) -> None:
+        path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(key))
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a newer holder's file
+                os.unlink(path)
         _HELD_FDS.discard(fd)
         os.close(fd)
 
@@ -163,7 +165,6 @@ class SQLiteStore(ReceiptStore):
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        self._use_wal(conn)
         if version == 0:
             with self._write(conn):
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -179,6 +180,7 @@ class SQLiteStore(ReceiptStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer singleflight-agents (schema "
                              f"{version} > {SCHEMA_VERSION}); upgrade the package or pass another --db")
+        self._use_wal(conn)
 
     @staticmethod
     def _use_wal(conn: sqlite3.Connection) -> None:
@@ -342,8 +344,10 @@ class SQLiteStore(ReceiptStore):
     def prune(self, now: float) -> dict[str, int]:
         with self._write() as conn:
             receipts = conn.execute("DELETE FROM receipts WHERE expires_at <= ?", (now,)).rowcount
+            # A held lease may belong to a live holder whose heartbeat lags: only drop those
+            # whose holder has been silent for an hour.
             leases = conn.execute("DELETE FROM leases WHERE state != 'held' OR expires_at <= ?",
-                                  (now,)).rowcount
+                                  (now - 3600,)).rowcount
         lock_files = self._locks.prune()
         conn = self._conn()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
