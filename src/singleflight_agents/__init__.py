@@ -1,29 +1,52 @@
-"""singleflight-agents: one execution per identical tool call, shared by every caller."""
+"""singleflight-agents: one execution per identical tool call, shared by every caller.
 
-from .engine import Singleflight
-from .fingerprint import make_fingerprint
-from .models import (
-    ExecutionOutcome,
-    Receipt,
-    SharedExecutionError,
-    SingleflightError,
-    Source,
-    StoreError,
-    ToolExecutionOptions,
-)
-from .store import ReceiptStore, open_store
+The public names load on first use (PEP 562), so importing the package, as pytest does
+for every registered plugin, costs next to nothing until the engine is needed.
+"""
 
-__all__ = [
-    "ExecutionOutcome",
-    "Receipt",
-    "ReceiptStore",
-    "SharedExecutionError",
-    "Singleflight",
-    "SingleflightError",
-    "Source",
-    "StoreError",
-    "ToolExecutionOptions",
-    "make_fingerprint",
-    "open_store",
-]
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # "X as X": re-exported for type checkers
+    from .engine import Singleflight as Singleflight
+    from .fingerprint import make_fingerprint as make_fingerprint
+    from .models import ExecutionOutcome as ExecutionOutcome
+    from .models import Receipt as Receipt
+    from .models import SharedExecutionError as SharedExecutionError
+    from .models import SingleflightError as SingleflightError
+    from .models import Source as Source
+    from .models import StoreError as StoreError
+    from .models import ToolExecutionOptions as ToolExecutionOptions
+    from .store import ReceiptStore as ReceiptStore
+    from .store import open_store as open_store
+
 __version__ = "0.1.0"
+_HOMES = {
+    "Singleflight": ".engine",
+    "make_fingerprint": ".fingerprint",
+    "ExecutionOutcome": ".models",
+    "Receipt": ".models",
+    "SharedExecutionError": ".models",
+    "SingleflightError": ".models",
+    "Source": ".models",
+    "StoreError": ".models",
+    "ToolExecutionOptions": ".models",
+    "ReceiptStore": ".store",
+    "open_store": ".store",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
