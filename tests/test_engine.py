@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -111,7 +114,7 @@ def test_32_threads_execute_once(sf: Singleflight) -> None:
 def test_later_calls_are_cache_hits_with_the_same_types(sf: Singleflight) -> None:
     runs = 0
 
-    @sf.tool(deterministic=True)
+    @sf.tool(tool_name="t.compute", deterministic=True)
     def compute(n: int) -> object:
         nonlocal runs
         runs += 1
@@ -129,7 +132,7 @@ def test_later_calls_are_cache_hits_with_the_same_types(sf: Singleflight) -> Non
 def test_positional_keyword_and_default_forms_share_one_key(sf: Singleflight) -> None:
     runs = 0
 
-    @sf.tool(deterministic=True)
+    @sf.tool(tool_name="t.greet", deterministic=True)
     def greet(name: str = "ada", punctuation: str = "!") -> str:
         nonlocal runs
         runs += 1
@@ -368,3 +371,122 @@ def test_options_are_validated() -> None:
         ToolExecutionOptions(estimated_cost_usd=-1)
     with pytest.raises(TypeError, match=r"unknown tool option.*ttl"):
         ToolExecutionOptions().replace(ttl=5)
+
+
+def test_closures_and_lambdas_need_a_tool_name(sf: Singleflight) -> None:
+    def make_search(index: str):  # type: ignore[no-untyped-def]
+        def search(query: str) -> str:
+            return f"{index}:{query}"
+        return search
+
+    with pytest.raises(TypeError, match=r"closure.*tool_name="):
+        sf.tool(deterministic=True)(make_search("docs"))
+    with pytest.raises(TypeError, match=r"lambda.*tool_name="):
+        sf.execute_sync(lambda q: q, "x", options=ToolExecutionOptions(deterministic=True))
+    docs = sf.tool(tool_name="search.docs", deterministic=True)(make_search("docs"))
+    tickets = sf.tool(tool_name="search.tickets", deterministic=True)(make_search("tickets"))
+    assert (docs("refund"), tickets("refund")) == ("docs:refund", "tickets:refund")
+    # unshared tools need no unique name: they are never shared
+    assert sf.execute_sync(lambda q: q, "x").source is Source.EXECUTED_UNSHARED
+
+
+async def test_an_async_caller_of_a_slow_sync_tool_does_not_run_it_twice(sf: Singleflight) -> None:
+    runs = 0
+
+    def slow(x: int) -> int:
+        nonlocal runs
+        runs += 1
+        threading.Event().wait(0.5)  # simulated work, longer than the wait timeout
+        return x
+
+    options = SHARED.replace(wait_timeout_seconds=0.1)
+    outcome = await sf.execute(slow, 1, options=options)
+    assert (outcome.source, runs) == (Source.EXECUTED, 1)
+
+
+def _waiting_on_a_flight(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in ``Future.result`` (an in-process flight)."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "result" and "concurrent" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_an_interrupted_owner_hands_over_instead_of_interrupting_waiters(sf: Singleflight) -> None:
+    entered, release = threading.Event(), threading.Event()
+    runs = 0
+
+    def tool(x: int) -> int:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            entered.set()
+            assert release.wait(10)
+            raise SystemExit("owner interrupted")
+        return x
+
+    outcomes: list[object] = []
+
+    def owner() -> None:
+        with contextlib.suppress(SystemExit):
+            sf.execute_sync(tool, 3, options=SHARED)
+
+    def waiter() -> None:
+        try:
+            outcomes.append(sf.execute_sync(tool, 3, options=SHARED).value)
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    first = threading.Thread(target=owner)
+    first.start()
+    assert entered.wait(10)
+    waiters = [threading.Thread(target=waiter) for _ in range(3)]
+    for thread in waiters:
+        thread.start()
+    _wait_until(lambda: all(_waiting_on_a_flight(t) for t in waiters))
+    release.set()
+    for thread in [first, *waiters]:
+        thread.join(10)
+    assert outcomes == [3, 3, 3]
+    assert runs == 2
+
+
+def test_a_tools_stop_iteration_reaches_the_caller_unchanged(sf: Singleflight) -> None:
+    def tool(x: int) -> int:
+        raise StopIteration("done")
+
+    with pytest.raises(StopIteration, match="done"):
+        sf.execute_sync(tool, 1, options=SHARED)
+    with pytest.raises(StopIteration, match="done"):
+        sf.execute_sync(tool, 1, options=SHARED.replace(deterministic=False))
+
+
+def test_a_failing_store_falls_back_to_executing(sf: Singleflight, db_path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(f"{db_path}.locks")  # lock files can no longer be made
+    with pytest.warns(RuntimeWarning, match="store failed"):
+        outcome = sf.execute_sync(str.upper, "a", options=SHARED)
+    assert (outcome.value, outcome.source) == ("A", Source.EXECUTED_FALLBACK)
+    assert sf.summary()["fallbacks"] == 1
+
+
+def test_results_with_lone_surrogates_are_stored(sf: Singleflight) -> None:
+    name = os.fsdecode(b"report-\xff.txt")  # what os.listdir returns for undecodable bytes
+    assert sf.execute_sync(lambda: [name], options=SHARED.replace(tool_name="t.ls")).value == [name]
+    hit = sf.execute_sync(lambda: [name], options=SHARED.replace(tool_name="t.ls"))
+    assert (hit.source, hit.value) == (Source.CACHE_HIT, [name])
+
+
+def test_counts_are_kept_when_an_engine_is_dropped_without_close(db_path: Path) -> None:
+    import gc
+
+    engine = Singleflight(db_path, run_id="dropped")
+    for _ in range(10):
+        engine.execute_sync(str.upper, "a", options=SHARED)
+    del engine
+    gc.collect()
+    with Singleflight(db_path) as reader:
+        assert reader.summary("dropped")["calls"] == 10

@@ -157,17 +157,65 @@ def test_store_urls(tmp_path: Path) -> None:
         open_store("sqlite://")
 
 
-def test_a_world_writable_key_file_warns(db_path: Path) -> None:
+def test_a_world_writable_key_file_is_refused(db_path: Path) -> None:
     Singleflight(db_path).close()
     os.chmod(f"{db_path}.key", 0o666)
-    with pytest.warns(UserWarning, match="writable by others"):
-        Singleflight(db_path).close()
+    with pytest.raises(StoreError, match=r"writable by group or others.*chmod 600"):
+        Singleflight(db_path)
 
 
-def test_concurrent_key_file_creation_agrees(tmp_path: Path) -> None:
-    import concurrent.futures
+def test_a_key_file_of_another_user_is_refused(db_path: Path) -> None:
+    Singleflight(db_path).close()
+    try:
+        os.chown(f"{db_path}.key", 65534, -1)
+    except PermissionError:
+        pytest.skip("changing a file's owner needs root")
+    with pytest.raises(StoreError, match="belongs to another user"):
+        Singleflight(db_path)
 
-    db_path = tmp_path / "r.db"
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        engines = list(pool.map(lambda _: Singleflight(db_path), range(8)))
-    assert len({engine._signer.key_id for engine in engines}) == 1
+
+def test_a_symlinked_key_file_is_refused(db_path: Path, tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere.key"
+    real.write_text("ab" * 32)
+    real.chmod(0o600)
+    Path(f"{db_path}.key").symlink_to(real)
+    with pytest.raises(StoreError, match="symlink is refused"):
+        Singleflight(db_path)
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("token", "x"), ("latency_ms", None), ("expires_at", "soon"), ("created_at", None)])
+def test_a_receipt_with_malformed_fields_is_a_miss(sf: Singleflight, db_path: Path, column: str,
+                                                   value: object) -> None:
+    sf.execute_sync(_tool, 1, options=SHARED)
+    _edit(db_path, f"UPDATE receipts SET {column} = ?", value)
+    with pytest.warns(RuntimeWarning, match="signature check"):
+        assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.EXECUTED
+    assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT
+
+
+def _restore() -> str:
+    return "restored"
+
+
+class _Pickled:
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_restore, ())
+
+
+@pytest.mark.filterwarnings("ignore:.*not persisted")
+def test_a_signed_pickle_that_no_longer_loads_is_run_again(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = SHARED.replace(tool_name="t.pickled", allow_pickle=True)
+    runs = []
+
+    def tool() -> object:
+        runs.append(1)
+        return _Pickled()
+
+    sf.execute_sync(tool, options=options)
+    assert sf.execute_sync(tool, options=options).value == "restored"
+    monkeypatch.delitem(globals(), "_restore")  # the stored pickle names a function now gone
+    with pytest.warns(RuntimeWarning, match="could not be decoded"):
+        assert sf.execute_sync(tool, options=options).source is Source.EXECUTED
+    assert len(runs) == 2

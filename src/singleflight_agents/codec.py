@@ -37,9 +37,9 @@ class UnencodableError(TypeError):
 
 
 # Built once: json.dumps/loads with options would build a new encoder or decoder per call.
-_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# ASCII output: lone surrogates (os.listdir can return them) stay encodable everywhere.
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _float(value: float, canonical: bool) -> Any:

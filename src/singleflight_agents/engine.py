@@ -9,7 +9,6 @@ the two thin entries that carry those out.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import hashlib
@@ -20,12 +19,13 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
 from .fingerprint import binder, encode_inputs, fingerprint_of
 from .flights import ABANDONED, FLIGHTS, Flight, run_in_thread, wait_future
+from .heartbeat import Heartbeat
 from .models import (
     ExecutionOutcome,
     Receipt,
@@ -73,6 +73,15 @@ class _Result:
         self.latency_ms, self.takeover = latency_ms, takeover
 
 
+class _Escaped(Exception):
+    """Carries a tool's StopIteration through the generator, which would turn it into a
+    RuntimeError (PEP 479)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
 class _Wait:
     __slots__ = ("timeout",)
 
@@ -84,8 +93,15 @@ _RUN = object()  # step: run the tool and send its value back
 _Step = Any
 
 
-def _tool_name(func: Callable[..., Any]) -> str:
-    return f"{getattr(func, '__module__', None) or 'tool'}.{getattr(func, '__qualname__', func)}"
+def _tool_name(func: Callable[..., Any], shared: bool) -> str:
+    qualname = getattr(func, "__qualname__", None)
+    name = f"{getattr(func, '__module__', None) or 'tool'}.{qualname or type(func).__qualname__}"
+    if shared and (qualname is None or "<lambda>" in qualname or getattr(func, "__closure__", None)):
+        # A closure's name does not tell apart what it captured: make_search("docs") and
+        # make_search("tickets") would share results.
+        raise TypeError(f"{name} is a lambda, closure or callable object: pass tool_name= so "
+                        f"that calls of different tools cannot share results")
+    return name
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -97,44 +113,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-class _Heartbeat:
-    """One daemon thread per engine renewing every held lease each third of its term."""
-
-    def __init__(self, store: ReceiptStore) -> None:
-        self._store = store
-        self._cond = threading.Condition()
-        self._leases: set[int] = set()
-        self._by_id: dict[int, Lease] = {}
-        self._thread: threading.Thread | None = None
-
-    @contextlib.contextmanager
-    def hold(self, lease: Lease) -> Iterator[None]:
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():  # also after a fork
-                self._by_id.clear()
-                self._thread = threading.Thread(target=self._run, name="singleflight-heartbeat",
-                                                daemon=True)
-                self._thread.start()
-            self._by_id[id(lease)] = lease
-            self._cond.notify()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._by_id.pop(id(lease), None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._by_id:
-                    self._cond.wait()
-                self._cond.wait(min(lease.lease_seconds for lease in self._by_id.values()) / 3)
-                due = list(self._by_id.values())
-            for lease in due:
-                with contextlib.suppress(Exception):  # a lost lease shows at the fenced write
-                    self._store.renew(lease)
 
 
 class Singleflight:
@@ -164,12 +142,13 @@ class Singleflight:
             time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex())
         self._instance = os.urandom(4).hex()
         self._stats = Stats()
-        self._heartbeat = _Heartbeat(self.store)
+        self._heartbeat = Heartbeat(self.store)
         self._last_flush = 0.0
-        self._flush_lock = threading.Lock()
         self._warned: set[str] = set()
         self._verified: dict[str, Receipt] = {}  # receipt objects already checked, by key
-        _ENGINES.add(self)
+        # Pending counts are written at close, at exit, or when the engine is collected.
+        self._flush_at_end = weakref.finalize(
+            self, _flush_stats, self.store, self._stats, self.run_id, self._instance)
 
     @property
     def db_path(self) -> str:
@@ -177,7 +156,7 @@ class Singleflight:
 
     @property
     def _owner(self) -> str:
-        return f"{os.uname().nodename}:{os.getpid()}:{self._instance}"
+        return _owner_id(self._instance)
 
     # -- public API -----------------------------------------------------------------
 
@@ -189,7 +168,7 @@ class Singleflight:
         base = ToolExecutionOptions().replace(**options)
 
         def decorate(f: F) -> F:
-            opts = base if base.tool_name else base.replace(tool_name=_tool_name(f))
+            opts = base if base.tool_name else base.replace(tool_name=_tool_name(f, base.shared))
             wrapper: Any
             if inspect.iscoroutinefunction(f):
                 @functools.wraps(f)
@@ -231,16 +210,12 @@ class Singleflight:
 
     def flush_stats(self) -> None:
         """Write this process's counters to the store now."""
-        with self._flush_lock:
-            self._last_flush = time.monotonic()
-            if self._stats.dirty:
-                self.store.save_stats(self.run_id, self._owner, self._stats.snapshot())
+        self._last_flush = time.monotonic()
+        _flush_stats(self.store, self._stats, self.run_id, self._instance)
 
     def close(self) -> None:
         """Write pending statistics and close this thread's store connection."""
-        with contextlib.suppress(StoreError):
-            self.flush_stats()
-        _ENGINES.discard(self)
+        self._flush_at_end()
         self.store.close()
 
     def __enter__(self) -> Singleflight:
@@ -259,8 +234,8 @@ class Singleflight:
         if not callable(func):
             raise TypeError(f"expected a callable tool, got {type(func).__name__}")
         bind = binder(func)
-        call = _Call(func, args, kwargs, options, options.tool_name or _tool_name(func),
-                     bind.is_async)
+        call = _Call(func, args, kwargs, options,
+                     options.tool_name or _tool_name(func, options.shared), bind.is_async)
         if options.shared:
             ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
             call.inputs = encode_inputs(call.tool_name, ident)
@@ -280,18 +255,19 @@ class Singleflight:
             while True:
                 flight, owner = FLIGHTS.join((self.store.identity, call.key))
                 if owner and call.is_async:
-                    result = await self._own_async(call, flight)
+                    return self._finish(call, await self._own_async(call, flight), started)
+                if owner:  # a sync tool runs in a thread of its own, which owns the flight
+                    result = await run_in_thread(self._own_sync, call, flight,
+                                                 name="singleflight-owner")
                     return self._finish(call, result, started)
-                if owner:  # a sync tool: a thread owns the flight, we wait like the others
-                    threading.Thread(target=self._own_quietly, args=(call, flight),
-                                     name="singleflight-owner", daemon=True).start()
                 try:
                     result = await wait_future(flight.future, call.options.wait_timeout_seconds)
                 except TimeoutError:
-                    result = await self._fallback_async(call, "waiting for it timed out")
+                    self._note_fallback(call, "waiting for it timed out")
+                    result = await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
                     return self._finish(call, result, started)
                 if result is not ABANDONED:
-                    return self._finish(call, result if owner else self._as_waiter(result), started)
+                    return self._finish(call, self._as_waiter(result), started)
         except BaseException:
             self._stats.add(call.tool_name, calls=1, tampered=int(call.tampered))
             raise
@@ -309,13 +285,17 @@ class Singleflight:
                 flight, owner = FLIGHTS.join((self.store.identity, call.key))
                 if owner:
                     return self._finish(call, self._own_sync(call, flight), started)
+                reason = None
                 if flight.loop is not None and flight.loop is _running_loop():
                     reason = "its owner runs on the event loop this sync call blocks"
-                    return self._finish(call, self._fallback(call, reason), started)
-                try:
-                    result = flight.future.result(call.options.wait_timeout_seconds)
-                except TimeoutError:
-                    result = self._fallback(call, "waiting for it timed out")
+                else:
+                    try:
+                        result = flight.future.result(call.options.wait_timeout_seconds)
+                    except TimeoutError:
+                        reason = "waiting for it timed out"
+                if reason is not None:
+                    self._note_fallback(call, reason)
+                    result = self._run_unshared(call, Source.EXECUTED_FALLBACK)
                     return self._finish(call, result, started)
                 if result is not ABANDONED:
                     return self._finish(call, self._as_waiter(result), started)
@@ -329,30 +309,28 @@ class Singleflight:
         try:
             result = self._drive_sync(call, self._resolve(call))
         except BaseException as exc:
-            FLIGHTS.land((self.store.identity, call.key), flight, exc)
+            self._land(call, flight, exc)
             raise
-        FLIGHTS.land((self.store.identity, call.key), flight, result)
+        self._land(call, flight, result)
         return result
-
-    def _own_quietly(self, call: _Call, flight: Flight) -> None:
-        with contextlib.suppress(BaseException):  # the flight carries the outcome
-            self._own_sync(call, flight)
 
     async def _own_async(self, call: _Call, flight: Flight) -> _Result:
         import asyncio
 
         flight.loop = asyncio.get_running_loop()
-        landing = (self.store.identity, call.key)
         try:
             result = await self._drive_async(call, self._resolve(call))
-        except asyncio.CancelledError:
-            FLIGHTS.land(landing, flight, ABANDONED)  # a waiter takes over, not cancelled
-            raise
         except BaseException as exc:
-            FLIGHTS.land(landing, flight, exc)
+            self._land(call, flight, exc)
             raise
-        FLIGHTS.land(landing, flight, result)
+        self._land(call, flight, result)
         return result
+
+    def _land(self, call: _Call, flight: Flight, result: _Result | BaseException) -> None:
+        # The tool's own errors reach every waiter; a cancelled or interrupted owner
+        # (CancelledError, KeyboardInterrupt, ...) hands the flight to a waiter instead.
+        abandoned = isinstance(result, BaseException) and not isinstance(result, Exception)
+        FLIGHTS.land((self.store.identity, call.key), flight, ABANDONED if abandoned else result)
 
     def _drive_sync(self, call: _Call, steps: Generator[_Step, Any, _Result]) -> _Result:
         reply: Any = None
@@ -363,6 +341,8 @@ class Singleflight:
             except StopIteration as stop:
                 result: _Result = stop.value
                 return result
+            except _Escaped as escaped:
+                raise escaped.original from None
             reply, error = None, None
             try:
                 if step is _RUN:
@@ -370,7 +350,7 @@ class Singleflight:
                 else:
                     self.store.wait(call.key, step.timeout)
             except BaseException as exc:
-                error = exc
+                error = _Escaped(exc) if isinstance(exc, StopIteration) else exc
 
     async def _drive_async(self, call: _Call, steps: Generator[_Step, Any, _Result]) -> _Result:
         reply: Any = None
@@ -381,6 +361,8 @@ class Singleflight:
             except StopIteration as stop:
                 result: _Result = stop.value
                 return result
+            except _Escaped as escaped:
+                raise escaped.original from None
             reply, error = None, None
             try:
                 if step is _RUN:
@@ -388,7 +370,7 @@ class Singleflight:
                 else:
                     await run_in_thread(self.store.wait, call.key, step.timeout)
             except BaseException as exc:
-                error = exc
+                error = _Escaped(exc) if isinstance(exc, StopIteration) else exc
 
     # -- the decisions, shared by both entries ----------------------------------------
 
@@ -401,8 +383,7 @@ class Singleflight:
             return (yield from self._run_holding(call, got))
         if isinstance(got, _Result):
             return got
-        self._warn(call.tool_name, f"{call.tool_name}: executing without sharing because {got}")
-        self._stats.add(call.tool_name, fallbacks=1)
+        self._note_fallback(call, got)
         value = yield _RUN
         return _Result(value, Source.EXECUTED_FALLBACK)
 
@@ -443,11 +424,14 @@ class Singleflight:
                 failure = None
                 if isinstance(exc, Exception):  # not cancelled or interrupted: the tool failed
                     self._stats.add(call.tool_name, failures=1)
-                    failure = (type(exc).__qualname__, str(exc)[:2000])
+                    error = exc.original if isinstance(exc, _Escaped) else exc
+                    failure = (type(error).__qualname__, str(error)[:2000])
                 with contextlib.suppress(StoreError):  # the tool's error matters more
                     self.store.release(lease, failure)
                 raise
         latency_ms = (time.perf_counter() - started) * 1000
+        # Counted here, not per caller: the run happened even if its caller was cancelled.
+        self._stats.add(call.tool_name, executed=1, takeovers=int(lease.takeover))
         result = _Result(value, Source.EXECUTED, latency_ms=latency_ms, takeover=lease.takeover)
         self._persist(call, result, lease)
         return result
@@ -490,13 +474,15 @@ class Singleflight:
 
     def _lookup(self, call: _Call) -> _Result | None:
         receipt = self.store.get(call.key)
-        if receipt is None or receipt.expires_at <= time.time():
+        if receipt is None or not self._trusted(call, receipt):
             return None
-        if not self._trusted(call, receipt):
+        if receipt.expires_at <= time.time():
             return None
         try:
             value = codec.decode(receipt.codec, receipt.output, call.options.allow_pickle)
-        except ValueError:
+        except Exception as exc:  # e.g. a pickled class that no longer imports: run again
+            self._warn(f"decode:{call.tool_name}", f"{call.tool_name}: a stored result could not "
+                       f"be decoded ({type(exc).__name__}: {exc}); re-executing")
             return None
         return _Result(value, Source.CACHE_HIT, receipt, (receipt.codec, receipt.output),
                        receipt.latency_ms)
@@ -504,7 +490,11 @@ class Singleflight:
     def _trusted(self, call: _Call, receipt: Receipt) -> bool:
         if self._verified.get(call.key) is receipt:  # the store hands back the object it
             return True  # read until the file changes: check each object once
-        if receipt.fingerprint != call.key or not self.verify_receipt(receipt):
+        try:
+            valid = receipt.fingerprint == call.key and self.verify_receipt(receipt)
+        except (TypeError, ValueError):  # fields of the wrong type: edited in the store
+            valid = False
+        if not valid:
             call.tampered = True
             self._warn(f"tampered:{call.tool_name}", f"{call.tool_name}: a stored receipt failed "
                        f"its signature check (tampered, or signed with another key); re-executing")
@@ -547,15 +537,9 @@ class Singleflight:
             value = await run_in_thread(functools.partial(call.func, *call.args, **call.kwargs))
         return _Result(value, source, latency_ms=(time.perf_counter() - started) * 1000)
 
-    def _fallback(self, call: _Call, reason: str) -> _Result:
+    def _note_fallback(self, call: _Call, reason: str) -> None:
         self._warn(call.tool_name, f"{call.tool_name}: executing without sharing because {reason}")
         self._stats.add(call.tool_name, fallbacks=1)
-        return self._run_unshared(call, Source.EXECUTED_FALLBACK)
-
-    async def _fallback_async(self, call: _Call, reason: str) -> _Result:
-        self._warn(call.tool_name, f"{call.tool_name}: executing without sharing because {reason}")
-        self._stats.add(call.tool_name, fallbacks=1)
-        return await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
 
     # -- bookkeeping ----------------------------------------------------------------
 
@@ -574,9 +558,6 @@ class Singleflight:
             counters["cache_hits" if source is Source.CACHE_HIT else "shared_waits"] = 1
             counters["dollars_saved"] = call.options.estimated_cost_usd
             counters["latency_saved_ms"] = result.latency_ms
-        elif source is Source.EXECUTED:
-            counters["executed"] = 1
-            counters["takeovers"] = int(result.takeover)
         elif source is Source.EXECUTED_UNSHARED:
             counters["unshared"] = 1
         self._stats.add(call.tool_name, **counters)
@@ -612,11 +593,11 @@ def _run_blocking_in_thread(func: Callable[[], Any]) -> Any:
     return box["value"]
 
 
-_ENGINES: weakref.WeakSet[Singleflight] = weakref.WeakSet()
+def _owner_id(instance: str) -> str:
+    return f"{os.uname().nodename}:{os.getpid()}:{instance}"
 
 
-@atexit.register
-def _flush_all() -> None:
-    for engine in list(_ENGINES):
-        with contextlib.suppress(Exception):
-            engine.flush_stats()
+def _flush_stats(store: ReceiptStore, stats: Stats, run_id: str, instance: str) -> None:
+    counters = stats.snapshot()
+    if counters:
+        store.save_stats(run_id, _owner_id(instance), counters)

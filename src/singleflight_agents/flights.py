@@ -43,16 +43,30 @@ class FlightTable:
         """The flight for ``key`` and whether the caller now owns it."""
         with self._lock:
             flight = self._flights.get(key)
-            if flight is not None:
-                return flight, False
-            flight = self._flights[key] = Flight()
-            return flight, True
+            if flight is not None and flight.loop is not None and flight.loop.is_closed():
+                stale, flight = flight, None  # its owner's loop is gone: it can never land
+            else:
+                stale = None
+            if flight is None:
+                flight = self._flights[key] = Flight()
+                owner = True
+            else:
+                owner = False
+        if stale is not None:
+            self._resolve(stale, ABANDONED)
+        return flight, owner
 
     def land(self, key: tuple[str, str], flight: Flight, result: Any) -> None:
         """End the flight: later callers start afresh, waiters get ``result``."""
         with self._lock:
             if self._flights.get(key) is flight:
                 del self._flights[key]
+        self._resolve(flight, result)
+
+    @staticmethod
+    def _resolve(flight: Flight, result: Any) -> None:
+        if flight.future.done():  # abandoned already, because its loop closed
+            return
         if isinstance(result, BaseException):
             flight.future.set_exception(result)
         else:
@@ -89,7 +103,7 @@ async def wait_future(future: concurrent.futures.Future[Any], timeout: float | N
     return future.result()
 
 
-async def run_in_thread(func: Any, *args: Any) -> Any:
+async def run_in_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
     """Run ``func`` in a new thread: unlike the default executor, never starved."""
     from concurrent.futures import Future
 
@@ -101,5 +115,5 @@ async def run_in_thread(func: Any, *args: Any) -> Any:
         except BaseException as exc:
             future.set_exception(exc)
 
-    threading.Thread(target=run, name="singleflight-call", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return await wait_future(future, None)

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import os
 import stat
-import warnings
 from pathlib import Path
 
 from .models import Receipt, StoreError
@@ -27,11 +26,7 @@ class Signer:
         if len(key) < 16:
             raise ValueError("the signing secret must be at least 16 bytes long")
         self.key_id = hmac.new(key, b"singleflight-agents key id", hashlib.sha256).hexdigest()[:16]
-        # HMAC (RFC 2104) with its two keyed states computed once: every cache hit verifies
-        # a receipt, and setting up a fresh HMAC costs more than hashing the receipt.
-        block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)  # keyed once, copied per receipt
 
     def _digest(self, receipt: Receipt) -> str:
         # The repr of a tuple of str, None, float and int is unambiguous (quoted, escaped)
@@ -42,11 +37,9 @@ class Signer:
             r.inputs_sha256, r.codec, r.output, float(r.created_at), float(r.expires_at),
             float(r.latency_ms), float(r.cost_usd), r.executor, int(r.token), r.key_id,
         )).encode()
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        mac = self._mac.copy()
+        mac.update(message)
+        return mac.hexdigest()
 
     def sign(self, receipt: Receipt) -> Receipt:
         unsigned = dataclasses.replace(receipt, key_id=self.key_id, signature="")
@@ -87,17 +80,20 @@ def _read_or_create_key_file(path: Path) -> bytes:
         finally:
             os.unlink(tmp)
     try:
-        info = path.stat()
-        text = path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as handle:
+            info = os.fstat(handle.fileno())
+            text = handle.read().strip()
     except OSError as exc:
-        raise StoreError(f"cannot read signing key file {path}: {exc.strerror}; fix its "
-                         f"permissions or set {ENV_SECRET}") from None
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
-        warnings.warn(
-            f"signing key file {path} is writable by others or owned by another user; "
-            f"anyone who can change it can forge receipts (chmod 600 it)",
-            stacklevel=3,
-        )
+        raise StoreError(f"cannot read signing key file {path}: {exc.strerror} (a symlink is "
+                         f"refused); fix it or set {ENV_SECRET}") from None
+    # Whoever can write the key can forge receipts, and forged pickles run code.
+    if info.st_uid != os.geteuid():
+        raise StoreError(f"signing key file {path} belongs to another user; delete it or set "
+                         f"{ENV_SECRET}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StoreError(f"signing key file {path} is writable by group or others; "
+                         f"chmod 600 it (and check nobody changed it) or set {ENV_SECRET}")
     try:
         key = bytes.fromhex(text)
     except ValueError:

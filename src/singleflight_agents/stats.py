@@ -27,10 +27,13 @@ class Stats:
         self._tools: dict[str, dict[str, float]] = {}
         self.dirty = False
 
+    def _forked(self) -> None:
+        if self._pid != os.getpid():  # a forked child starts from zero
+            self._pid, self._tools, self.dirty = os.getpid(), {}, False
+
     def add(self, tool_name: str, **increments: float) -> None:
         with self._lock:
-            if self._pid != os.getpid():  # a forked child starts from zero
-                self._pid, self._tools = os.getpid(), {}
+            self._forked()
             counters = self._tools.get(tool_name)
             if counters is None:
                 counters = self._tools[tool_name] = dict.fromkeys(COUNTERS, 0)
@@ -39,7 +42,11 @@ class Stats:
             self.dirty = True
 
     def snapshot(self) -> dict[str, dict[str, float]]:
+        """The counters if any changed since the last snapshot, else ``{}``."""
         with self._lock:
+            self._forked()
+            if not self.dirty:
+                return {}
             self.dirty = False
             return {tool: dict(counters) for tool, counters in self._tools.items()}
 

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from ..models import Receipt, StoreError
 from .base import Busy, Failure, Lease, ReceiptStore
 
+P = ParamSpec("P")
+R = TypeVar("R")
 SCHEMA_VERSION = 1
 _RECEIPT_COLUMNS = (
     "fingerprint, tool_name, namespace, scope, version, inputs, inputs_sha256, codec, output, "
@@ -91,6 +95,8 @@ class _KeyLocks:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a newer holder's file
                 os.unlink(path)
         _HELD_FDS.discard(fd)
+        # Unlock before closing: a forked child may still hold a copy of this fd.
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
     def wait(self, key: str, timeout: float) -> None:
@@ -103,6 +109,7 @@ class _KeyLocks:
         def block() -> None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
+                fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: a forked child may share this fd
             finally:
                 os.close(fd)
                 released.set()
@@ -120,6 +127,21 @@ class _KeyLocks:
                 self.unlock(name, fd)
                 removed += 1
         return removed
+
+
+def _translated(
+    method: Callable[Concatenate[SQLiteStore, P], R],
+) -> Callable[Concatenate[SQLiteStore, P], R]:
+    """sqlite3 and OS errors leave the store as StoreError, which the engine handles."""
+
+    @functools.wraps(method)
+    def wrapper(self: SQLiteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"store {self.path}: {exc}") from exc
+
+    return wrapper
 
 
 class SQLiteStore(ReceiptStore):
@@ -209,6 +231,7 @@ class SQLiteStore(ReceiptStore):
 
     # -- receipts and leases --------------------------------------------------------
 
+    @_translated
     def get(self, key: str) -> Receipt | None:
         # Receipts this thread read stay valid until the file changes: data_version moves
         # on every commit by another connection (ours clear the memo in _write), and is
@@ -231,6 +254,7 @@ class SQLiteStore(ReceiptStore):
             receipt = receipts[key] = Receipt(*row)
         return receipt
 
+    @_translated
     def acquire(self, key: str, owner: str, lease_seconds: float) -> Lease | Busy:
         fd = self._locks.try_lock(key)
         if fd is None:
@@ -256,6 +280,7 @@ class SQLiteStore(ReceiptStore):
             raise
         return Lease(key, token, owner, lease_seconds, takeover, fd)
 
+    @_translated
     def renew(self, lease: Lease) -> bool:
         with self._write() as conn:
             cursor = conn.execute(
@@ -268,6 +293,7 @@ class SQLiteStore(ReceiptStore):
             self._locks.unlock(lease.key, lease.handle)
             lease.handle = None
 
+    @_translated
     def release(self, lease: Lease, failure: tuple[str, str] | None = None) -> None:
         error_type, message = failure or (None, None)
         try:
@@ -281,6 +307,7 @@ class SQLiteStore(ReceiptStore):
         finally:
             self._finish(lease)
 
+    @_translated
     def put(self, receipt: Receipt, lease: Lease) -> bool:
         try:
             with self._write() as conn:
@@ -296,17 +323,20 @@ class SQLiteStore(ReceiptStore):
         finally:
             self._finish(lease)
 
+    @_translated
     def last_failure(self, key: str) -> Failure | None:
         row = self._conn().execute(
             "SELECT token, error_type, error_message FROM leases WHERE fingerprint = ? AND "
             "state = 'failed'", (key,)).fetchone()
         return Failure(*row) if row else None
 
+    @_translated
     def wait(self, key: str, timeout: float) -> None:
         self._locks.wait(key, timeout)
 
     # -- statistics -----------------------------------------------------------------
 
+    @_translated
     def save_stats(
         self, run_id: str, process_id: str, counters: Mapping[str, Mapping[str, float]]
     ) -> None:
@@ -318,12 +348,14 @@ class SQLiteStore(ReceiptStore):
                  for tool, values in counters.items()],
             )
 
+    @_translated
     def load_stats(self, run_id: str | None) -> list[tuple[str, str, dict[str, float]]]:
         query = "SELECT run_id, tool_name, counters FROM stats"
         rows = (self._conn().execute(query + " WHERE run_id = ?", (run_id,)) if run_id
                 else self._conn().execute(query))
         return [(run, tool, json.loads(counters)) for run, tool, counters in rows]
 
+    @_translated
     def latest_run(self) -> str | None:
         row = self._conn().execute(
             "SELECT run_id FROM stats ORDER BY updated_at DESC LIMIT 1").fetchone()
@@ -331,16 +363,19 @@ class SQLiteStore(ReceiptStore):
 
     # -- maintenance ----------------------------------------------------------------
 
+    @_translated
     def iter_receipts(self) -> Iterator[Receipt]:
         rows = self._conn().execute(
             f"SELECT {_RECEIPT_COLUMNS} FROM receipts ORDER BY tool_name, fingerprint").fetchall()
         return (Receipt(*row) for row in rows)
 
+    @_translated
     def import_receipt(self, receipt: Receipt) -> None:
         with self._write() as conn:
             conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
                          f"({', '.join('?' * 17)})", _receipt_row(receipt))
 
+    @_translated
     def prune(self, now: float) -> dict[str, int]:
         with self._write() as conn:
             receipts = conn.execute("DELETE FROM receipts WHERE expires_at <= ?", (now,)).rowcount
@@ -354,6 +389,7 @@ class SQLiteStore(ReceiptStore):
         conn.execute("VACUUM")
         return {"receipts": receipts, "leases": leases, "lock_files": lock_files}
 
+    @_translated
     def check(self) -> list[str]:
         rows = self._conn().execute("PRAGMA quick_check").fetchall()
         return [] if rows == [("ok",)] else [f"{self.path}: {row[0]}" for row in rows]
