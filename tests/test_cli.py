@@ -62,6 +62,14 @@ def test_verify_passes_then_fails_on_tampering(filled: Path,
     assert "FAIL crm.lookup" in out and "signature mismatch" in out
 
 
+def test_verify_reports_malformed_fields(filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = sqlite3.connect(filled)
+    with db:
+        db.execute("UPDATE receipts SET token = 'x' WHERE rowid = 1")
+    assert main(["verify", "--db", str(filled)]) == 1
+    assert "signature mismatch" in capsys.readouterr().out
+
+
 def test_verify_with_the_wrong_key_is_a_usage_error(filled: Path, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SINGLEFLIGHT_SECRET", "w" * 32)
