@@ -102,6 +102,7 @@ def bench_processes(cfg: Config, res: Results, processes: int = 8, keys: int = 2
                 args = (str(tmp / "receipts.db"), str(log), names, child)
                 workers.append(SPAWN.Process(target=fanout_worker, args=args))
                 workers[-1].start()
+                child.close()  # so that a worker's death is EOFError here, not a hang
                 pipes.append(pipe)
             for pipe in pipes:
                 assert pipe.recv()[0] == "ready"

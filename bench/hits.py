@@ -83,6 +83,7 @@ def _hit_beside_writer(cfg: Config, res: Results, db_path: Path, ours: Callable[
     pipe, child = SPAWN.Pipe()
     writer = SPAWN.Process(target=busy_writer, args=(str(db_path), child), daemon=True)
     writer.start()
+    child.close()  # ours is gone: if the writer dies, recv() raises EOFError, not hangs
     pipe.recv()
     start = time.perf_counter()
     samples: dict[str, list[int]] = {"sync": [], "diskcache": []}
