@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from singleflight_agents import Singleflight
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # "X as X": re-exported for type checkers
     from .fingerprint import make_fingerprint as make_fingerprint
     from .models import ExecutionOutcome as ExecutionOutcome
     from .models import Receipt as Receipt
+    from .models import ReplayMissError as ReplayMissError
     from .models import SharedExecutionError as SharedExecutionError
     from .models import SingleflightError as SingleflightError
     from .models import Source as Source
@@ -28,6 +29,7 @@ _HOMES = {
     "make_fingerprint": ".fingerprint",
     "ExecutionOutcome": ".models",
     "Receipt": ".models",
+    "ReplayMissError": ".models",
     "SharedExecutionError": ".models",
     "SingleflightError": ".models",
     "Source": ".models",

@@ -29,6 +29,7 @@ from .heartbeat import Heartbeat
 from .models import (
     ExecutionOutcome,
     Receipt,
+    ReplayMissError,
     SharedExecutionError,
     Source,
     StoreError,
@@ -122,7 +123,8 @@ class Singleflight:
     live; by default ``.singleflight/receipts.db`` under the current directory.
     ``secret`` signs receipts (else ``$SINGLEFLIGHT_SECRET``, else a key file beside
     the store). ``run_id`` groups statistics of several processes (else
-    ``$SINGLEFLIGHT_RUN_ID``, else a fresh id).
+    ``$SINGLEFLIGHT_RUN_ID``, else a fresh id). ``refresh_since`` is when a session of
+    ``mode="refresh"`` calls started (default: now): older receipts are run again.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Singleflight:
         store: str | ReceiptStore | None = None,
         secret: str | bytes | None = None,
         run_id: str | None = None,
+        refresh_since: float | None = None,
     ) -> None:
         if db_path is not None and store is not None:
             raise ValueError("pass either db_path or store, not both")
@@ -141,6 +144,9 @@ class Singleflight:
         self.run_id = run_id or os.environ.get(ENV_RUN_ID) or (
             time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex())
         self._instance = os.urandom(4).hex()
+        self.refresh_since = time.time() if refresh_since is None else refresh_since
+        self._seen: set[str] = set()  # keys called in mode="off", to count the duplicates
+        self._seen_lock = threading.Lock()
         self._stats = Stats()
         self._heartbeat = Heartbeat(self.store)
         self._last_flush = 0.0
@@ -246,7 +252,7 @@ class Singleflight:
     async def _execute(self, call: _Call) -> ExecutionOutcome:
         started = time.perf_counter()
         try:
-            if not call.options.shared:
+            if not call.options.shared or self._off(call):
                 result = await self._run_unshared_async(call, Source.EXECUTED_UNSHARED)
                 return self._finish(call, result, started)
             hit = self._fast_lookup(call)
@@ -275,7 +281,7 @@ class Singleflight:
     def _execute_sync(self, call: _Call) -> ExecutionOutcome:
         started = time.perf_counter()
         try:
-            if not call.options.shared:
+            if not call.options.shared or self._off(call):
                 result = self._run_unshared(call, Source.EXECUTED_UNSHARED)
                 return self._finish(call, result, started)
             hit = self._fast_lookup(call)
@@ -476,7 +482,10 @@ class Singleflight:
         receipt = self.store.get(call.key)
         if receipt is None or not self._trusted(call, receipt):
             return None
-        if receipt.expires_at <= time.time():
+        mode = call.options.mode
+        if mode != "replay" and receipt.expires_at <= time.time():
+            return None
+        if mode == "refresh" and receipt.created_at < self.refresh_since:
             return None
         try:
             value = codec.decode(receipt.codec, receipt.output, call.options.allow_pickle)
@@ -505,12 +514,31 @@ class Singleflight:
         return True
 
     def _fast_lookup(self, call: _Call) -> _Result | None:
+        """A receipt without joining a flight; in replay mode, a receipt or an error."""
+        if call.options.mode == "replay":
+            hit = self._lookup(call)
+            if hit is None:
+                self._stats.add(call.tool_name, replay_misses=1)
+                raise ReplayMissError(call.tool_name, call.inputs, call.options.record_command)
+            return hit
         if FLIGHTS.peek((self.store.identity, call.key)) is not None:
             return None
         try:
             return self._lookup(call)
         except StoreError:
             return None  # the owner's path reports it
+
+    def _off(self, call: _Call) -> bool:
+        """In mode="off", count the call if an earlier one had the same key."""
+        if call.options.mode != "off":
+            return False
+        with self._seen_lock:
+            repeated = call.key in self._seen
+            self._seen.add(call.key)
+        if repeated:
+            self._stats.add(call.tool_name, duplicates=1,
+                            duplicate_dollars=call.options.estimated_cost_usd)
+        return True
 
     # -- running tools --------------------------------------------------------------
 

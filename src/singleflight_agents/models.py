@@ -28,6 +28,21 @@ class StoreError(SingleflightError):
     """The store cannot be opened or used; the message names the store and the fix."""
 
 
+class ReplayMissError(SingleflightError):
+    """Replay mode found no receipt for a call; the message names the tool, its arguments as
+    they would be stored, and the command that records them."""
+
+    def __init__(self, tool_name: str, inputs: str, record_command: str) -> None:
+        shown = inputs if len(inputs) <= 300 else inputs[:297] + "..."
+        super().__init__(f"{tool_name}: no receipt to replay for arguments {shown}; record it "
+                         f"with: {record_command}")
+        self.tool_name = tool_name
+        self.inputs = inputs
+
+
+MODES = ("record", "replay", "refresh", "off")
+
+
 class SharedExecutionError(SingleflightError):
     """The execution another process ran for this call failed (``share_failures=True``)."""
 
@@ -47,6 +62,12 @@ class ToolExecutionOptions:
     arguments in the fingerprint with ``key(*args, **kwargs)``. ``allow_pickle`` lets
     results that JSON cannot carry be stored as pickle (loaded only after the signature
     verified). ``store_inputs=False`` keeps only a hash of the arguments in the receipt.
+
+    ``mode``: ``record`` serves valid receipts and records misses; ``replay`` never runs a
+    shared tool (a missing receipt raises :class:`ReplayMissError`, expiry is ignored);
+    ``refresh`` ignores receipts older than the engine's ``refresh_since`` and overwrites
+    them; ``off`` runs every call and only counts the duplicates. ``record_command`` is
+    the command a replay miss tells the user to run.
     """
 
     tool_name: str | None = None
@@ -64,8 +85,13 @@ class ToolExecutionOptions:
     key: Callable[..., Any] | None = None
     allow_pickle: bool = False
     store_inputs: bool = True
+    mode: str = "record"
+    record_command: str = "pytest --singleflight-mode=record"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"ToolExecutionOptions.mode must be one of {', '.join(MODES)}, "
+                             f"got {self.mode!r}")
         for name in ("ttl_seconds", "lease_seconds", "wait_timeout_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:

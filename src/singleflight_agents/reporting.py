@@ -25,13 +25,34 @@ def _warnings(summary: dict[str, Any]) -> list[str]:
                      f"wait timed out)")
     if summary.get("fenced_out"):
         notes.append(f"{summary['fenced_out']} result(s) lost their lease while running")
+    if summary.get("replay_misses"):
+        notes.append(f"{summary['replay_misses']} call(s) had no receipt to replay (those tests "
+                     f"failed; record them with --singleflight-mode=record)")
     return notes
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def _off_line(summary: dict[str, Any]) -> str:
+    return (f"mode off: {summary['duplicates']} duplicate call(s) ran that sharing would have "
+            f"avoided (${summary['duplicate_dollars']:.2f})")
+
+
+def format_line(summary: dict[str, Any], mode: str | None = None) -> str:
+    """The report in one line (for ``pytest -q``)."""
+    where = f" [{mode}, {summary['db_path']}]" if mode else f" [{summary['db_path']}]"
+    if mode == "off":
+        return "singleflight: " + _off_line(summary) + where
+    line = (f"singleflight: {summary['calls']} calls, {summary['unique_executions']} executed, "
+            f"{summary['avoided_calls']} avoided, saved ${summary['dollars_saved']:.2f} and "
+            f"{summary['latency_saved_ms'] / 1000:.1f} s")
+    warnings = len(_warnings(summary))
+    return line + (f", {warnings} warning(s)" if warnings else "") + where
+
+
+def format_summary(summary: dict[str, Any], mode: str | None = None) -> str:
     """A terminal report: totals, one row per tool with a bar of calls avoided, warnings."""
     lines = [
-        f"singleflight summary - run {summary.get('run_id') or 'all'} - store {summary['db_path']}",
+        f"singleflight summary - {f'mode {mode} - ' if mode else ''}run "
+        f"{summary.get('run_id') or 'all'} - store {summary['db_path']}",
         f"  {summary['calls']} calls, {summary['unique_executions']} executed, "
         f"{summary['cache_hits']} served from receipts, {summary['shared_waits']} shared in "
         f"flight, {summary['unshared']} unshared; saved ${summary['dollars_saved']:.2f} and "
@@ -52,14 +73,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
     else:
         lines.append("  no calls recorded")
+    if mode == "off" or summary.get("duplicates"):
+        lines.append("  " + _off_line(summary))
     lines.extend(f"  warning: {note}" for note in _warnings(summary))
     return "\n".join(lines)
 
 
-def format_markdown(summary: dict[str, Any]) -> str:
+def format_markdown(summary: dict[str, Any], mode: str | None = None) -> str:
     """The same report as a Markdown table (for CI step summaries)."""
     lines = [
-        "### singleflight summary",
+        f"### singleflight summary{f' ({mode})' if mode else ''}",
         "",
         f"{summary['calls']} calls, {summary['unique_executions']} executed, "
         f"{summary['avoided_calls']} avoided; saved **${summary['dollars_saved']:.2f}** and "

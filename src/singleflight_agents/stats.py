@@ -14,8 +14,10 @@ from typing import Any
 
 COUNTERS = (
     "calls", "executed", "cache_hits", "shared_waits", "unshared", "fallbacks", "takeovers",
-    "failures", "tampered", "not_persisted", "fenced_out", "dollars_saved", "latency_saved_ms",
+    "failures", "tampered", "not_persisted", "fenced_out", "replay_misses", "dollars_saved",
+    "latency_saved_ms", "duplicates", "duplicate_dollars",
 )
+_AMOUNTS = ("dollars_saved", "latency_saved_ms", "duplicate_dollars")
 
 
 class Stats:
@@ -77,7 +79,7 @@ def summarize(
 
 def _derive(counters: dict[str, Any]) -> None:
     for name in COUNTERS:
-        if name not in ("dollars_saved", "latency_saved_ms"):
+        if name not in _AMOUNTS:
             counters[name] = int(counters[name])
     counters["unique_executions"] = counters["executed"]
     counters["avoided_calls"] = counters["cache_hits"] + counters["shared_waits"]
