@@ -35,7 +35,7 @@ def test_replay_serves_recorded_calls_and_never_runs_shared_tools(sf: Singleflig
 
 
 async def test_replay_miss_from_async_code(sf: Singleflight) -> None:
-    with pytest.raises(ReplayMissError, match="search.web"):
+    with pytest.raises(ReplayMissError, match=r"search\.web"):
         await sf.execute(_search, "nothing", options=RECORD.replace(mode="replay"))
 
 
