@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,40 @@ from singleflight_agents import Singleflight
 
 pytest_plugins = ["pytester"]
 
+REDIS_URL = os.environ.get("SINGLEFLIGHT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+SECRET = "test-secret-" + "x" * 20
+
+
+def redis_or_skip() -> str:
+    """The test Redis URL, or a skip (a failure when SINGLEFLIGHT_REQUIRE_REDIS=1, as in CI)."""
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        reason = f"no Redis server answers at {REDIS_URL} ({type(exc).__name__}); set " \
+                 f"SINGLEFLIGHT_TEST_REDIS_URL or start redis-server"
+        if os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS") == "1":
+            pytest.fail(reason + " (SINGLEFLIGHT_REQUIRE_REDIS=1)")
+        pytest.skip(reason)
+    return REDIS_URL
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each store backend in turn: an SQLite file, or a Redis prefix of this test's own."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "receipts.db")
+        return
+    import redis
+
+    prefix = f"sftest-{uuid.uuid4().hex[:12]}"
+    yield f"{redis_or_skip()}?prefix={prefix}"
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        client.delete(key)
+    client.close()
+
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
@@ -16,7 +52,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def sf(db_path: Path) -> Iterator[Singleflight]:
+def sf(store_url: str) -> Iterator[Singleflight]:
+    engine = Singleflight(store=store_url, secret=SECRET)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def sqlite_sf(db_path: Path) -> Iterator[Singleflight]:
+    """An engine on an SQLite file with its key file beside it (file-level tests)."""
     engine = Singleflight(db_path)
     yield engine
     engine.close()

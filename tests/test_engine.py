@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from _backdoor import lease_expiries
 from singleflight_agents import (
     ExecutionOutcome,
     Singleflight,
@@ -320,15 +321,14 @@ def test_ttl_expiry_re_executes(sf: Singleflight, monkeypatch: pytest.MonkeyPatc
     assert sf.execute_sync(str, "a", options=options).source is Source.EXECUTED
 
 
-def test_heartbeat_renews_the_lease_of_a_slow_tool(sf: Singleflight, db_path: Path) -> None:
+def test_heartbeat_renews_the_lease_of_a_slow_tool(sf: Singleflight) -> None:
     renewals = []
 
     def slow(x: int) -> int:
-        db = sqlite3.connect(db_path)
-        seen = set()
+        seen: set[float] = set()
         deadline = time.monotonic() + 10
         while len(seen) < 3 and time.monotonic() < deadline:  # three distinct expiry times
-            seen.update(row[0] for row in db.execute("SELECT expires_at FROM leases"))
+            seen.update(lease_expiries(sf.store))
             time.sleep(0.01)
         renewals.extend(sorted(seen))
         return x
@@ -338,7 +338,8 @@ def test_heartbeat_renews_the_lease_of_a_slow_tool(sf: Singleflight, db_path: Pa
     assert len(renewals) >= 3, "the lease was not renewed while the tool ran"
 
 
-def test_cache_hits_do_not_write_statistics(sf: Singleflight, db_path: Path) -> None:
+def test_cache_hits_do_not_write_statistics(sqlite_sf: Singleflight, db_path: Path) -> None:
+    sf = sqlite_sf
     sf.execute_sync(str, "warm", options=SHARED)
     sf.flush_stats()
     db = sqlite3.connect(db_path)
@@ -463,7 +464,8 @@ def test_a_tools_stop_iteration_reaches_the_caller_unchanged(sf: Singleflight) -
         sf.execute_sync(tool, 1, options=SHARED.replace(deterministic=False))
 
 
-def test_a_failing_store_falls_back_to_executing(sf: Singleflight, db_path: Path) -> None:
+def test_a_failing_store_falls_back_to_executing(sqlite_sf: Singleflight, db_path: Path) -> None:
+    sf = sqlite_sf
     import shutil
 
     shutil.rmtree(f"{db_path}.locks")  # lock files can no longer be made

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from _backdoor import edit_receipts, swap_receipts
 from singleflight_agents import Singleflight, Source, StoreError, ToolExecutionOptions
 from singleflight_agents.store import SQLiteStore, open_store, sqlite_path
 
@@ -40,10 +41,9 @@ def _edit(db_path: Path, sql: str, *params: object) -> None:
         ("key_id", "0" * 16),
     ],
 )
-def test_an_edited_receipt_is_never_served(sf: Singleflight, db_path: Path, column: str,
-                                           value: object) -> None:
+def test_an_edited_receipt_is_never_served(sf: Singleflight, column: str, value: object) -> None:
     sf.execute_sync(_tool, 1, options=SHARED)
-    _edit(db_path, f"UPDATE receipts SET {column} = ?", value)
+    edit_receipts(sf.store, column, value)
     with pytest.warns(RuntimeWarning, match="signature check"):
         outcome = sf.execute_sync(_tool, 1, options=SHARED)
     assert outcome.source is Source.EXECUTED and outcome.value == {"x": 1}
@@ -52,24 +52,19 @@ def test_an_edited_receipt_is_never_served(sf: Singleflight, db_path: Path, colu
     assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT
 
 
-def test_swapped_fingerprints_are_not_served(sf: Singleflight, db_path: Path) -> None:
-    sf.execute_sync(_tool, 1, options=SHARED)
-    sf.execute_sync(_tool, 2, options=SHARED)
-    db = sqlite3.connect(db_path)
-    rows = db.execute("SELECT fingerprint FROM receipts ORDER BY fingerprint").fetchall()
-    with db:
-        db.execute("UPDATE receipts SET fingerprint = 'tmp' WHERE fingerprint = ?", rows[0])
-        db.execute("UPDATE receipts SET fingerprint = ? WHERE fingerprint = ?", (rows[0][0], rows[1][0]))
-        db.execute("UPDATE receipts SET fingerprint = ? WHERE fingerprint = 'tmp'", rows[1])
+def test_swapped_receipts_are_not_served(sf: Singleflight) -> None:
+    first = sf.execute_sync(_tool, 1, options=SHARED).fingerprint
+    second = sf.execute_sync(_tool, 2, options=SHARED).fingerprint
+    swap_receipts(sf.store, first, second)
     with pytest.warns(RuntimeWarning):
         assert sf.execute_sync(_tool, 1, options=SHARED).value == {"x": 1}
         assert sf.execute_sync(_tool, 2, options=SHARED).value == {"x": 2}
 
 
-def test_another_key_is_a_miss_not_a_hit(db_path: Path) -> None:
-    with Singleflight(db_path, secret="a" * 32) as first:
+def test_another_key_is_a_miss_not_a_hit(store_url: str) -> None:
+    with Singleflight(store=store_url, secret="a" * 32) as first:
         first.execute_sync(_tool, 1, options=SHARED)
-    with Singleflight(db_path, secret="b" * 32) as second, pytest.warns(RuntimeWarning):
+    with Singleflight(store=store_url, secret="b" * 32) as second, pytest.warns(RuntimeWarning):
         assert second.execute_sync(_tool, 1, options=SHARED).source is Source.EXECUTED
 
 
@@ -82,7 +77,9 @@ def test_secret_from_environment(db_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT
 
 
-def test_files_are_private_and_the_key_is_not_in_the_store(sf: Singleflight, db_path: Path) -> None:
+def test_files_are_private_and_the_key_is_not_in_the_store(sqlite_sf: Singleflight,
+                                                           db_path: Path) -> None:
+    sf = sqlite_sf
     sf.execute_sync(_tool, 1, options=SHARED)
     key_file = Path(f"{db_path}.key")
     for path in (db_path, key_file, Path(f"{db_path}-wal")):
@@ -185,10 +182,10 @@ def test_a_symlinked_key_file_is_refused(db_path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("column", "value"), [
     ("token", "x"), ("latency_ms", None), ("expires_at", "soon"), ("created_at", None)])
-def test_a_receipt_with_malformed_fields_is_a_miss(sf: Singleflight, db_path: Path, column: str,
+def test_a_receipt_with_malformed_fields_is_a_miss(sf: Singleflight, column: str,
                                                    value: object) -> None:
     sf.execute_sync(_tool, 1, options=SHARED)
-    _edit(db_path, f"UPDATE receipts SET {column} = ?", value)
+    edit_receipts(sf.store, column, value)
     with pytest.warns(RuntimeWarning, match="signature check"):
         assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.EXECUTED
     assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT

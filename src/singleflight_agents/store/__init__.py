@@ -29,13 +29,25 @@ def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
         return Path(path[1:])
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise StoreError(f"store URL {text!r}: unknown scheme {scheme!r}; use a file path or "
-                         f"sqlite:///path")
+        raise StoreError(f"store URL {text!r}: unknown scheme {scheme!r}; use a file path, "
+                         f"sqlite:///path or redis://host:port/db")
     if not text.strip():
         raise StoreError("store path is empty; pass a file path such as .singleflight/receipts.db")
     return Path(text)
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:
-    """The store for ``url`` (see :func:`sqlite_path`); created if missing."""
+    """The store for ``url``: ``redis://``, ``rediss://`` and ``unix://`` URLs open a
+    :class:`RedisStore` (extra ``[redis]``), anything else an SQLite file (see
+    :func:`sqlite_path`), created if missing."""
+    if isinstance(url, str) and url.startswith(REDIS_SCHEMES):
+        try:
+            from .redis import RedisStore
+        except ImportError:
+            raise StoreError(f"store URL {url.split('@')[-1]!r} needs the redis client: "
+                             f"pip install 'singleflight-agents[redis]'") from None
+        return RedisStore(url)
     return SQLiteStore(sqlite_path(url))

@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from ..models import Receipt
+from ..models import Receipt, StoreError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound="ReceiptStore")
+
+
+def translating(
+    *errors: type[BaseException],
+) -> Callable[[Callable[Concatenate[S, P], R]], Callable[Concatenate[S, P], R]]:
+    """Decorator for store methods: the backend's ``errors`` leave as :class:`StoreError`
+    naming the store, which the engine knows how to handle (fall back, warn)."""
+
+    def decorate(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+        @functools.wraps(method)
+        def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return method(self, *args, **kwargs)
+            except errors as exc:
+                raise StoreError(f"store {self.url}: {exc}") from exc
+
+        return wrapper
+
+    return decorate
 
 # Plain classes, not dataclasses: each dataclass costs milliseconds at import.
 

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
 
 from ..models import Receipt, StoreError
-from .base import Busy, Failure, Lease, ReceiptStore
+from .base import Busy, Failure, Lease, ReceiptStore, translating
 
-P = ParamSpec("P")
-R = TypeVar("R")
 SCHEMA_VERSION = 1
 _RECEIPT_COLUMNS = (
     "fingerprint, tool_name, namespace, scope, version, inputs, inputs_sha256, codec, output, "
@@ -129,19 +125,7 @@ class _KeyLocks:
         return removed
 
 
-def _translated(
-    method: Callable[Concatenate[SQLiteStore, P], R],
-) -> Callable[Concatenate[SQLiteStore, P], R]:
-    """sqlite3 and OS errors leave the store as StoreError, which the engine handles."""
-
-    @functools.wraps(method)
-    def wrapper(self: SQLiteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(self, *args, **kwargs)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"store {self.path}: {exc}") from exc
-
-    return wrapper
+_translated = translating(sqlite3.Error, OSError)
 
 
 class SQLiteStore(ReceiptStore):

@@ -1,0 +1,272 @@
+"""The Redis store: one deduplication domain for many machines (extra ``[redis]``).
+
+Every key lives under one prefix (``?prefix=`` in the URL, default ``singleflight:``):
+
+- ``{prefix}r:{fingerprint}``: the receipt, a hash, expiring with the receipt (PEXPIREAT);
+- ``{prefix}l:{fingerprint}``: the lease, a hash (state, token, owner, expires in ms,
+  error), changed only by Lua scripts so every check-and-act is one step;
+- ``{prefix}token``: the fencing counter (INCR), so tokens only grow;
+- ``{prefix}w:{fingerprint}``: the pub/sub channel a holder publishes on when it
+  finishes, fails or gives up; ``{prefix}s:{run}`` and ``{prefix}runs``: statistics.
+
+Waiters are woken by pub/sub; a lost message or a dead holder (who never publishes) is
+covered by re-checking the lease at most every second and when it lapses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+
+from ..models import Receipt, StoreError
+from .base import Busy, Failure, Lease, ReceiptStore, translating
+
+_NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+_ACQUIRE = _NOW_MS + """
+local lease = redis.call('HMGET', KEYS[1], 'state', 'expires', 'token')
+local takeover = 0
+if lease[1] == 'held' then
+  if tonumber(lease[2]) > now then return {0, tonumber(lease[3])} end
+  takeover = 1
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'state', 'held', 'token', token, 'owner', ARGV[1],
+           'expires', now + tonumber(ARGV[2]), 'error_type', '', 'error_message', '')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, token, takeover}
+"""
+_RENEW = _NOW_MS + """
+local lease = redis.call('HMGET', KEYS[1], 'state', 'token')
+if lease[1] ~= 'held' or lease[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'expires', now + tonumber(ARGV[2]))
+return 1
+"""
+_RELEASE = _NOW_MS + """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'expires', now, 'error_type', ARGV[3],
+           'error_message', ARGV[4])
+redis.call('PUBLISH', ARGV[5], '1')
+return 1
+"""
+_PUT = """
+local lease = redis.call('HMGET', KEYS[1], 'state', 'token')
+if lease[1] ~= 'held' or lease[2] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'done')
+redis.call('PUBLISH', ARGV[3], '1')
+return 1
+"""
+_LEASE_RETENTION_MS = 24 * 3600 * 1000  # a lease hash outlives any holder, then goes
+_RECHECK_SECONDS = 1.0
+_FLOATS = {"created_at", "expires_at", "latency_ms", "cost_usd"}
+_FIELDS = tuple(Receipt.__dataclass_fields__)
+translated = translating(redis.RedisError)
+
+
+def _receipt(fields: Mapping[str, str]) -> Receipt:
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        raw = values[name] = fields.get(name)  # an absent "inputs" is None (not stored)
+        convert = float if name in _FLOATS else int if name == "token" else None
+        if convert is not None and raw is not None:
+            try:
+                values[name] = convert(raw)
+            except ValueError:
+                pass  # edited in the store: left as found, so its signature check fails
+    return Receipt(**values)
+
+
+class RedisStore(ReceiptStore):
+    """A :class:`ReceiptStore` on a Redis server; see the module docstring."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.prefix = query.pop("prefix", "singleflight") + ":"
+        client_url = urlunsplit(parts._replace(query=urlencode(query)))
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2])  # no password in messages
+        self.url = urlunsplit(shown)
+        try:
+            # Typed Any: redis-py's stubs cannot express decode_responses=True (str, not bytes).
+            self._redis: Any = redis.Redis.from_url(client_url, decode_responses=True,
+                                                    socket_timeout=10, socket_connect_timeout=5)
+            self._redis.ping()
+        except (redis.RedisError, ValueError) as exc:
+            raise StoreError(f"cannot reach Redis at {self.url}: {exc}; start it or pass "
+                             f"another store URL") from None
+        kwargs = self._redis.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        self.identity = f"redis:{where}/{kwargs.get('db', 0)}/{self.prefix}"
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._put = self._redis.register_script(_PUT)
+        self._wake: dict[str, threading.Event] = {}
+        self._wake_lock = threading.Lock()
+        self._listener: tuple[int, Any] | None = None  # (pid, pubsub worker thread)
+
+    def _key(self, kind: str, key: str) -> str:
+        return f"{self.prefix}{kind}:{key}"
+
+    # -- receipts and leases --------------------------------------------------------
+
+    @translated
+    def get(self, key: str) -> Receipt | None:
+        fields = self._redis.hgetall(self._key("r", key))
+        return _receipt(fields) if fields else None
+
+    @translated
+    def acquire(self, key: str, owner: str, lease_seconds: float) -> Lease | Busy:
+        result = self._acquire(keys=[self._key("l", key), f"{self.prefix}token"],
+                               args=[owner, int(lease_seconds * 1000), _LEASE_RETENTION_MS])
+        if result[0] == 0:
+            return Busy(since_token=int(result[1]))
+        return Lease(key, int(result[1]), owner, lease_seconds, bool(result[2]))
+
+    @translated
+    def renew(self, lease: Lease) -> bool:
+        return bool(self._renew(keys=[self._key("l", lease.key)],
+                                args=[lease.token, int(lease.lease_seconds * 1000)]))
+
+    @translated
+    def release(self, lease: Lease, failure: tuple[str, str] | None = None) -> None:
+        error_type, message = failure or ("", "")
+        self._release(keys=[self._key("l", lease.key)],
+                      args=[lease.token, "failed" if failure else "released", error_type,
+                            message, self._key("w", lease.key)])
+
+    @translated
+    def put(self, receipt: Receipt, lease: Lease) -> bool:
+        fields: list[Any] = []
+        for name in _FIELDS:
+            value = getattr(receipt, name)
+            if value is not None:
+                fields += [name, repr(value) if type(value) is float else value]
+        return bool(self._put(
+            keys=[self._key("l", lease.key), self._key("r", lease.key)],
+            args=[lease.token, int(receipt.expires_at * 1000), self._key("w", lease.key),
+                  *fields]))
+
+    @translated
+    def last_failure(self, key: str) -> Failure | None:
+        state, token, error_type, message = self._redis.hmget(
+            self._key("l", key), ["state", "token", "error_type", "error_message"])
+        return Failure(int(token), error_type, message) if state == "failed" else None
+
+    @translated
+    def wait(self, key: str, timeout: float) -> None:
+        event = threading.Event()
+        with self._wake_lock:
+            self._ensure_listener()
+            self._wake[key] = event
+        try:
+            # Checked after subscribing, so a holder finishing meanwhile is not missed.
+            state, expires = self._redis.hmget(self._key("l", key), ["state", "expires"])
+            if state != "held":
+                return
+            lapses_in = max(0.0, int(expires) / 1000 - time.time()) + 0.05
+            event.wait(min(timeout, _RECHECK_SECONDS, lapses_in))
+        finally:
+            with self._wake_lock:
+                if self._wake.get(key) is event:
+                    del self._wake[key]
+
+    def _ensure_listener(self) -> None:
+        if self._listener is not None and self._listener[0] == os.getpid():
+            return
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.psubscribe(**{f"{self.prefix}w:*": self._on_wake})
+        worker = pubsub.run_in_thread(sleep_time=1.0, daemon=True,
+                                      exception_handler=_keep_listening)
+        self._listener = (os.getpid(), worker)
+
+    def _on_wake(self, message: Mapping[str, Any]) -> None:
+        key = str(message["channel"]).rpartition(":")[2]
+        with self._wake_lock:
+            event = self._wake.get(key)
+        if event is not None:
+            event.set()
+
+    # -- statistics -----------------------------------------------------------------
+
+    @translated
+    def save_stats(
+        self, run_id: str, process_id: str, counters: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        pipe = self._redis.pipeline()
+        pipe.hset(f"{self.prefix}s:{run_id}", mapping={
+            f"{process_id}\x1f{tool}": json.dumps(dict(values), sort_keys=True)
+            for tool, values in counters.items()})
+        pipe.zadd(f"{self.prefix}runs", {run_id: time.time()})
+        pipe.execute()
+
+    @translated
+    def load_stats(self, run_id: str | None) -> list[tuple[str, str, dict[str, float]]]:
+        runs = [run_id] if run_id else self._redis.zrange(f"{self.prefix}runs", 0, -1)
+        rows = []
+        for run in runs:
+            for field, counters in self._redis.hgetall(f"{self.prefix}s:{run}").items():
+                rows.append((run, field.partition("\x1f")[2], json.loads(counters)))
+        return rows
+
+    @translated
+    def latest_run(self) -> str | None:
+        latest = self._redis.zrange(f"{self.prefix}runs", -1, -1)
+        return latest[0] if latest else None
+
+    # -- maintenance ----------------------------------------------------------------
+
+    @translated
+    def iter_receipts(self) -> Iterator[Receipt]:
+        receipts = []
+        for name in self._redis.scan_iter(match=f"{self.prefix}r:*", count=500):
+            fields = self._redis.hgetall(name)
+            if fields:
+                receipts.append(_receipt(fields))
+        receipts.sort(key=lambda r: (r.tool_name, r.fingerprint))
+        return iter(receipts)
+
+    @translated
+    def import_receipt(self, receipt: Receipt) -> None:
+        name = self._key("r", receipt.fingerprint)
+        pipe = self._redis.pipeline()
+        pipe.delete(name)
+        pipe.hset(name, mapping={k: (repr(v) if type(v) is float else v)
+                                 for k, v in receipt.to_dict().items() if v is not None})
+        pipe.pexpireat(name, int(receipt.expires_at * 1000))
+        pipe.execute()
+
+    @translated
+    def prune(self, now: float) -> dict[str, int]:
+        # Receipts expire by themselves; leases go once finished or silent for an hour.
+        leases = 0
+        for name in self._redis.scan_iter(match=f"{self.prefix}l:*", count=500):
+            state, expires = self._redis.hmget(name, ["state", "expires"])
+            if state != "held" or int(expires or 0) < (now - 3600) * 1000:
+                leases += self._redis.delete(name)
+        return {"receipts": 0, "leases": leases, "lock_files": 0}
+
+    @translated
+    def check(self) -> list[str]:
+        return [] if self._redis.ping() else [f"{self.url}: no answer to PING"]
+
+    def close(self) -> None:
+        if self._listener is not None and self._listener[0] == os.getpid():
+            self._listener[1].stop()
+        self._listener = None
+        self._redis.close()
+
+
+def _keep_listening(error: BaseException, pubsub: Any, worker: Any) -> None:
+    # The connection dropped: waiters fall back on their bounded re-check meanwhile.
+    # redis-py reconnects and subscribes again on its next read.
+    time.sleep(0.5)
