@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from _backdoor import lease_expiries
+
 from singleflight_agents import (
     ExecutionOutcome,
     Singleflight,

@@ -8,8 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from _backdoor import edit_receipts, swap_receipts
+
 from singleflight_agents import Singleflight, Source, StoreError, ToolExecutionOptions
 from singleflight_agents.store import SQLiteStore, open_store, sqlite_path
 

@@ -15,6 +15,7 @@ covered by re-checking the lease at most every second and when it lapses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -78,10 +79,9 @@ def _receipt(fields: Mapping[str, str]) -> Receipt:
         raw = values[name] = fields.get(name)  # an absent "inputs" is None (not stored)
         convert = float if name in _FLOATS else int if name == "token" else None
         if convert is not None and raw is not None:
-            try:
+            # A value edited into nonsense is left as found: its signature check fails.
+            with contextlib.suppress(ValueError):
                 values[name] = convert(raw)
-            except ValueError:
-                pass  # edited in the store: left as found, so its signature check fails
     return Receipt(**values)
 
 
