@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SECRET
 
 from singleflight_agents import Singleflight, ToolExecutionOptions
 from singleflight_agents.cli import main
@@ -145,3 +146,26 @@ def test_bad_arguments_exit_2_without_a_traceback() -> None:
     result = subprocess.run([sys.executable, "-m", "singleflight_agents", "summary", "--bogus"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_summary_verify_export_on_both_stores(store_url: str, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINGLEFLIGHT_SECRET", SECRET)
+    with Singleflight(store=store_url, run_id="cli-run") as sf:
+        for email in ("a@x", "b@x", "a@x"):
+            sf.execute_sync(str.upper, email, options=SHARED)
+    assert main(["summary", "--db", store_url, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["run_id"], data["calls"], data["unique_executions"]) == ("cli-run", 3, 2)
+    assert main(["verify", "--db", store_url]) == 0
+    assert "ok: 2 of 2 receipts verified" in capsys.readouterr().out
+    assert main(["export", "--db", store_url]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["prune", "--db", store_url]) == 0
+
+
+def test_a_short_secret_is_one_line(filled: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINGLEFLIGHT_SECRET", "short")
+    assert main(["verify", "--db", str(filled)]) == 2
+    assert "shorter than 16 bytes" in capsys.readouterr().err

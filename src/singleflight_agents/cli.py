@@ -25,7 +25,7 @@ from .models import Receipt, SingleflightError
 from .reporting import format_json, format_markdown, format_summary
 from .signing import Signer, key_path_for, load_key
 from .stats import summarize
-from .store import DEFAULT_PATH, SQLiteStore, sqlite_path
+from .store import DEFAULT_PATH, REDIS_SCHEMES, ReceiptStore, SQLiteStore, open_store, sqlite_path
 
 PROG = "singleflight-agents"
 _FIELDS = [f.name for f in dataclasses.fields(Receipt)]
@@ -38,7 +38,7 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     db = argparse.ArgumentParser(add_help=False)
     db.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
-                    help=f"store path or sqlite:/// URL (default: {DEFAULT_PATH})")
+                    help=f"store path, sqlite:/// or redis:// URL (default: {DEFAULT_PATH})")
     parser = argparse.ArgumentParser(prog=PROG, parents=[db], description=(
         "Exactly-once, signed, shareable tool calls for AI agents. The signing key comes from "
         "$SINGLEFLIGHT_SECRET or the key file beside the store."))
@@ -76,23 +76,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _is_redis(db: str | None) -> bool:
+    return db is not None and db.startswith(REDIS_SCHEMES)
+
+
 @contextmanager
-def _existing_store(db: str | None) -> Iterator[SQLiteStore]:
-    path = sqlite_path(db)
-    if not path.is_file():
-        raise UsageError(f"no store at {path}; pass --db with the path of an existing store")
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise UsageError(f"store {path} is not readable and writable by this user; fix its "
-                         f"permissions")
-    store = SQLiteStore(path)
+def _existing_store(db: str | None) -> Iterator[ReceiptStore]:
+    if _is_redis(db):
+        store: ReceiptStore = open_store(db)
+    else:
+        path = sqlite_path(db)
+        if not path.is_file():
+            raise UsageError(f"no store at {path}; pass --db with the path of an existing store")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UsageError(f"store {path} is not readable and writable by this user; fix its "
+                             f"permissions")
+        store = SQLiteStore(path)
     try:
         yield store
     finally:
         store.close()
 
 
-def _signer(store: SQLiteStore) -> Signer:
-    return Signer(load_key(None, key_path_for(store.path), create=False))
+def _signer(store: ReceiptStore) -> Signer:
+    key_path = key_path_for(store.path) if isinstance(store, SQLiteStore) else None
+    return Signer(load_key(None, key_path, create=False))
 
 
 def _demo(args: argparse.Namespace, db: str | None) -> int:
@@ -131,7 +139,7 @@ def _verify(args: argparse.Namespace, db: str | None) -> int:
                 problems.append(f"{receipt.tool_name} {receipt.fingerprint[:16]}: signature "
                                 f"mismatch (edited after it was signed)")
     if total and foreign == total:
-        raise UsageError(f"every receipt in {store.path} was signed with another key than "
+        raise UsageError(f"every receipt in {store.url} was signed with another key than "
                          f"key id {signer.key_id}; set SINGLEFLIGHT_SECRET to the secret that "
                          f"signed them")
     for problem in problems:
@@ -166,11 +174,12 @@ def _self_check(signer: Signer) -> list[str]:
 
 def _prune(args: argparse.Namespace, db: str | None) -> int:
     with _existing_store(db) as store:
-        before = store.path.stat().st_size
+        path = store.path if isinstance(store, SQLiteStore) else None
+        before = path.stat().st_size if path else 0
         removed = store.prune(time.time())
-        after = store.path.stat().st_size
+        size = f"; {before} -> {path.stat().st_size} bytes" if path else ""
     print(f"pruned {removed['receipts']} expired receipts, {removed['leases']} finished "
-          f"leases, {removed['lock_files']} stale lock files; {before} -> {after} bytes")
+          f"leases, {removed['lock_files']} stale lock files{size}")
     return 0
 
 
@@ -205,7 +214,8 @@ def _import(args: argparse.Namespace, db: str | None) -> int:
     else:
         with open(args.file) as handle:
             receipts = _read_receipts(handle, args.file)
-    with _existing_store(db) if Path(sqlite_path(db)).exists() else _new_store(db) as store:
+    existing = _is_redis(db) or sqlite_path(db).exists()
+    with _existing_store(db) if existing else _new_store(db) as store:
         signer = _signer(store)
         rejected = 0
         for receipt in receipts:
@@ -220,9 +230,8 @@ def _import(args: argparse.Namespace, db: str | None) -> int:
 
 
 @contextmanager
-def _new_store(db: str | None) -> Iterator[SQLiteStore]:
+def _new_store(db: str | None) -> Iterator[ReceiptStore]:
     with Singleflight(db) as sf:  # creates the store and its key file
-        assert isinstance(sf.store, SQLiteStore)
         yield sf.store
 
 

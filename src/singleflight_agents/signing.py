@@ -55,10 +55,15 @@ def key_path_for(db_path: Path) -> Path:
 
 def load_key(secret: str | bytes | None, key_path: Path | None, create: bool = True) -> bytes:
     """The signing key, from the first source that has one; ``create`` makes the key file."""
+    source = "secret="
     if secret is None:
-        secret = os.environ.get(ENV_SECRET) or None
+        secret, source = os.environ.get(ENV_SECRET) or None, f"${ENV_SECRET}"
     if secret is not None:
-        return secret.encode() if isinstance(secret, str) else secret
+        key = secret.encode() if isinstance(secret, str) else secret
+        if len(key) < 16:
+            raise StoreError(f"the signing secret from {source} is shorter than 16 bytes; "
+                             f"use a long random one")
+        return key
     if key_path is None:
         raise StoreError(f"no signing key: pass secret= or set {ENV_SECRET}")
     if not create and not key_path.exists():
