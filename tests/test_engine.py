@@ -492,3 +492,33 @@ def test_counts_are_kept_when_an_engine_is_dropped_without_close(db_path: Path) 
     gc.collect()
     with Singleflight(db_path) as reader:
         assert reader.summary("dropped")["calls"] == 10
+
+
+def test_a_tool_calling_itself_with_the_same_arguments_does_not_wait_for_itself(
+        sf: Singleflight) -> None:
+    options = SHARED.replace(tool_name="t.recursive", wait_timeout_seconds=30)
+    depth = []
+
+    def recursive(x: int) -> int:
+        depth.append(x)
+        if len(depth) == 1:
+            return sf.execute_sync(recursive, x, options=options).value + 1
+        return x
+
+    with pytest.warns(RuntimeWarning, match="called again"):
+        assert sf.execute_sync(recursive, 1, options=options).value == 2
+    assert len(depth) == 2
+
+
+async def test_an_async_tool_calling_itself_does_not_wait_for_itself(sf: Singleflight) -> None:
+    options = SHARED.replace(tool_name="t.recursive_async", wait_timeout_seconds=30)
+    depth = []
+
+    async def recursive(x: int) -> int:
+        depth.append(x)
+        if len(depth) == 1:
+            return (await sf.execute(recursive, x, options=options)).value + 1
+        return x
+
+    with pytest.warns(RuntimeWarning, match="called again"):
+        assert (await sf.execute(recursive, 1, options=options)).value == 2

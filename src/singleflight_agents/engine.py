@@ -116,6 +116,12 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def _current_task() -> object:
+    import asyncio
+
+    return asyncio.current_task()
+
+
 class Singleflight:
     """Deduplicates tool calls across tasks, threads and processes sharing one store.
 
@@ -266,6 +272,11 @@ class Singleflight:
                     result = await run_in_thread(self._own_sync, call, flight,
                                                  name="singleflight-owner")
                     return self._finish(call, result, started)
+                if flight.owner is not None and flight.owner is _current_task():
+                    self._note_fallback(call, "it was called again, with the same arguments, by "
+                                              "its own run")
+                    result = await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
+                    return self._finish(call, result, started)
                 try:
                     result = await wait_future(flight.future, call.options.wait_timeout_seconds)
                 except TimeoutError:
@@ -292,7 +303,9 @@ class Singleflight:
                 if owner:
                     return self._finish(call, self._own_sync(call, flight), started)
                 reason = None
-                if flight.loop is not None and flight.loop is _running_loop():
+                if flight.owner == threading.get_ident():
+                    reason = "it was called again, with the same arguments, by its own run"
+                elif flight.loop is not None and flight.loop is _running_loop():
                     reason = "its owner runs on the event loop this sync call blocks"
                 else:
                     try:
@@ -312,6 +325,7 @@ class Singleflight:
     # -- owning a flight ------------------------------------------------------------
 
     def _own_sync(self, call: _Call, flight: Flight) -> _Result:
+        flight.owner = threading.get_ident()
         try:
             result = self._drive_sync(call, self._resolve(call))
         except BaseException as exc:
@@ -324,6 +338,7 @@ class Singleflight:
         import asyncio
 
         flight.loop = asyncio.get_running_loop()
+        flight.owner = asyncio.current_task()
         try:
             result = await self._drive_async(call, self._resolve(call))
         except BaseException as exc:

@@ -20,7 +20,7 @@ ABANDONED = object()  # the owner was cancelled: a waiter should take the flight
 
 
 class Flight:
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "owner")
 
     def __init__(self) -> None:
         from concurrent.futures import Future
@@ -29,6 +29,9 @@ class Flight:
         # The event loop an async owner runs on: a sync waiter on that loop's thread
         # would block the very loop the owner needs.
         self.loop: asyncio.AbstractEventLoop | None = None
+        # The owning thread or task: a tool that calls itself with the same arguments
+        # would otherwise wait for itself.
+        self.owner: object = None
 
 
 class FlightTable:

@@ -18,7 +18,7 @@ import os
 import shlex
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,9 +128,22 @@ def singleflight(request: pytest.FixtureRequest) -> SingleflightFixture:
 
 
 @pytest.fixture(autouse=True)
-def _singleflight_patch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Apply the marker's ``patch=`` targets for this test (restored afterwards)."""
-    targets = [t for m in request.node.iter_markers("singleflight") for t in m.kwargs.get("patch", ())]
+def _singleflight_patch(request: pytest.FixtureRequest,
+                        monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Apply the marker's ``patch=`` targets for this test (restored afterwards), and
+    forget the test's outcomes when it ends (a rerun starts afresh)."""
+    targets = dict.fromkeys(  # one wrapper per target, however many markers name it
+        t for m in request.node.iter_markers("singleflight") for t in m.kwargs.get("patch", ()))
+    try:
+        _patch(request, monkeypatch, list(targets))
+        yield
+    finally:
+        if _TEST in request.node.stash:
+            del request.node.stash[_TEST]
+
+
+def _patch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+           targets: list[str]) -> None:
     if not targets:
         return
     fixture = _for_test(request.node)
