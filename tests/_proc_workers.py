@@ -1,9 +1,10 @@
 """Worker functions for ``test_processes.py``.
 
 They live in an importable module so that processes started with the "spawn" method
-can find them. Each real execution of a tool appends one line to a log file opened
-with ``O_APPEND`` (one ``write`` per line, so lines of several processes never mix):
-that is how the tests count executions across processes.
+can find them. Every worker gets the store URL (an SQLite path or a ``redis://`` URL)
+and the secret, and opens its own engine. Each real execution of a tool appends one
+line to a log file opened with ``O_APPEND`` (one ``write`` per line, so lines of
+several processes never mix): that is how the tests count executions across processes.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ import traceback
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from singleflight_agents import SharedExecutionError, Singleflight, ToolExecutionOptions
-from singleflight_agents.store import SQLiteStore
+from singleflight_agents import SharedExecutionError, Singleflight, StoreError, ToolExecutionOptions
+from singleflight_agents.store import REDIS_SCHEMES, ReceiptStore, SQLiteStore, sqlite_path
 
 # What `tool` does in this process; each worker sets it before calling.
-CONFIG: dict[str, Any] = {"log": None, "db": None, "behaviour": "return"}
+CONFIG: dict[str, Any] = {"log": None, "store": None, "behaviour": "return"}
+
+
+def is_redis(url: str) -> bool:
+    return url.startswith(REDIS_SCHEMES)
 
 
 # -- the execution log -------------------------------------------------------------
@@ -52,20 +58,77 @@ def read_log(log: str, tag: str = "run") -> list[tuple[int, str, float]]:
     return rows
 
 
+# -- raw looks at a store's leases, the same on both backends ----------------------
+
+
+def lease_rows(store: ReceiptStore) -> list[list[Any]]:
+    """``[fingerprint, token, state, expires (Unix seconds)]`` of every lease (what
+    ``_backdoor.lease_expiries`` reads, with the token and state beside it)."""
+    if isinstance(store, SQLiteStore):
+        conn = sqlite3.connect(store.path, timeout=30)
+        try:
+            rows = conn.execute("SELECT fingerprint, token, state, expires_at FROM leases").fetchall()
+        finally:
+            conn.close()
+        return [list(row) for row in rows]
+    client, prefix = store._redis, store.prefix  # type: ignore[attr-defined]
+    found = []
+    for name in client.scan_iter(match=f"{prefix}l:*"):
+        token, state, expires = client.hmget(name, ["token", "state", "expires"])
+        found.append([name.removeprefix(f"{prefix}l:"), int(token), state, int(expires) / 1000])
+    return found
+
+
+def steal_leases(store: ReceiptStore) -> int:
+    """Make every lease in the store takeable while its holder still runs, the one way
+    each backend can lose a live holder's lease: SQLite loses the lock file (deleted, as
+    a cleanup script might); Redis sees the lease lapse (as after a long pause of its
+    holder). Returns how many leases were stolen."""
+    if isinstance(store, SQLiteStore):
+        lock_files = list(Path(f"{store.path}.locks").iterdir())
+        for lock_file in lock_files:
+            lock_file.unlink()
+        return len(lock_files)
+    client, prefix = store._redis, store.prefix  # type: ignore[attr-defined]
+    names = list(client.scan_iter(match=f"{prefix}l:*"))
+    for name in names:
+        client.hset(name, "expires", 0)
+    return len(names)
+
+
 # -- a store that tells when its caller starts waiting for another process ---------
 
 
-class SignallingStore(SQLiteStore):
-    """An :class:`SQLiteStore` that sets ``waiting`` each time a caller blocks on another
+class _Signalling:
+    """Mixed into a store class: ``waiting`` is set each time a caller blocks on another
     process's lease (the one place a cross-process waiter goes to sleep)."""
 
-    def __init__(self, path: str, waiting: Any) -> None:
-        super().__init__(path)
-        self._waiting = waiting
+    _waiting: Any
 
     def wait(self, key: str, timeout: float) -> None:
         self._waiting.set()
-        super().wait(key, timeout)
+        super().wait(key, timeout)  # type: ignore[misc]
+
+
+def signalling_store(url: str, waiting: Any) -> ReceiptStore:
+    """The store ``url`` names, of a subclass whose ``wait`` sets ``waiting`` first."""
+    base: type[ReceiptStore]
+    if is_redis(url):
+        from singleflight_agents.store.redis import RedisStore
+
+        base, arg = RedisStore, url
+    else:
+        base, arg = SQLiteStore, str(sqlite_path(url))
+    cls = type(f"Signalling{base.__name__}", (_Signalling, base), {})
+    store: Any = cls(arg)
+    store._waiting = waiting
+    return store  # type: ignore[no-any-return]
+
+
+def open_engine(spec: dict[str, Any], waiting: Any = None, run_id: str | None = None) -> Singleflight:
+    store: str | ReceiptStore = (spec["store"] if waiting is None
+                                 else signalling_store(spec["store"], waiting))
+    return Singleflight(store=store, secret=spec["secret"], run_id=run_id)
 
 
 # -- tools -------------------------------------------------------------------------
@@ -85,15 +148,6 @@ async def grid_async(key: str) -> dict[str, Any]:
     return {"key": key, "upper": key.upper(), "by": os.getpid()}
 
 
-def _lease_rows(db: str) -> list[list[Any]]:
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        rows = conn.execute("SELECT fingerprint, token, state, expires_at FROM leases").fetchall()
-    finally:
-        conn.close()
-    return [list(row) for row in rows]
-
-
 def tool(key: str) -> dict[str, Any]:
     """Behaves as ``CONFIG["behaviour"]`` says; always logs its start first."""
     behaviour = CONFIG["behaviour"]
@@ -105,9 +159,9 @@ def tool(key: str) -> dict[str, Any]:
     if behaviour == "block":  # until killed
         threading.Event().wait()
     elif behaviour == "slow":  # simulated work ~3x longer than the lease
-        extra["lease_at_start"] = _lease_rows(CONFIG["db"])
+        extra["lease_at_start"] = lease_rows(CONFIG["store"])
         time.sleep(CONFIG["work_seconds"])
-        extra["lease_at_end"] = _lease_rows(CONFIG["db"])
+        extra["lease_at_end"] = lease_rows(CONFIG["store"])
         extra["end"] = time.time()
     elif behaviour == "gate":  # until the test opens the gate
         if not CONFIG["go"].wait(30):
@@ -135,15 +189,15 @@ def _report(queue: Any, body: Callable[[dict[str, Any]], None]) -> None:
     queue.put(out)
 
 
-def grid_worker(idx: int, db: str, log: str, keys: list[str], mode: str, barrier: Any,
+def grid_worker(idx: int, spec: dict[str, Any], keys: list[str], mode: str, barrier: Any,
                 queue: Any) -> None:
     """Call every key concurrently (asyncio tasks or threads) once the barrier opens."""
-    CONFIG.update(log=log, db=db)
+    CONFIG.update(log=spec["log"])
 
     def body(out: dict[str, Any]) -> None:
         out["idx"] = idx
         barrier.wait(60)
-        sf = Singleflight(db, run_id="grid")  # 8 processes open the fresh store at once
+        sf = open_engine(spec, run_id="grid")  # on SQLite, 8 processes open a fresh file at once
         opts = ToolExecutionOptions(tool_name=GRID_TOOL, deterministic=True)
         order = keys[idx % len(keys):] + keys[: idx % len(keys)]
         if mode == "async":
@@ -165,12 +219,12 @@ def grid_worker(idx: int, db: str, log: str, keys: list[str], mode: str, barrier
 def call_worker(spec: dict[str, Any], queue: Any, started: Any = None, go: Any = None,
                 waiting: Any = None, barrier: Any = None) -> None:
     """One ``execute_sync`` of ``tool(spec["key"])``; reports outcome, error and times."""
-    CONFIG.update(log=spec["log"], db=spec["db"], behaviour=spec["behaviour"], started=started,
-                  go=go, work_seconds=spec.get("work_seconds", 1.0), t_raise=None)
+    CONFIG.update(log=spec["log"], behaviour=spec["behaviour"], started=started, go=go,
+                  work_seconds=spec.get("work_seconds", 1.0), t_raise=None)
 
     def body(out: dict[str, Any]) -> None:
-        sf = (Singleflight(store=SignallingStore(spec["db"], waiting)) if waiting is not None
-              else Singleflight(spec["db"]))
+        sf = open_engine(spec, waiting)
+        CONFIG["store"] = sf.store
         opts = ToolExecutionOptions(tool_name=spec.get("tool_name", "procs.tool"),
                                     deterministic=True, **spec.get("options", {}))
         if barrier is not None:
@@ -189,7 +243,10 @@ def call_worker(spec: dict[str, Any], queue: Any, started: Any = None, go: Any =
                        receipt_token=outcome.receipt.token if outcome.receipt else None)
         out["t_done"] = time.time()
         out["t_raise"] = CONFIG["t_raise"]
-        sf.close()
+        try:
+            sf.close()
+        except StoreError as exc:  # a store lost mid-run (test_redis_faults.py): reported
+            out["close_error"] = str(exc)
 
     _report(queue, body)
 

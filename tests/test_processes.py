@@ -1,10 +1,10 @@
-"""Real processes sharing one SQLite store: dedupe, slow and killed holders, failure
-fan-out, fencing, and a forked child.
+"""Real processes sharing one store, on each backend (an SQLite file, then a Redis
+prefix): dedupe, slow and killed holders, failure fan-out, fencing, and a forked child.
 
 Every execution appends a line to a log file opened with O_APPEND (see
 ``_proc_workers.py``); the tests count executions there. Processes are synchronised
 with multiprocessing events and barriers, never with sleeps (sleeps appear only inside
-tools, as simulated work).
+tools, as simulated work). Each worker process gets the store URL and the secret.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Any
 
 import _proc_workers as workers
 import pytest
+from conftest import SECRET
 
 from singleflight_agents import Receipt, Singleflight, Source, ToolExecutionOptions
-from singleflight_agents.store import SQLiteStore
+from singleflight_agents.store import SQLiteStore, open_store
 from singleflight_agents.store.base import Busy, Lease
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -46,8 +47,10 @@ def procs() -> Iterator[list[Any]]:
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> dict[str, str]:
-    return {"db": str(tmp_path / "receipts.db"), "log": str(tmp_path / "executions.log")}
+def env(store_url: str, tmp_path: Path) -> dict[str, str]:
+    """What every worker needs: the store URL (SQLite path or Redis URL with a prefix of
+    this test's own), the secret, and the execution log."""
+    return {"store": store_url, "secret": SECRET, "log": str(tmp_path / "executions.log")}
 
 
 def _start(procs: list[Any], ctx: Any, target: Callable[..., None], *args: Any) -> Any:
@@ -69,23 +72,28 @@ def _wait_for(event: Any, what: str) -> None:
     assert event.wait(SIGNAL_TIMEOUT), f"timed out waiting for {what}"
 
 
-def _spec(paths: dict[str, str], key: str, behaviour: str, **extra: Any) -> dict[str, Any]:
-    return {"db": paths["db"], "log": paths["log"], "key": key, "behaviour": behaviour, **extra}
+def _spec(env: dict[str, str], key: str, behaviour: str, **extra: Any) -> dict[str, Any]:
+    return {**env, "key": key, "behaviour": behaviour, **extra}
+
+
+def _engine(env: dict[str, str], **kwargs: Any) -> Singleflight:
+    return Singleflight(store=env["store"], secret=env["secret"], **kwargs)
 
 
 # -- 1. many processes, many keys --------------------------------------------------------
 
 
-def test_8_processes_20_keys_execute_each_key_once(paths: dict[str, str], procs: list[Any]) -> None:
+def test_8_processes_20_keys_execute_each_key_once(env: dict[str, str], procs: list[Any]) -> None:
     keys = [f"k{i:02d}" for i in range(20)]
-    # No store file yet: the 8 processes also race to create the schema and switch the
-    # fresh file to WAL (the race test_opening_a_fresh_store_waits_for_a_concurrent_writer
-    # pins down deterministically).
+    # On SQLite there is no store file yet: the 8 processes also race to create the
+    # schema and switch the fresh file to WAL (the race
+    # test_opening_a_fresh_store_waits_for_a_concurrent_writer pins down
+    # deterministically). On Redis the prefix is fresh: no token counter yet.
     barrier, queue = SPAWN.Barrier(8), SPAWN.Queue()
     for idx in range(8):
         # half the processes call from asyncio tasks, half from threads: the async and
         # the sync implementation share one tool name, so they share executions too
-        _start(procs, SPAWN, workers.grid_worker, idx, paths["db"], paths["log"], keys,
+        _start(procs, SPAWN, workers.grid_worker, idx, env, keys,
                "async" if idx % 2 else "threads", barrier, queue)
     results = _collect(queue, 8)
     for proc in procs:
@@ -95,7 +103,7 @@ def test_8_processes_20_keys_execute_each_key_once(paths: dict[str, str], procs:
     for result in results:
         assert not [w for w in result["warnings"] if "locked" in w or "without sharing" in w], \
             result["warnings"]
-    runs = workers.read_log(paths["log"])
+    runs = workers.read_log(env["log"])
     assert sorted(key for _, key, _ in runs) == keys  # exactly one execution per key
     executor_of = {key: pid for pid, key, _ in runs}
     sources: Counter[str] = Counter()
@@ -110,7 +118,7 @@ def test_8_processes_20_keys_execute_each_key_once(paths: dict[str, str], procs:
     assert sources["executed"] == 20
     assert sources["executed"] + sources["shared_wait"] + sources["cache_hit"] == 160, sources
 
-    with Singleflight(paths["db"], run_id="grid") as sf:
+    with _engine(env, run_id="grid") as sf:
         totals = sf.summary()
     assert totals["calls"] == 160 and totals["executed"] == 20
     assert totals["avoided_calls"] == 140 and totals["fallbacks"] == 0
@@ -119,16 +127,18 @@ def test_8_processes_20_keys_execute_each_key_once(paths: dict[str, str], procs:
 # -- 2. a holder that outlives its lease term many times over ------------------------------
 
 
-def test_slow_holder_keeps_its_lease_and_runs_once(paths: dict[str, str], procs: list[Any]) -> None:
-    lease_seconds, work_seconds, callers = 0.3, 1.0, 3
+def test_slow_holder_keeps_its_lease_and_runs_once(env: dict[str, str], procs: list[Any]) -> None:
+    # On Redis the waiters take the lease over the moment it lapses, so this is also
+    # the test that the heartbeat (every third of the term) keeps it from lapsing.
+    lease_seconds, work_seconds, callers = 0.5, 1.5, 3
     barrier, queue = SPAWN.Barrier(callers), SPAWN.Queue()
-    spec = _spec(paths, "slow", "slow", tool_name="procs.slow", work_seconds=work_seconds,
+    spec = _spec(env, "slow", "slow", tool_name="procs.slow", work_seconds=work_seconds,
                  options={"lease_seconds": lease_seconds})
     for _ in range(callers):
         _start(procs, SPAWN, workers.call_worker, spec, queue, None, None, None, barrier)
     results = _collect(queue, callers)
 
-    runs = workers.read_log(paths["log"])
+    runs = workers.read_log(env["log"])
     assert len(runs) == 1, runs
     holder_pid = runs[0][0]
     by_pid = {r["pid"]: r for r in results}
@@ -140,52 +150,69 @@ def test_slow_holder_keeps_its_lease_and_runs_once(paths: dict[str, str], procs:
         if result["pid"] != holder_pid:
             assert result["source"] in ("shared_wait", "cache_hit")
 
-    # The heartbeat renewed the lease while the tool ran: the row the tool saw at its
-    # end expires later than the row it saw at its start by more than one whole term
+    # The heartbeat renewed the lease while the tool ran: the lease the tool saw at its
+    # end expires later than the lease it saw at its start by more than one whole term
     # (only a renewal after the first term had lapsed can do that).
     value = by_pid[holder_pid]["value"]
-    (_, token0, state0, expires0), = value["lease_at_start"]
+    (fingerprint, token0, state0, expires0), = value["lease_at_start"]
     (_, token1, state1, expires1), = value["lease_at_end"]
     assert (state0, state1) == ("held", "held") and token0 == token1
     assert expires1 > expires0 + lease_seconds, (expires0, expires1)
     # and the lease is finished now, with the holder's token on the receipt
-    conn = sqlite3.connect(paths["db"])
+    store = open_store(env["store"])
     try:
-        assert conn.execute("SELECT token, state FROM leases").fetchall() == [(token0, "done")]
-        assert conn.execute("SELECT token FROM receipts").fetchall() == [(token0,)]
+        assert [(token, state) for _, token, state, _ in workers.lease_rows(store)] == \
+            [(token0, "done")]
+        receipt = store.get(fingerprint)
+        assert receipt is not None and receipt.token == token0
     finally:
-        conn.close()
+        store.close()
 
 
 # -- 3. a holder killed mid-execution --------------------------------------------------------
 
 
-def test_killed_holder_is_taken_over_within_3_seconds(paths: dict[str, str], procs: list[Any]) -> None:
+def test_killed_holder_is_taken_over(env: dict[str, str], procs: list[Any]) -> None:
+    """SQLite sees the holder's lock file unlocked by the kernel at once: takeover in
+    well under 3 s with the default 10 s lease. Redis cannot see a death: the waiter
+    takes over when the lease lapses, at most ``lease_seconds`` after the holder's last
+    renewal, so the test uses a 1 s lease there and allows 2 s on top."""
+    redis = workers.is_redis(env["store"])
+    options = {"lease_seconds": 1.0} if redis else {}
+    bound = 1.0 + 2.0 if redis else 3.0
     started, waiting = SPAWN.Event(), SPAWN.Event()
     holder_q, queue = SPAWN.Queue(), SPAWN.Queue()  # kept referenced while children start
-    holder = _start(procs, SPAWN, workers.call_worker, _spec(paths, "k", "block"), holder_q,
-                    started)
+    holder = _start(procs, SPAWN, workers.call_worker, _spec(env, "k", "block", options=options),
+                    holder_q, started)
     _wait_for(started, "the holder to start executing")
-    _start(procs, SPAWN, workers.call_worker, _spec(paths, "k", "return"), queue, None, None,
-           waiting)
+    _start(procs, SPAWN, workers.call_worker, _spec(env, "k", "return", options=options), queue,
+           None, None, waiting)
     _wait_for(waiting, "the second caller to block on the holder")
+    store = open_store(env["store"])
+    try:
+        ((_, dead_token, state, _),) = workers.lease_rows(store)
+    finally:
+        store.close()
+    assert state == "held"
 
     t_kill = time.time()
     os.kill(holder.pid, signal.SIGKILL)
     (result,) = _collect(queue, 1, timeout=20)
     takeover_seconds = result["t_done"] - t_kill
-    print(f"\ntakeover after SIGKILL: {takeover_seconds * 1000:.1f} ms")
+    print(f"\ntakeover after SIGKILL ({'redis, 1 s lease' if redis else 'sqlite'}): "
+          f"{takeover_seconds * 1000:.1f} ms")
 
     holder.join(10)
     assert holder.exitcode == -signal.SIGKILL
     assert "error" not in result, result
     assert result["source"] == "executed" and result["takeover"] is True
     assert result["value"] == {"key": "k", "by": result["pid"]}
-    assert takeover_seconds < 3.0
-    runs = workers.read_log(paths["log"])
+    assert takeover_seconds < bound
+    runs = workers.read_log(env["log"])
     assert [pid for pid, _, _ in runs] == [holder.pid, result["pid"]]
     # the taker's receipt is stored under a newer token than the dead holder's
-    with Singleflight(paths["db"]) as sf:
+    assert result["receipt_token"] > dead_token
+    with _engine(env) as sf:
         outcome = sf.execute_sync(workers.tool, "k", options=ToolExecutionOptions(
             tool_name="procs.tool", deterministic=True))
     assert outcome.source is Source.CACHE_HIT and outcome.value == result["value"]
@@ -196,15 +223,15 @@ def test_killed_holder_is_taken_over_within_3_seconds(paths: dict[str, str], pro
 
 
 @pytest.mark.parametrize("share_failures", [False, True])
-def test_failure_reaches_a_waiting_process(paths: dict[str, str], procs: list[Any],
+def test_failure_reaches_a_waiting_process(env: dict[str, str], procs: list[Any],
                                            share_failures: bool) -> None:
     started, go, waiting = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
     holder_q, waiter_q = SPAWN.Queue(), SPAWN.Queue()
     options = {"share_failures": share_failures}
-    _start(procs, SPAWN, workers.call_worker, _spec(paths, "k", "fail", options=options),
+    _start(procs, SPAWN, workers.call_worker, _spec(env, "k", "fail", options=options),
            holder_q, started, go)
     _wait_for(started, "the holder to start executing")
-    _start(procs, SPAWN, workers.call_worker, _spec(paths, "k", "return", options=options),
+    _start(procs, SPAWN, workers.call_worker, _spec(env, "k", "return", options=options),
            waiter_q, None, None, waiting)
     _wait_for(waiting, "the waiter to block on the holder")
     go.set()  # the holder raises now
@@ -213,7 +240,7 @@ def test_failure_reaches_a_waiting_process(paths: dict[str, str], procs: list[An
     (waiter,) = _collect(waiter_q, 1)
     assert holder["error"] == {"type": "ValueError", "text": "boom for k"}
     t_raise = holder["t_raise"]
-    runs = workers.read_log(paths["log"])
+    runs = workers.read_log(env["log"])
     if share_failures:
         assert "source" not in waiter, waiter
         assert waiter["shared_error"]["error_type"] == "ValueError"
@@ -228,7 +255,10 @@ def test_failure_reaches_a_waiting_process(paths: dict[str, str], procs: list[An
         assert [pid for pid, _, _ in runs] == [holder["pid"], waiter["pid"]]
         learned = runs[1][2]  # when the waiter's own execution started
     fan_out = learned - t_raise
-    print(f"\nfailure fan-out (share_failures={share_failures}): {fan_out * 1000:.1f} ms")
+    backend = "redis" if workers.is_redis(env["store"]) else "sqlite"
+    print(f"\nfailure fan-out ({backend}, share_failures={share_failures}): "
+          f"{fan_out * 1000:.1f} ms")
+    # the wake-up (flock / pub/sub), not the 1 s re-check of the Redis store
     assert 0 <= fan_out < 1.0
 
 
@@ -244,19 +274,19 @@ def _receipt(key: str, token: int, output: str) -> Receipt:
 
 
 @pytest.mark.parametrize("stale_writes_first", [False, True])
-def test_a_lease_lost_to_a_newer_token_cannot_write(tmp_path: Path, stale_writes_first: bool) -> None:
-    """The flock keeps a live holder's lease; the only way to lose it is to lose the lock
-    file (here: it is deleted, as a cleanup script might). A second store then takes a new,
-    higher token, and the old holder's renew and put are refused: the fence is the token
-    compared inside put's write transaction."""
-    db = tmp_path / "receipts.db"
-    old_store, new_store = SQLiteStore(db), SQLiteStore(db)
+def test_a_lease_lost_to_a_newer_token_cannot_write(store_url: str, stale_writes_first: bool) -> None:
+    """A live holder keeps its lease (SQLite: its flock; Redis: an unexpired lease hash).
+    It loses it when the lock file is deleted (as a cleanup script might) or when the
+    lease lapses (as after a long pause): ``steal_leases`` does either. A second store
+    then takes a new, higher token, and the old holder's renew and put are refused: the
+    fence is the token compared inside put's write transaction / Lua script."""
+    old_store, new_store = open_store(store_url), open_store(store_url)
     key = "f" * 64
     try:
         old = old_store.acquire(key, "old", 10.0)
         assert isinstance(old, Lease)
-        assert isinstance(new_store.acquire(key, "new", 10.0), Busy)  # the flock excludes
-        os.unlink(db.with_name(db.name + ".locks") / key)  # the old holder loses its lock
+        assert isinstance(new_store.acquire(key, "new", 10.0), Busy)  # the lease excludes
+        assert workers.steal_leases(old_store) == 1  # the old holder loses its lease
 
         new = new_store.acquire(key, "new", 10.0)
         assert isinstance(new, Lease)
@@ -275,23 +305,31 @@ def test_a_lease_lost_to_a_newer_token_cannot_write(tmp_path: Path, stale_writes
         # releasing the stale lease (as the engine does after an error) changes nothing
         old_store.release(old, ("ValueError", "late"))
         assert new_store.last_failure(key) is None
+        assert [(token, state) for _, token, state, _ in workers.lease_rows(new_store)] == \
+            [(new.token, "done")]
     finally:
         old_store.close()
         new_store.close()
 
 
 def test_engine_holder_fenced_out_by_a_takeover_keeps_the_newer_receipt(
-        paths: dict[str, str], procs: list[Any]) -> None:
+        env: dict[str, str], procs: list[Any]) -> None:
     """The same through the engine across processes: the old holder's result is not
     persisted, it is told so, and the taker's receipt is the one served afterwards."""
     started, go = SPAWN.Event(), SPAWN.Event()
     old_q, new_q = SPAWN.Queue(), SPAWN.Queue()
-    _start(procs, SPAWN, workers.call_worker, _spec(paths, "k", "gate"), old_q, started, go)
+    # A long term, so that the old holder's heartbeat (first renewal after 20 s) cannot
+    # give a stolen Redis lease back to it before the new caller takes it over.
+    _start(procs, SPAWN, workers.call_worker,
+           _spec(env, "k", "gate", options={"lease_seconds": 60.0}), old_q, started, go)
     _wait_for(started, "the first holder to start executing")
-    (lock_file,) = Path(paths["db"] + ".locks").iterdir()
-    lock_file.unlink()  # the first holder loses its lock
+    store = open_store(env["store"])
+    try:
+        assert workers.steal_leases(store) == 1  # the first holder loses its lease
+    finally:
+        store.close()
 
-    _start(procs, SPAWN, workers.call_worker, _spec(paths, "k", "return"), new_q)
+    _start(procs, SPAWN, workers.call_worker, _spec(env, "k", "return"), new_q)
     (new,) = _collect(new_q, 1)
     assert new["source"] == "executed" and new["takeover"] is True
     go.set()
@@ -300,29 +338,31 @@ def test_engine_holder_fenced_out_by_a_takeover_keeps_the_newer_receipt(
     assert any("lease was taken over" in w for w in old["warnings"]), old["warnings"]
     assert new["receipt_token"] is not None
 
-    with Singleflight(paths["db"]) as sf:
+    with _engine(env) as sf:
         outcome = sf.execute_sync(workers.tool, "k", options=ToolExecutionOptions(
             tool_name="procs.tool", deterministic=True))
-    assert outcome.source is Source.CACHE_HIT
-    assert outcome.value == {"key": "k", "by": new["pid"]}
-    assert outcome.receipt is not None and outcome.receipt.token == new["receipt_token"]
-    assert len(workers.read_log(paths["log"])) == 2
+        assert outcome.source is Source.CACHE_HIT
+        assert outcome.value == {"key": "k", "by": new["pid"]}
+        assert outcome.receipt is not None and outcome.receipt.token == new["receipt_token"]
+        # every process's counters, whatever its run id: the old holder counted the fence
+        assert sum(c.get("fenced_out", 0) for _, _, c in sf.store.load_stats(None)) == 1
+    assert len(workers.read_log(env["log"])) == 2
 
 
 # -- 6. a forked child using the parent's engine -------------------------------------------
 
 
-def test_forked_child_shares_the_parents_engine(paths: dict[str, str], procs: list[Any]) -> None:
+def test_forked_child_shares_the_parents_engine(env: dict[str, str], procs: list[Any]) -> None:
     waiting = FORK.Event()
     go = threading.Event()
     started = threading.Event()
-    workers.CONFIG.update(log=paths["log"], db=paths["db"], behaviour="gate", started=started,
-                          go=go)
+    workers.CONFIG.update(log=env["log"], behaviour="gate", started=started, go=go)
     opts = ToolExecutionOptions(tool_name="procs.fork", deterministic=True)
-    sf = Singleflight(store=workers.SignallingStore(paths["db"], waiting))
+    sf = Singleflight(store=workers.signalling_store(env["store"], waiting), secret=env["secret"])
     try:
-        # The parent holds "a" (a thread is inside the tool, holding the lease's lock
-        # file) when it forks; the child must wait for the parent, not for itself.
+        # The parent holds "a" (a thread is inside the tool, holding the lease) when it
+        # forks; the child must wait for the parent, not for itself, and must not keep
+        # the parent's lease (SQLite: its lock file's fd) as its own.
         box: dict[str, Any] = {}
         holder = threading.Thread(target=lambda: box.setdefault(
             "outcome", sf.execute_sync(workers.tool, "a", options=opts)))
@@ -349,7 +389,7 @@ def test_forked_child_shares_the_parents_engine(paths: dict[str, str], procs: li
         outcome = sf.execute_sync(workers.tool, "b", options=opts)
         assert outcome.source is Source.CACHE_HIT and outcome.value == got["value"]
 
-        runs = workers.read_log(paths["log"])
+        runs = workers.read_log(env["log"])
         assert [(pid, key) for pid, key, _ in runs] == [(os.getpid(), "a"), (child.pid, "b")]
         totals = sf.summary()  # one run id: the parent's and both children's counters
         assert totals["executed"] == 2 and totals["shared_waits"] == 1
@@ -359,7 +399,7 @@ def test_forked_child_shares_the_parents_engine(paths: dict[str, str], procs: li
         sf.close()
 
 
-# -- the race of opening a fresh store ------------------------------------------------------
+# -- SQLite only: the race of opening a fresh store ---------------------------------------
 
 
 def test_opening_a_fresh_store_waits_for_a_concurrent_writer(tmp_path: Path) -> None:

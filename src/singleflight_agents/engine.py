@@ -227,8 +227,13 @@ class Singleflight:
 
     def close(self) -> None:
         """Write pending statistics and close this thread's store connection."""
-        self._flush_at_end()
-        self.store.close()
+        try:
+            self._flush_at_end()
+        except StoreError as exc:
+            warnings.warn(f"singleflight: statistics not written: {exc}", RuntimeWarning,
+                          stacklevel=2)
+        finally:
+            self.store.close()
 
     def __enter__(self) -> Singleflight:
         return self
@@ -261,7 +266,14 @@ class Singleflight:
             if not call.options.shared or self._off(call):
                 result = await self._run_unshared_async(call, Source.EXECUTED_UNSHARED)
                 return self._finish(call, result, started)
-            hit = self._fast_lookup(call)
+            try:
+                hit = self._fast_lookup(call)
+            except StoreError as exc:  # no use asking the store again: run it now
+                if call.options.mode == "replay":
+                    raise  # replay never runs a shared tool
+                self._note_fallback(call, f"the store failed: {exc}")
+                result = await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
+                return self._finish(call, result, started)
             if hit is not None:
                 return self._finish(call, hit, started)
             while True:
@@ -295,7 +307,14 @@ class Singleflight:
             if not call.options.shared or self._off(call):
                 result = self._run_unshared(call, Source.EXECUTED_UNSHARED)
                 return self._finish(call, result, started)
-            hit = self._fast_lookup(call)
+            try:
+                hit = self._fast_lookup(call)
+            except StoreError as exc:  # no use asking the store again: run it now
+                if call.options.mode == "replay":
+                    raise  # replay never runs a shared tool
+                self._note_fallback(call, f"the store failed: {exc}")
+                result = self._run_unshared(call, Source.EXECUTED_FALLBACK)
+                return self._finish(call, result, started)
             if hit is not None:
                 return self._finish(call, hit, started)
             while True:
@@ -436,9 +455,13 @@ class Singleflight:
         with self._heartbeat.hold(lease):
             try:
                 hit = self._lookup(call)  # a holder may have finished since our last look
-                if hit is not None:
+            except StoreError:
+                hit = None  # the store just failed: run the tool; storing it will warn
+            if hit is not None:
+                with contextlib.suppress(StoreError):
                     self.store.release(lease)
-                    return hit
+                return hit
+            try:
                 started = time.perf_counter()
                 value = yield _RUN
             except BaseException as exc:
@@ -446,8 +469,9 @@ class Singleflight:
                 if isinstance(exc, Exception):  # not cancelled or interrupted: the tool failed
                     self._stats.add(call.tool_name, failures=1)
                     error = exc.original if isinstance(exc, _Escaped) else exc
-                    failure = (type(error).__qualname__, str(error)[:2000])
-                with contextlib.suppress(StoreError):  # the tool's error matters more
+                    message = str(error)[:2000].encode("utf-8", "backslashreplace").decode()
+                    failure = (type(error).__qualname__, message)
+                with contextlib.suppress(Exception):  # the tool's error matters more
                     self.store.release(lease, failure)
                 raise
         latency_ms = (time.perf_counter() - started) * 1000
@@ -538,10 +562,7 @@ class Singleflight:
             return hit
         if FLIGHTS.peek((self.store.identity, call.key)) is not None:
             return None
-        try:
-            return self._lookup(call)
-        except StoreError:
-            return None  # the owner's path reports it
+        return self._lookup(call)
 
     def _off(self, call: _Call) -> bool:
         """In mode="off", count the call if an earlier one had the same key."""
@@ -604,7 +625,7 @@ class Singleflight:
         elif source is Source.EXECUTED_UNSHARED:
             counters["unshared"] = 1
         self._stats.add(call.tool_name, **counters)
-        if source is not Source.CACHE_HIT and time.monotonic() - self._last_flush > _FLUSH_INTERVAL:
+        if time.monotonic() - self._last_flush > _FLUSH_INTERVAL:  # batched: at most 1 write/s
             with contextlib.suppress(StoreError):
                 self.flush_stats()
         return ExecutionOutcome(
@@ -643,4 +664,8 @@ def _owner_id(instance: str) -> str:
 def _flush_stats(store: ReceiptStore, stats: Stats, run_id: str, instance: str) -> None:
     counters = stats.snapshot()
     if counters:
-        store.save_stats(run_id, _owner_id(instance), counters)
+        try:
+            store.save_stats(run_id, _owner_id(instance), counters)
+        except BaseException:
+            stats.dirty = True  # written next time
+            raise

@@ -10,6 +10,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 from .store.base import Lease, ReceiptStore
@@ -18,16 +19,18 @@ from .store.base import Lease, ReceiptStore
 class Heartbeat:
     def __init__(self, store: ReceiptStore) -> None:
         self._store = store
+        self._after_fork()
+        _HEARTBEATS.add(self)
+
+    def _after_fork(self) -> None:
+        # The parent's thread and leases are not ours, and its lock may have been held.
         self._cond = threading.Condition()
         self._due: dict[int, tuple[float, Lease]] = {}
         self._running = False
-        self._pid = os.getpid()
 
     @contextlib.contextmanager
     def hold(self, lease: Lease) -> Iterator[None]:
         with self._cond:
-            if self._pid != os.getpid():  # forked: the parent's thread and leases are not ours
-                self._pid, self._due, self._running = os.getpid(), {}, False
             self._due[id(lease)] = (time.monotonic() + lease.lease_seconds / 3, lease)
             if self._running:
                 self._cond.notify()
@@ -58,3 +61,14 @@ class Heartbeat:
             for lease in due:
                 with contextlib.suppress(Exception):  # a lost lease shows at the fenced write
                     self._store.renew(lease)
+
+
+_HEARTBEATS: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for beat in list(_HEARTBEATS):
+        beat._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import shlex
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -91,18 +92,32 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    session.config.stash[_STATE].close()  # workers write their counts before the report
+    state = session.config.stash[_STATE]
+    state.close()  # workers write their counts before the report
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["singleflight_used"] = state.used
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist: the controller reports if any worker used the plugin (or crashed,
+    maybe after using it: its counts up to then are in the store)."""
+    if error or getattr(node, "workeroutput", {}).get("singleflight_used"):
+        node.config.stash[_STATE].used = True
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return  # the controller reports for everyone
-    summary = config.stash[_STATE].summary()
+    state = config.stash[_STATE]
+    for problem in state.problems:
+        terminalreporter.write_line(f"singleflight: warning: {problem}")
+    summary = state.summary()
     if summary is None:
         return
     from .reporting import format_line, format_markdown, format_summary
 
-    state = config.stash[_STATE]
     if config.get_verbosity() < 0:
         terminalreporter.write_line(format_line(summary, state.mode))
     else:
@@ -208,32 +223,47 @@ class _Session:
         self.reports = [*config.getini("singleflight_report"),
                         *config.getoption("singleflight_report")]
         self._engine: Singleflight | None = None
+        self._lock = threading.Lock()
+        self.used = False  # by this process, or (on the xdist controller) by a worker
+        self.problems: list[str] = []
 
     def engine(self) -> Singleflight:
-        if self._engine is None:
-            from .engine import Singleflight
+        with self._lock:  # the first calls may come from several threads at once
+            if self._engine is None:
+                from .engine import Singleflight
 
-            self._engine = Singleflight(self.db, run_id=self.run_id, refresh_since=self.started)
-        return self._engine
+                self._engine = Singleflight(self.db, run_id=self.run_id,
+                                            refresh_since=self.started)
+                self.used = True
+            return self._engine
 
     def summary(self) -> dict[str, Any] | None:
         """This run's statistics from the store, or ``None`` if nothing used it."""
-        from .stats import summarize
-        from .store import open_store, sqlite_path
-
-        is_file = "://" not in self.db or self.db.startswith("sqlite://")
-        if is_file and not sqlite_path(self.db).exists():
+        if not self.used:
             return None
-        store = open_store(self.db)
+        from .models import StoreError
+        from .stats import summarize
+        from .store import open_store, redact_url
+
         try:
-            rows = store.load_stats(self.run_id)
-        finally:
-            store.close()
-        return summarize(rows, db_path=store.url, run_id=self.run_id) if rows else None
+            store = open_store(self.db)
+            try:
+                rows = store.load_stats(self.run_id)
+            finally:
+                store.close()
+        except StoreError as exc:
+            self.problems.append(f"no report: {exc}")
+            return None
+        return summarize(rows, db_path=redact_url(store.url), run_id=self.run_id) if rows else None
 
     def close(self) -> None:
         if self._engine is not None:
-            self._engine.close()
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self._engine.close()  # warns, does not raise, when the store is gone
+            self.problems.extend(str(w.message) for w in caught)
             self._engine = None
 
 
@@ -267,6 +297,8 @@ class SingleflightFixture:
         from .models import ToolExecutionOptions
 
         merged = {**self._defaults, **{_ALIASES.get(k, k): v for k, v in overrides.items()}}
+        if self._session.mode in ("replay", "off"):
+            merged["mode"] = self._session.mode  # a CI replay never runs a paid tool
         if not any(merged.get(flag) for flag in ("deterministic", "bounded_read", "side_effecting")):
             merged["bounded_read"] = True  # wrapping a tool here says it is safe to share
         options = ToolExecutionOptions().replace(**merged)
@@ -321,5 +353,7 @@ class SingleflightFixture:
         return outcome
 
     def _record_command(self) -> str:
+        from .store import redact_url
+
         return (f"pytest --singleflight-mode=record --singleflight-db="
-                f"{shlex.quote(self._session.db)} {shlex.quote(self._item.nodeid)}")
+                f"{shlex.quote(redact_url(self._session.db))} {shlex.quote(self._item.nodeid)}")

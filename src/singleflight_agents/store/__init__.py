@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..models import StoreError
 from .base import Busy, Failure, Lease, ReceiptStore
@@ -11,8 +12,8 @@ from .sqlite import SQLiteStore
 
 DEFAULT_PATH = Path(".singleflight") / "receipts.db"
 
-__all__ = ["DEFAULT_PATH", "Busy", "Failure", "Lease", "ReceiptStore", "SQLiteStore",
-           "open_store", "sqlite_path"]
+__all__ = ["DEFAULT_PATH", "REDIS_SCHEMES", "Busy", "Failure", "Lease", "ReceiptStore",
+           "SQLiteStore", "open_store", "redact_url", "sqlite_path"]
 
 
 def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
@@ -39,6 +40,16 @@ def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password (user info or ``password=`` query), for messages."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "password"])
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:
     """The store for ``url``: ``redis://``, ``rediss://`` and ``unix://`` URLs open a
     :class:`RedisStore` (extra ``[redis]``), anything else an SQLite file (see
@@ -47,7 +58,7 @@ def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:
         try:
             from .redis import RedisStore
         except ImportError:
-            raise StoreError(f"store URL {url.split('@')[-1]!r} needs the redis client: "
+            raise StoreError(f"store URL {redact_url(url)!r} needs the redis client: "
                              f"pip install 'singleflight-agents[redis]'") from None
         return RedisStore(url)
     return SQLiteStore(sqlite_path(url))

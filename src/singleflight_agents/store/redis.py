@@ -20,6 +20,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -27,6 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 
 from ..models import Receipt, StoreError
+from . import redact_url
 from .base import Busy, Failure, Lease, ReceiptStore, translating
 
 _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
@@ -36,6 +38,11 @@ local takeover = 0
 if lease[1] == 'held' then
   if tonumber(lease[2]) > now then return {0, tonumber(lease[3])} end
   takeover = 1
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  -- A lost counter (a restart without persistence) restarts above every token handed out
+  -- before it: microseconds of the server's clock.
+  redis.call('SET', KEYS[2], now * 1000)
 end
 local token = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'state', 'held', 'token', token, 'owner', ARGV[1],
@@ -55,6 +62,13 @@ redis.call('HSET', KEYS[1], 'state', ARGV[2], 'expires', now, 'error_type', ARGV
            'error_message', ARGV[4])
 redis.call('PUBLISH', ARGV[5], '1')
 return 1
+"""
+_PRUNE = _NOW_MS + """
+local lease = redis.call('HMGET', KEYS[1], 'state', 'expires')
+if lease[1] ~= 'held' or (tonumber(lease[2]) or 0) < now - tonumber(ARGV[1]) then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 _PUT = """
 local lease = redis.call('HMGET', KEYS[1], 'state', 'token')
@@ -91,14 +105,19 @@ class RedisStore(ReceiptStore):
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
-        self.prefix = query.pop("prefix", "singleflight") + ":"
+        prefix = query.pop("prefix", "singleflight")
+        if not prefix or any(c in prefix for c in "*?[]\\"):
+            raise StoreError(f"store URL prefix {prefix!r}: use letters, digits, '-', '_' or "
+                             f"'.' (glob characters would reach other prefixes' keys)")
+        self.prefix = prefix + ":"
         client_url = urlunsplit(parts._replace(query=urlencode(query)))
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2])  # no password in messages
-        self.url = urlunsplit(shown)
+        self.url = redact_url(url)  # no password in messages
         try:
             # Typed Any: redis-py's stubs cannot express decode_responses=True (str, not bytes).
+            # Short timeouts: a dead server must turn into a fallback, not a stall.
+            # ?socket_timeout=... in the URL overrides them.
             self._redis: Any = redis.Redis.from_url(client_url, decode_responses=True,
-                                                    socket_timeout=10, socket_connect_timeout=5)
+                                                    socket_timeout=2, socket_connect_timeout=2)
             self._redis.ping()
         except (redis.RedisError, ValueError) as exc:
             raise StoreError(f"cannot reach Redis at {self.url}: {exc}; start it or pass "
@@ -110,9 +129,15 @@ class RedisStore(ReceiptStore):
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._put = self._redis.register_script(_PUT)
+        self._prune = self._redis.register_script(_PRUNE)
         self._wake: dict[str, threading.Event] = {}
         self._wake_lock = threading.Lock()
         self._listener: tuple[int, Any] | None = None  # (pid, pubsub worker thread)
+        _STORES.add(self)
+
+    def _after_fork(self) -> None:
+        # The listener thread did not survive the fork, and may have held the lock.
+        self._wake_lock, self._wake, self._listener = threading.Lock(), {}, None
 
     def _key(self, kind: str, key: str) -> str:
         return f"{self.prefix}{kind}:{key}"
@@ -232,7 +257,7 @@ class RedisStore(ReceiptStore):
             fields = self._redis.hgetall(name)
             if fields:
                 receipts.append(_receipt(fields))
-        receipts.sort(key=lambda r: (r.tool_name, r.fingerprint))
+        receipts.sort(key=lambda r: (str(r.tool_name), str(r.fingerprint)))
         return iter(receipts)
 
     @translated
@@ -250,9 +275,7 @@ class RedisStore(ReceiptStore):
         # Receipts expire by themselves; leases go once finished or silent for an hour.
         leases = 0
         for name in self._redis.scan_iter(match=f"{self.prefix}l:*", count=500):
-            state, expires = self._redis.hmget(name, ["state", "expires"])
-            if state != "held" or int(expires or 0) < (now - 3600) * 1000:
-                leases += self._redis.delete(name)
+            leases += self._prune(keys=[name], args=[3600 * 1000])  # check and delete at once
         return {"receipts": 0, "leases": leases, "lock_files": 0}
 
     @translated
@@ -264,6 +287,17 @@ class RedisStore(ReceiptStore):
             self._listener[1].stop()
         self._listener = None
         self._redis.close()
+
+
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for store in list(_STORES):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _keep_listening(error: BaseException, pubsub: Any, worker: Any) -> None:
