@@ -844,3 +844,34 @@ def test_bad_ini_values_are_usage_errors(project: Project, option: str, message:
     result = project.run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+def test_a_replay_session_wins_over_a_markers_mode(project: Project) -> None:
+    _write(project, "test_pinned", """
+        import pytest
+        import sftools
+
+        @pytest.mark.singleflight(mode="record")
+        def test_pinned(singleflight):
+            singleflight.wrap(sftools.lookup, tool_name="t.lookup")("new")
+        """)
+    result = project.run("--singleflight-mode=replay")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no receipt to replay*"])
+    assert project.executions() == []  # replay never ran the paid tool
+
+
+def test_an_unused_plugin_never_touches_an_unreachable_store(project: Project) -> None:
+    _write(project, "test_plain", "def test_plain():\n    assert True\n")
+    result = project.run("--singleflight-db=redis://:hunter2@127.0.0.1:1/13", db=False)
+    result.assert_outcomes(passed=1)
+    assert result.ret == 0
+    assert "singleflight:" not in result.stdout.str() and "hunter2" not in result.stdout.str()
+
+
+def test_urls_in_messages_carry_no_password() -> None:
+    from singleflight_agents.store import redact_url
+
+    assert redact_url("redis://:hunter2@cache:6379/0?prefix=ci") == "redis://cache:6379/0?prefix=ci"
+    assert redact_url("rediss://user:pw@cache/1?password=pw&prefix=x") == "rediss://cache/1?prefix=x"
+    assert redact_url("/tmp/receipts.db") == "/tmp/receipts.db"
