@@ -263,19 +263,11 @@ class Singleflight:
     async def _execute(self, call: _Call) -> ExecutionOutcome:
         started = time.perf_counter()
         try:
-            if not call.options.shared or self._off(call):
-                result = await self._run_unshared_async(call, Source.EXECUTED_UNSHARED)
-                return self._finish(call, result, started)
-            try:
-                hit = self._fast_lookup(call)
-            except StoreError as exc:  # no use asking the store again: run it now
-                if call.options.mode == "replay":
-                    raise  # replay never runs a shared tool
-                self._note_fallback(call, f"the store failed: {exc}")
-                result = await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
-                return self._finish(call, result, started)
-            if hit is not None:
-                return self._finish(call, hit, started)
+            start = self._start(call)
+            if isinstance(start, Source):
+                return self._finish(call, await self._run_unshared_async(call, start), started)
+            if start is not None:
+                return self._finish(call, start, started)
             while True:
                 flight, owner = FLIGHTS.join((self.store.identity, call.key))
                 if owner and call.is_async:
@@ -304,19 +296,11 @@ class Singleflight:
     def _execute_sync(self, call: _Call) -> ExecutionOutcome:
         started = time.perf_counter()
         try:
-            if not call.options.shared or self._off(call):
-                result = self._run_unshared(call, Source.EXECUTED_UNSHARED)
-                return self._finish(call, result, started)
-            try:
-                hit = self._fast_lookup(call)
-            except StoreError as exc:  # no use asking the store again: run it now
-                if call.options.mode == "replay":
-                    raise  # replay never runs a shared tool
-                self._note_fallback(call, f"the store failed: {exc}")
-                result = self._run_unshared(call, Source.EXECUTED_FALLBACK)
-                return self._finish(call, result, started)
-            if hit is not None:
-                return self._finish(call, hit, started)
+            start = self._start(call)
+            if isinstance(start, Source):
+                return self._finish(call, self._run_unshared(call, start), started)
+            if start is not None:
+                return self._finish(call, start, started)
             while True:
                 flight, owner = FLIGHTS.join((self.store.identity, call.key))
                 if owner:
@@ -551,6 +535,19 @@ class Singleflight:
             self._verified.clear()
         self._verified[call.key] = receipt
         return True
+
+    def _start(self, call: _Call) -> _Result | Source | None:
+        """Before any flight: a result to return, the source to run the tool under without
+        sharing, or ``None`` to join the flight."""
+        if not call.options.shared or self._off(call):
+            return Source.EXECUTED_UNSHARED
+        try:
+            return self._fast_lookup(call)
+        except StoreError as exc:  # no use asking the store again: run it now
+            if call.options.mode == "replay":
+                raise  # replay never runs a shared tool
+            self._note_fallback(call, f"the store failed: {exc}")
+            return Source.EXECUTED_FALLBACK
 
     def _fast_lookup(self, call: _Call) -> _Result | None:
         """A receipt without joining a flight; in replay mode, a receipt or an error."""
