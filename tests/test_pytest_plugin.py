@@ -875,3 +875,23 @@ def test_urls_in_messages_carry_no_password() -> None:
     assert redact_url("redis://:hunter2@cache:6379/0?prefix=ci") == "redis://cache:6379/0?prefix=ci"
     assert redact_url("rediss://user:pw@cache/1?password=pw&prefix=x") == "rediss://cache/1?prefix=x"
     assert redact_url("/tmp/receipts.db") == "/tmp/receipts.db"
+
+
+def test_a_crashed_xdist_worker_does_not_break_the_report(project: Project) -> None:
+    _write(project, "test_crash", """
+        import os
+        import pytest
+        import sftools
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_calls(singleflight, n):
+            singleflight.wrap(sftools.lookup, tool_name="t.lookup")("shared")
+
+        def test_crash(singleflight):
+            singleflight.wrap(sftools.lookup, tool_name="t.lookup")("shared")
+            os._exit(3)  # the worker dies mid-session
+        """)
+    result = project.run_subprocess("-n", "2")
+    result.assert_outcomes(passed=4, failed=1)
+    result.stdout.fnmatch_lines(["*singleflight summary*", "*t.lookup*"])
+    assert [e for e in project.executions() if e == ["lookup", "shared"]] == [["lookup", "shared"]]
