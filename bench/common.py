@@ -1,15 +1,28 @@
-"""What every benchmark module shares: run sizes, the results table, timing and formatting."""
+"""What every benchmark module shares: run sizes, the stores, the results table, timing and
+formatting."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from singleflight_agents import Singleflight
+
+# The stores every store-dependent benchmark measures, side by side in one run. The Redis
+# store needs a secret; the SQLite store gets the same one, so both sign alike.
+STORES = ("sqlite", "redis")
+REDIS_URL = "redis://127.0.0.1:6379/14"  # run.py's --redis-url replaces it
+SECRET = "singleflight-agents benchmark secret"
+RUN_TAG = os.urandom(4).hex()  # every Redis key of this run starts with sf-bench-RUN_TAG-
+_PREFIXES = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -30,11 +43,11 @@ class Config:
 
 
 FULL = Config("full", hit_iterations=4_000, hit_repeats=25, miss_keys=2_000, miss_repeats=3,
-              fanout_repeats=5, mp_repeats=3, wake_trials=50, crash_trials=10,
+              fanout_repeats=5, mp_repeats=5, wake_trials=50, crash_trials=10,
               failure_trials=20, import_runs=25)
-QUICK = Config("quick", hit_iterations=500, hit_repeats=8, miss_keys=200, miss_repeats=1,
-               fanout_repeats=1, mp_repeats=1, wake_trials=6, crash_trials=2,
-               failure_trials=3, import_runs=3)
+QUICK = Config("quick", hit_iterations=300, hit_repeats=6, miss_keys=200, miss_repeats=1,
+               fanout_repeats=1, mp_repeats=1, wake_trials=4, crash_trials=2,
+               failure_trials=2, import_runs=3)
 
 
 @dataclass
@@ -44,20 +57,24 @@ class Row:
     value: str
     target: str = ""
     met: bool | None = None  # None: no target
+    store: str = ""  # "" for rows that do not depend on the store
 
 
 @dataclass
 class Results:
-    """The table rows, raw numbers for the write-up, and failed correctness checks."""
+    """The table rows, raw numbers for the write-up, failed correctness checks, and notes
+    (such as why a store was left out)."""
 
     rows: list[Row] = field(default_factory=list)
     numbers: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, bench: str, metric: str, value: str, target: str = "",
-            met: bool | None = None) -> None:
-        self.rows.append(Row(bench, metric, value, target, met))
-        print(f"  {metric:<50} {value:<36} {verdict(met) if target else ''}", flush=True)
+            met: bool | None = None, store: str = "") -> None:
+        self.rows.append(Row(bench, metric, value, target, met, store))
+        label = f"[{store}] {metric}" if store else metric
+        print(f"  {label:<50} {value:<36} {verdict(met) if target else ''}", flush=True)
 
     def check(self, ok: bool, what: str) -> bool:
         """Record a failed correctness check (the run then exits with status 1)."""
@@ -66,12 +83,13 @@ class Results:
         return ok
 
     def missed(self) -> list[str]:
-        return [f"{row.bench}: {row.metric}" for row in self.rows if row.met is False]
+        return [f"{row.bench}: {row.store + ' ' if row.store else ''}{row.metric}"
+                for row in self.rows if row.met is False]
 
     def table(self) -> str:
         """The rows as a Markdown table, columns padded to line up."""
-        header = ("Benchmark", "Metric", "Result", "Target", "Met")
-        body = [(r.bench, r.metric, r.value, r.target, verdict(r.met) if r.target else "")
+        header = ("Benchmark", "Store", "Metric", "Result", "Target", "Met")
+        body = [(r.bench, r.store, r.metric, r.value, r.target, verdict(r.met) if r.target else "")
                 for r in self.rows]
         widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
@@ -138,6 +156,68 @@ def store_dir(name: str) -> Iterator[Path]:
     """A fresh temporary directory for one benchmark's stores."""
     with tempfile.TemporaryDirectory(prefix=f"sf-bench-{name}-") as tmp:
         yield Path(tmp)
+
+
+@contextlib.contextmanager
+def store_url(store: str, tmp: Path) -> Iterator[str]:
+    """A fresh, empty store of kind ``store``: a file in ``tmp``, or a Redis prefix of its
+    own whose keys are deleted on exit."""
+    if store == "sqlite":
+        yield str(tmp / "receipts.db")
+        return
+    prefix = f"sf-bench-{RUN_TAG}-{next(_PREFIXES)}"
+    try:
+        yield f"{REDIS_URL}?prefix={prefix}"
+    finally:
+        drop_redis_keys(f"{prefix}:*")
+
+
+def open_engine(url: str) -> Singleflight:
+    """The engine on store ``url`` (in this process or a spawned one)."""
+    return Singleflight(store=url, secret=SECRET)
+
+
+def redis_problem(url: str) -> str | None:
+    """Why the Redis store cannot be measured at ``url``, or None if a server answers."""
+    try:
+        import redis
+    except ImportError:
+        return "the redis client is not installed (pip install 'singleflight-agents[redis]')"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        client.ping()
+        client.close()
+    except (redis.RedisError, ValueError) as exc:
+        return f"no Redis server answers at {url} ({exc})"
+    return None
+
+
+def redis_info(url: str) -> str:
+    """The Redis server's version and the client's, for the machine description."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        server = client.info("server")
+        return (f"{server['redis_version']} on {url} (same machine, TCP loopback), "
+                f"redis-py {redis.__version__}")
+    finally:
+        client.close()
+
+
+def drop_redis_keys(pattern: str) -> int:
+    """Delete the keys of ``REDIS_URL``'s database that match ``pattern`` (SCAN, never
+    KEYS); how many there were."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        names = list(client.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(names), 1000):
+            client.delete(*names[start:start + 1000])
+        return len(names)
+    finally:
+        client.close()
 
 
 def section(title: str) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 from common import Config, Results, ms, section
 
@@ -22,7 +23,7 @@ PACKAGE = "import singleflight_agents"
 ENGINE = "from singleflight_agents import Singleflight"
 
 
-def bench_import(cfg: Config, res: Results) -> None:
+def bench_import(cfg: Config, res: Results, stores: Sequence[str] = ()) -> None:
     section("8. import time (fresh interpreter, minus `python -c pass`)")
     with tempfile.TemporaryDirectory(prefix="sf-bench-pycache-") as pycache:
         # As installed: bytecode cached (pip compiles it). The cache goes to a temporary

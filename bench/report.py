@@ -10,12 +10,13 @@ import sqlite3
 from pathlib import Path
 
 import diskcache
-from common import Config, Results, ms, us
+from common import Config, Results, ms, redis_info, us
 
 import singleflight_agents
 
 
-def machine() -> dict[str, str]:
+def machine(redis_url: str | None = None) -> dict[str, str]:
+    """The machine and the software measured; the Redis server's version if ``redis_url``."""
     cpu = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -27,6 +28,7 @@ def machine() -> dict[str, str]:
         "OS": f"{platform.system()} {platform.release()}",
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "SQLite": sqlite3.sqlite_version,
+        **({"Redis": redis_info(redis_url)} if redis_url else {}),
         "singleflight-agents": singleflight_agents.__version__,
         "diskcache": diskcache.__version__,
         "Date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -49,6 +51,7 @@ def write_docs(path: Path, cfg: Config, res: Results, info: dict[str, str], elap
                command: str) -> None:
     missed, failed = res.missed(), res.failures
     machine_lines = "\n".join(f"- **{key}**: {value}" for key, value in info.items())
+    notes = "".join(f"\n{note}" for note in res.notes)
     text = f"""# Performance
 
 Measured by `bench/run.py` on one machine, every peer in the same run. Reproduce with:
@@ -59,7 +62,12 @@ Measured by `bench/run.py` on one machine, every peer in the same run. Reproduce
 
 ({cfg.name} mode, took {elapsed:.0f} s, load average at the end {loadavg()};
 `python bench/run.py --quick` is a smoke run that writes no docs; `--profile` prints
-cProfile tables of warm hits and misses.)
+cProfile tables of warm hits and misses; `--stores sqlite` leaves Redis out.)
+
+The Store column says which store a row measured: `sqlite` is the default store (a file),
+`redis` the Redis store on a server on this machine (`--redis-url`, a database and key
+prefix of the benchmark's own, deleted afterwards). The stores take turns within each
+benchmark, so both meet the same moments of the machine.{notes}
 
 ## Machine
 
@@ -81,6 +89,18 @@ Correctness checks failed: {"; ".join(failed) if failed else "none"}.
     print(f"\nwrote {path}")
 
 
+def _once(n: dict[str, float], store: str) -> str:
+    if n.get(f"{store}_mp_exactly_once") == 1.0:
+        return "ran each key exactly once"
+    return "did NOT run each key exactly once (see the failed checks above)"
+
+
+def _times(slower: float, faster: float) -> str:
+    """How ``slower`` compares to ``faster``: "3.2x" or "about the same"."""
+    ratio = slower / faster
+    return "about the same as" if 0.9 <= ratio <= 1.1 else f"{ratio:.1f}x"
+
+
 def interpretation(n: dict[str, float]) -> str:
     """Short prose with this run's numbers; a paragraph is left out if its bench did not run."""
     parts = [
@@ -88,8 +108,8 @@ def interpretation(n: dict[str, float]) -> str:
         "compare numbers taken in the same run, where the variants of a benchmark ran "
         "interleaved. Medians are the figures to read; p99 and max show the VM's hiccups."
     ]
-    if "hit_sync_median_ns" in n and "hit_busy_sync_median_ns" in n:
-        ours, theirs = n["hit_sync_median_ns"], n["hit_diskcache_median_ns"]
+    if "sqlite_sync_hit_median_ns" in n and "sqlite_hit_busy_median_ns" in n:
+        ours, theirs = n["sqlite_sync_hit_median_ns"], n["hit_diskcache_median_ns"]
         faster = f"{theirs / ours:.1f}x faster than" if ours <= theirs else f"{ours / theirs:.1f}x"
         parts.append(
             f"**Warm hit.** A hit fingerprints the arguments (canonical JSON, SHA-256), reads "
@@ -97,17 +117,17 @@ def interpretation(n: dict[str, float]) -> str:
             f"its HMAC unless already checked, and decodes a fresh copy of the value: "
             f"{us(ours)} per sync call, {faster} diskcache's {us(theirs)} (one SQLite read and "
             f"an unpickle). `lru_cache` ({us(n['hit_lru_median_ns'])}) is the in-memory floor. "
-            f"Beside a process storing {n['hit_busy_writer_rate']:,.0f} receipts/s into the "
-            f"same store: {us(n['hit_busy_sync_median_ns'])} against diskcache's "
-            f"{us(n['hit_busy_diskcache_median_ns'])}. Next to a tool call of milliseconds or "
-            f"more, either hit is noise.")
-    if "miss_ours_rate" in n:
-        ratio = n["miss_diskcache_rate"] / n["miss_ours_rate"]
+            f"Beside a process storing {n['sqlite_hit_busy_writer_rate']:,.0f} receipts/s into "
+            f"the same store: {us(n['sqlite_hit_busy_median_ns'])} against diskcache's "
+            f"{us(n['sqlite_hit_busy_diskcache_median_ns'])}. Next to a tool call of "
+            f"milliseconds or more, either hit is noise.")
+    if "sqlite_miss_rate" in n:
+        ratio = n["diskcache_miss_rate"] / n["sqlite_miss_rate"]
         parts.append(
             f"**Miss + store.** A miss takes a lease (a write transaction and a per-key lock "
             f"file) and then stores the signed receipt (a second transaction): "
-            f"{n['miss_ours_rate']:,.0f} calls/s against diskcache's "
-            f"{n['miss_diskcache_rate']:,.0f}/s ({ratio:.1f}x). That buys exactly-once across "
+            f"{n['sqlite_miss_rate']:,.0f} calls/s against diskcache's "
+            f"{n['diskcache_miss_rate']:,.0f}/s ({ratio:.1f}x). That buys exactly-once across "
             f"processes; two processes missing the same diskcache key both run the tool.")
     if "fanout_3_overhead_s" in n:
         overhead = n["fanout_3_overhead_s"]
@@ -116,22 +136,24 @@ def interpretation(n: dict[str, float]) -> str:
             f"flight: every case executed once. The overhead grows with the callers, each of "
             f"which fingerprints its arguments and decodes its own copy (1,000 async callers: "
             f"{ms(overhead)}, about {overhead / 1000 * 1e6:.0f} µs each).")
-    if "mp_wall_s" in n:
+    if "sqlite_mp_wall_s" in n:
         parts.append(
-            f"**Processes.** 8 processes x 20 keys ran each key exactly once, in "
-            f"{ms(n['mp_wall_s'])} against the tool's 20 ms: the last execution started "
-            f"{ms(n['mp_last_start_s'])} after the common start, because taking a lease is a "
-            f"write transaction and the processes queue for SQLite's single write lock on "
-            f"{cores()} cores (each event loop spent a median {ms(n['mp_blocked_median_s'])} "
-            f"blocked in store calls).")
-    if {"wake_sync_median_s", "crash_median_s", "fail_xproc_0_median_s"} <= n.keys():
+            f"**Processes.** 8 processes x 20 keys {_once(n, 'sqlite')}, in "
+            f"{ms(n['sqlite_mp_wall_s'])} against the tool's 20 ms: the last execution started "
+            f"{ms(n['sqlite_mp_last_start_s'])} after the common start, because taking a lease "
+            f"is a write transaction and the processes queue for SQLite's single write lock on "
+            f"{cores()} cores (each event loop spent a median "
+            f"{ms(n['sqlite_mp_blocked_median_s'])} blocked in store calls).")
+    if {"sqlite_wake_sync_median_s", "sqlite_crash_median_s",
+            "sqlite_fail_xproc_0_median_s"} <= n.keys():
         parts.append(
             f"**Wake-up, crash, failure.** A waiter in another process blocks in `flock` on "
             f"the key's lock file, so the kernel wakes it as soon as the holder lets go: after "
-            f"it finished ({ms(n['wake_sync_median_s'])} median, the holder's write included), "
-            f"was killed (takeover in {ms(n['crash_median_s'])}, not after the 10 s lease "
-            f"lapses) or failed ({ms(n['fail_xproc_0_median_s'])} to the waiter's "
-            f"re-execution).")
+            f"it finished ({ms(n['sqlite_wake_sync_median_s'])} median, the holder's write "
+            f"included), was killed (takeover in {ms(n['sqlite_crash_median_s'])}, not after "
+            f"the {n['sqlite_crash_lease_s']:g} s lease lapses) or failed "
+            f"({ms(n['sqlite_fail_xproc_0_median_s'])} to the waiter's re-execution).")
+    parts += _redis_interpretation(n)
     if "import_package_s" in n:
         engine_min, stdlib_min = n["import_engine_min_s"], n["import_stdlib_min_s"]
         mostly = "most" if stdlib_min >= engine_min / 2 else "less than half"
@@ -146,3 +168,68 @@ def interpretation(n: dict[str, float]) -> str:
             f"fastest, least disturbed runs {ms(stdlib_min)} against {ms(engine_min)}: "
             f"{mostly} of the cost of first use is the standard library's.")
     return "\n\n".join(parts)
+
+
+def _redis_interpretation(n: dict[str, float]) -> list[str]:
+    """The Redis store against SQLite, for the benchmarks that ran on both."""
+    parts = []
+    if {"redis_sync_hit_median_ns", "sqlite_sync_hit_median_ns", "hit_ping_median_ns",
+            "redis_miss_rate", "sqlite_miss_rate"} <= n.keys():
+        hit, ping = n["redis_sync_hit_median_ns"], n["hit_ping_median_ns"]
+        parts.append(
+            f"**Redis: hits and misses.** Every call to the Redis store is a network round "
+            f"trip; on this VM a bare `PING` over loopback takes {us(ping)}. A warm hit "
+            f"is one `HGETALL` of the receipt's 17 fields, parsed by redis-py (without "
+            f"hiredis here), then an HMAC check every time (the store hands back a new object "
+            f"per read, so the check cannot be skipped as with SQLite): {us(hit)}, "
+            f"{_times(hit, n['sqlite_sync_hit_median_ns'])} SQLite's "
+            f"{us(n['sqlite_sync_hit_median_ns'])}. A miss is five round trips (three reads of "
+            f"the receipt, the lease script, the store script; and at most once a second the "
+            f"statistics): "
+            f"{n['redis_miss_rate']:,.0f} calls/s against SQLite's "
+            f"{n['sqlite_miss_rate']:,.0f}/s. Both are small next to a tool that calls a model "
+            f"or an API; what Redis buys is one deduplication domain across machines.")
+    if {"redis_mp_wall_s", "sqlite_mp_wall_s"} <= n.keys():
+        parts.append(
+            f"**Redis: processes.** 8 processes x 20 keys {_once(n, 'redis')} (the lease "
+            f"is taken by a Lua script, one step on the server). The last execution started "
+            f"{ms(n['redis_mp_last_start_s'])} after the common start (SQLite: "
+            f"{ms(n['sqlite_mp_last_start_s'])}); there is no single write lock to queue for, "
+            f"but each store call blocks its event loop for a round trip, "
+            f"{ms(n['redis_mp_blocked_median_s'])} per process in all (SQLite: "
+            f"{ms(n['sqlite_mp_blocked_median_s'])}), and the last process was done after "
+            f"{ms(n['redis_mp_wall_s'])} (SQLite: {ms(n['sqlite_mp_wall_s'])}).")
+    if {"redis_wake_sync_median_s", "redis_crash_median_s", "sqlite_wake_sync_median_s",
+            "sqlite_crash_median_s"} <= n.keys():
+        lease = n["redis_crash_lease_s"]
+        failure = (f", and a failure reaches a waiter re-executing in "
+                   f"{ms(n['redis_fail_xproc_0_median_s'])}"
+                   if "redis_fail_xproc_0_median_s" in n else "")
+        parts.append(
+            f"**Redis: wake-up and crash.** A holder publishes on the key's channel when it "
+            f"stores, fails or gives up; each process has one pattern subscription, whose "
+            f"thread wakes the waiter, which then reads the receipt: "
+            f"{ms(n['redis_wake_sync_median_s'])} median for a sync waiter, "
+            f"{ms(n['redis_wake_async_median_s'])} for an async one (SQLite: "
+            f"{ms(n['sqlite_wake_sync_median_s'])} / {ms(n['sqlite_wake_async_median_s'])})"
+            f"{failure}. {_lost_wakeups(n)} A killed holder publishes nothing and Redis "
+            f"cannot tell it is dead, so its waiter takes over only when the lease lapses: the "
+            f"holder renews every third "
+            f"of `lease_seconds`, so that is between 2/3 and all of it after the kill. The "
+            f"benchmark uses `lease_seconds={lease:g}` for Redis (SQLite: its default "
+            f"{n['sqlite_crash_lease_s']:g} s, which it never waits out): takeover "
+            f"{ms(n['redis_crash_median_s'])} median, {ms(n['redis_crash_max_s'])} at most, "
+            f"against SQLite's {ms(n['sqlite_crash_median_s'])}. With the "
+            f"default 10 s lease the same arithmetic gives 7 to 10 s (not measured here); "
+            f"choose `lease_seconds` for the wait you accept after a crash.")
+    return parts
+
+
+def _lost_wakeups(n: dict[str, float]) -> str:
+    """Whether any Redis wake-up fell back on the waiter's one-second re-check."""
+    slowest = max(n.get("redis_wake_sync_max_s", 0.0), n.get("redis_wake_async_max_s", 0.0))
+    if slowest < 0.5:
+        return (f"The slowest wake-up took {ms(slowest)}: none had to wait for the one-second "
+                f"re-check that covers a lost notification.")
+    return (f"The slowest wake-up took {ms(slowest)}: a notification was missed and the waiter "
+            f"found out at its one-second re-check.")

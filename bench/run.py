@@ -1,9 +1,15 @@
 #!/usr/bin/env python
 """Benchmarks of singleflight-agents against its peers, on this machine, in one run.
 
-    python bench/run.py            # full run (about a minute); rewrites docs/performance.md
-    python bench/run.py --quick    # smoke run (< 30 s); writes no docs unless --docs PATH
+    python bench/run.py            # full run (about two minutes); rewrites docs/performance.md
+    python bench/run.py --quick    # smoke run (< 20 s); writes no docs unless --docs PATH
     python bench/run.py --profile  # cProfile of warm hits and misses, printed; no benchmarks
+    python bench/run.py --stores sqlite          # leave the Redis store out
+
+The store-dependent benchmarks (1, 2, 4-7) run on the SQLite store and on the Redis store
+(--redis-url, default redis://127.0.0.1:6379/14; each benchmark under a prefix of its own,
+deleted afterwards), interleaved in one run. Redis is left out, with the reason printed,
+when no server answers.
 
 The modules beside this file: common.py (run sizes, results, helpers), hits.py (1-2: warm
 hit, miss), concurrency.py (3-7: fan-out, processes, wake-up, crash, failure), workers.py
@@ -28,14 +34,15 @@ from pathlib import Path
 # worker processes get the parent's sys.path from multiprocessing, so they find workers.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common
 import concurrency
 import hits
 import imports
 import report
-from common import FULL, QUICK, Config, Results
+from common import FULL, QUICK, REDIS_URL, RUN_TAG, STORES, Config, Results
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-BENCHES: dict[str, Callable[[Config, Results], None]] = {
+BENCHES: dict[str, Callable[[Config, Results, list[str]], None]] = {
     "hit": hits.bench_warm_hit,
     "miss": hits.bench_miss,
     "fanout": concurrency.bench_fanout,
@@ -57,24 +64,45 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"write the report here (default in full mode: {DOCS})")
     parser.add_argument("--no-docs", action="store_true", help="write no report")
     parser.add_argument("--json", type=Path, help="also write the rows and numbers as JSON")
+    parser.add_argument("--stores", type=store_list, default=list(STORES),
+                        help="comma-separated stores to measure (default: sqlite,redis)")
+    parser.add_argument("--redis-url", default=REDIS_URL,
+                        help=f"the Redis server and database to use (default: {REDIS_URL})")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    common.REDIS_URL = args.redis_url
+    res = Results()
+    requested, stores = list(args.stores), list(args.stores)
+    if "redis" in stores and (problem := common.redis_problem(args.redis_url)):
+        stores.remove("redis")
+        res.notes.append(f"Redis store not measured: {problem}")
+        print(f"skipping the Redis store: {problem}")
+    if not stores:
+        print("no store left to measure")
+        return 2
     if args.profile:
-        hits.profile(cfg)
+        hits.profile(cfg, stores[0])
         return 0
 
-    info = report.machine()
+    info = report.machine(args.redis_url if "redis" in stores else None)
     print(f"singleflight-agents benchmarks ({cfg.name} mode)")
     for key, value in info.items():
         print(f"  {key}: {value}")
-    res = Results()
     started = time.perf_counter()
-    for name, bench in BENCHES.items():
-        if not args.only or name in args.only:
-            bench(cfg, res)
+    try:
+        for name, bench in BENCHES.items():
+            if not args.only or name in args.only:
+                began = time.perf_counter()
+                bench(cfg, res, stores)
+                print(f"  ({name}: {time.perf_counter() - began:.1f} s)", flush=True)
+    finally:
+        if "redis" in stores and (left := common.drop_redis_keys(f"sf-bench-{RUN_TAG}-*")):
+            print(f"deleted {left} Redis keys the benchmarks left behind")
     elapsed = time.perf_counter() - started
 
     print(f"\n{res.table()}\n\n{cfg.name} mode took {elapsed:.1f} s")
+    for note in res.notes:
+        print(note)
     if res.failures:
         print("CORRECTNESS CHECKS FAILED: " + "; ".join(res.failures))
     docs = args.docs or (None if args.quick else DOCS)
@@ -83,13 +111,25 @@ def main(argv: list[str] | None = None) -> int:
             print("not writing docs: --only ran a subset")
         else:
             command = "python bench/run.py" + (" --quick" if args.quick else "")
+            if requested != list(STORES):
+                command += " --stores " + ",".join(requested)
             report.write_docs(docs, cfg, res, info, elapsed, command)
     if args.json:
         rows = [dataclasses.asdict(row) for row in res.rows]
-        args.json.write_text(json.dumps({"mode": cfg.name, "machine": info, "rows": rows,
-                                         "numbers": res.numbers, "failures": res.failures},
+        args.json.write_text(json.dumps({"mode": cfg.name, "machine": info, "stores": stores,
+                                         "rows": rows, "numbers": res.numbers,
+                                         "failures": res.failures, "notes": res.notes},
                                         indent=2))
     return 1 if res.failures else 0
+
+
+def store_list(text: str) -> list[str]:
+    stores = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(stores) - set(STORES))
+    if unknown or not stores:
+        raise argparse.ArgumentTypeError(f"unknown store {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(STORES)}")
+    return list(dict.fromkeys(stores))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ interpreter like a real second agent process. A child finds this module by plain
 because it inherits the parent's ``sys.path``, which has bench/ on it (see run.py).
 Clocks across processes are compared with ``time.time()`` (one machine, one clock).
 
-The tools get explicit tool names, so that every process fingerprints them alike.
+Every process opens its store by URL (a file path or ``redis://...?prefix=``) with the
+benchmark's secret (``common.open_engine``). The tools get explicit tool names, so that
+every process fingerprints them alike.
 ``ROLE`` says whether a ``serve`` process is the holder (it runs the slow path and reports
 "started" as soon as its tool begins) or a waiter (its tool runs only if it has to take
 over or re-execute).
@@ -21,12 +23,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from common import payload
+from common import open_engine, payload
 
-from singleflight_agents import Singleflight, ToolExecutionOptions
+from singleflight_agents import ToolExecutionOptions
 
 SPAWN = multiprocessing.get_context("spawn")
 HOLD_S = 0.1  # how long a holder runs its tool before finishing or failing
@@ -82,7 +83,7 @@ TOOLS: dict[str, tuple[str, Callable[..., Any]]] = {
 }
 
 
-def serve(role: str, db_path: str, conn: Any) -> None:
+def serve(role: str, url: str, conn: Any) -> None:
     """A peer process: runs ("call", tool, key, mode, options) commands until "stop".
 
     For each call it sends ("calling", time) and then ("result", report), the report
@@ -91,7 +92,7 @@ def serve(role: str, db_path: str, conn: Any) -> None:
     """
     global ROLE, CONN
     ROLE, CONN = role, conn
-    sf = Singleflight(db_path)
+    sf = open_engine(url)
     conn.send(("ready", os.getpid()))
     while (message := conn.recv())[0] != "stop":
         _, tool_id, key, mode, extra = message
@@ -114,13 +115,25 @@ def serve(role: str, db_path: str, conn: Any) -> None:
 
 
 class Peer:
-    """A spawned ``serve`` process and our end of its pipe."""
+    """A spawned ``serve`` process on store ``url`` and our end of its pipe. Unless ``wait``
+    is false, the constructor waits for the process to be ready (else: ``started()``)."""
 
-    def __init__(self, role: str, db_path: Path) -> None:
+    def __init__(self, role: str, url: str, wait: bool = True) -> None:
         self.conn, child = SPAWN.Pipe()
-        self.process = SPAWN.Process(target=serve, args=(role, str(db_path), child), daemon=True)
+        self.process = SPAWN.Process(target=serve, args=(role, url, child), daemon=True)
         self.process.start()
         child.close()
+        if wait:
+            self.started()
+
+    @staticmethod
+    def all_started(*peers: Peer) -> None:
+        """Wait until every one of ``peers`` (created with ``wait=False``) is ready: they
+        start side by side, in less time than one after the other."""
+        for peer in peers:
+            peer.started()
+
+    def started(self) -> None:
         self.expect("ready", timeout=60)
 
     def call(self, tool_id: str, key: str, mode: str = "sync", **options: Any) -> None:
@@ -148,9 +161,9 @@ class Peer:
         self.process.join()
 
 
-def busy_writer(db_path: str, conn: Any) -> None:
+def busy_writer(url: str, conn: Any) -> None:
     """Store new receipts in a loop until the parent says stop; then send how many."""
-    sf = Singleflight(db_path)
+    sf = open_engine(url)
     options = ToolExecutionOptions(deterministic=True, tool_name="bench.writer")
     conn.send("ready")
     stored = 0
@@ -185,14 +198,22 @@ def _blocking_time(obj: Any, methods: tuple[str, ...]) -> list[int]:
     return total
 
 
-def fanout_worker(db_path: str, log_path: str, keys: list[str], conn: Any) -> None:
-    """One of the processes of "processes x keys": call every key at once, at a set instant.
+def fanout_worker(conn: Any) -> None:
+    """One of the processes of "processes x keys", for several runs: each ("run", url,
+    log_path, keys) is one ``fanout_run``; ("stop",) ends the process."""
+    while (message := conn.recv())[0] == "run":
+        fanout_run(conn, *message[1:])
+
+
+def fanout_run(conn: Any, url: str, log_path: str, keys: list[str]) -> None:
+    """Open the store, say ("ready", pid), wait for the start instant the parent sends,
+    call every key at once, and send ("done", time, blocked seconds), where blocked is how
+    long the event loop spent inside the store's calls.
 
     Each execution appends a line to ``log_path`` (O_APPEND, so lines from the processes
-    don't mix), which the parent counts. Sends ("done", time, blocked seconds), where
-    blocked is how long the event loop spent inside the store's calls.
+    don't mix), which the parent counts.
     """
-    sf = Singleflight(db_path)
+    sf = open_engine(url)
     options = ToolExecutionOptions(deterministic=True, tool_name="bench.mp_fanout")
     blocked_ns = _blocking_time(sf.store, STORE_CALLS)
 
