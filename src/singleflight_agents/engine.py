@@ -520,8 +520,11 @@ class Singleflight:
                        receipt.latency_ms)
 
     def _trusted(self, call: _Call, receipt: Receipt) -> bool:
-        if self._verified.get(call.key) is receipt:  # the store hands back the object it
-            return True  # read until the file changes: check each object once
+        # Each receipt is checked once: SQLite hands back the very object it read until the
+        # file changes; Redis a new one, equal in every field to the one checked before.
+        known = self._verified.get(call.key)
+        if known is receipt or known == receipt:
+            return True
         try:
             valid = receipt.fingerprint == call.key and self.verify_receipt(receipt)
         except (TypeError, ValueError):  # fields of the wrong type: edited in the store

@@ -208,8 +208,16 @@ class RedisStore(ReceiptStore):
     def _ensure_listener(self) -> None:
         if self._listener is not None and self._listener[0] == os.getpid():
             return
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._redis.pubsub()
         pubsub.psubscribe(**{f"{self.prefix}w:*": self._on_wake})
+        # Wait for Redis to confirm the subscription: a wake-up published before that
+        # would be missed (the re-check would still catch it, a second later).
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message["type"] == "psubscribe":
+                break
+        pubsub.ignore_subscribe_messages = True
         worker = pubsub.run_in_thread(sleep_time=1.0, daemon=True,
                                       exception_handler=_keep_listening)
         self._listener = (os.getpid(), worker)
