@@ -23,7 +23,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
-from .fingerprint import binder, encode_inputs, fingerprint_of
+from .fingerprint import binder, encode_inputs, fingerprint_of, redact_inputs
 from .flights import ABANDONED, FLIGHTS, Flight, run_in_thread, wait_future
 from .heartbeat import Heartbeat
 from .models import (
@@ -52,14 +52,15 @@ _FLUSH_INTERVAL = 1.0
 
 
 class _Call:
-    __slots__ = ("args", "func", "inputs", "is_async", "key", "kwargs", "options", "tampered",
-                 "tool_name")
+    __slots__ = ("args", "func", "inputs", "is_async", "key", "kwargs", "options", "shown_inputs",
+                 "tampered", "tool_name")
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  options: ToolExecutionOptions, tool_name: str, is_async: bool) -> None:
         self.func, self.args, self.kwargs, self.options = func, args, kwargs, options
         self.tool_name, self.is_async = tool_name, is_async
         self.key = self.inputs = ""  # set for shared calls only
+        self.shown_inputs = ""  # what receipts and messages show: inputs, minus redactions
         self.tampered = False  # counted once per call, however often the receipt was read
 
 
@@ -255,7 +256,10 @@ class Singleflight:
                      options.tool_name or _tool_name(func, options.shared), bind.is_async)
         if options.shared:
             ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
-            call.inputs = encode_inputs(call.tool_name, ident)
+            call.inputs = call.shown_inputs = encode_inputs(call.tool_name, ident)
+            if options.redact is not None:
+                call.shown_inputs = encode_inputs(call.tool_name,
+                                                  redact_inputs(ident, options.redact))
             call.key = fingerprint_of(call.tool_name, call.inputs, namespace=options.namespace,
                                       scope=options.scope, version=options.version)
         return call
@@ -481,7 +485,7 @@ class Singleflight:
         receipt = self._signer.sign(Receipt(
             fingerprint=call.key, tool_name=call.tool_name, namespace=options.namespace,
             scope=options.scope, version=options.version,
-            inputs=call.inputs if options.store_inputs else None,
+            inputs=call.shown_inputs if options.store_inputs else None,
             inputs_sha256=hashlib.sha256(call.inputs.encode()).hexdigest(),
             codec=result.encoded[0], output=result.encoded[1], created_at=now,
             expires_at=now + options.ttl_seconds, latency_ms=round(result.latency_ms, 3),
@@ -558,7 +562,8 @@ class Singleflight:
             hit = self._lookup(call)
             if hit is None:
                 self._stats.add(call.tool_name, replay_misses=1)
-                raise ReplayMissError(call.tool_name, call.inputs, call.options.record_command)
+                raise ReplayMissError(call.tool_name, call.shown_inputs,
+                                      call.options.record_command)
             return hit
         if FLIGHTS.peek((self.store.identity, call.key)) is not None:
             return None

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .codec import UnencodableError, canonical_json
@@ -98,3 +98,23 @@ def make_fingerprint(
         tool_name, encode_inputs(tool_name, arguments), namespace=namespace, scope=scope,
         version=version,
     )
+
+
+REDACTED = "[redacted]"
+
+
+def redact_inputs(arguments: Any, redact: Sequence[str] | Callable[[Any], Any]) -> Any:
+    """What to store of ``arguments``: named values masked, or ``redact(arguments)``."""
+    if callable(redact):
+        return redact(arguments)
+    for path in redact:
+        arguments = _mask(arguments, path.split("."))
+    return arguments
+
+
+def _mask(value: Any, parts: list[str]) -> Any:
+    if not isinstance(value, dict) or parts[0] not in value:
+        return value
+    masked = dict(value)  # copies only the spine of the path: the caller's data is untouched
+    masked[parts[0]] = REDACTED if len(parts) == 1 else _mask(value[parts[0]], parts[1:])
+    return masked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +67,10 @@ class ToolExecutionOptions:
     shared tool (a missing receipt raises :class:`ReplayMissError`, expiry is ignored);
     ``refresh`` ignores receipts older than the engine's ``refresh_since`` and overwrites
     them; ``off`` runs every call and only counts the duplicates. ``record_command`` is
-    the command a replay miss tells the user to run.
+    the command a replay miss tells the user to run. ``redact`` keeps secrets out of the
+    stored inputs: argument names or dotted paths (``"headers.Authorization"``) whose values
+    are stored as ``"[redacted]"``, or a function from the arguments to what to store; the
+    fingerprint still covers the real values.
     """
 
     tool_name: str | None = None
@@ -87,6 +90,7 @@ class ToolExecutionOptions:
     store_inputs: bool = True
     mode: str = "record"
     record_command: str = "pytest --singleflight-mode=record"
+    redact: Sequence[str] | Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -104,6 +108,11 @@ class ToolExecutionOptions:
         for name in ("scope", "namespace", "version"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"ToolExecutionOptions.{name} must be a string")
+        redact = self.redact
+        if redact is not None and not callable(redact) and (
+                isinstance(redact, str) or not all(isinstance(p, str) for p in redact)):
+            raise ValueError("ToolExecutionOptions.redact takes a list of argument names or "
+                             "dotted paths, or a function of the arguments")
         if self.key is not None and not callable(self.key):
             raise ValueError("ToolExecutionOptions.key must be a callable taking the tool's arguments")
 
