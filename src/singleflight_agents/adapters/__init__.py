@@ -1,0 +1,41 @@
+"""Adapters for agent frameworks. Each imports its framework only when used.
+
+- OpenAI Agents SDK (extra ``[openai]``): :func:`function_tool`, :func:`wrap_function_tool`.
+- LangGraph / LangChain (extra ``[langgraph]``): :func:`wrap_langgraph_node`,
+  :func:`wrap_langchain_tool`, :func:`wrap_langchain_tools`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .langgraph import wrap_langchain_tool as wrap_langchain_tool
+    from .langgraph import wrap_langchain_tools as wrap_langchain_tools
+    from .langgraph import wrap_langgraph_node as wrap_langgraph_node
+    from .openai_agents import function_tool as function_tool
+    from .openai_agents import wrap_function_tool as wrap_function_tool
+
+_HOMES = {
+    "function_tool": (".openai_agents", "openai"),
+    "wrap_function_tool": (".openai_agents", "openai"),
+    "wrap_langgraph_node": (".langgraph", "langgraph"),
+    "wrap_langchain_tool": (".langgraph", "langgraph"),
+    "wrap_langchain_tools": (".langgraph", "langgraph"),
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home, extra = _HOMES[name]
+    try:
+        module = importlib.import_module(home, __name__)
+    except ImportError as exc:
+        raise ImportError(f"singleflight_agents.adapters.{name} needs its framework "
+                          f"({exc.name}): pip install 'singleflight-agents[{extra}]'") from exc
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
