@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("demo", parents=[db], help="three agents, six calls, three duplicates")
+    commands.add_parser("openai-demo", parents=[db], help=(
+        "an OpenAI Agents SDK agent, scripted and offline, with duplicate tool calls "
+        "(extra [openai])"))
+    commands.add_parser("langgraph-demo", parents=[db], help=(
+        "a LangGraph agent, scripted and offline, with duplicate tool calls (extra [langgraph])"))
     summary = commands.add_parser("summary", parents=[db], help="savings per tool")
     which = summary.add_mutually_exclusive_group()
     which.add_argument("--run", metavar="ID", help="this run's statistics (default: the latest)")
@@ -88,6 +94,9 @@ def _existing_store(db: str | None) -> Iterator[ReceiptStore]:
         path = sqlite_path(db)
         if not path.is_file():
             raise UsageError(f"no store at {path}; pass --db with the path of an existing store")
+        if path.stat().st_size == 0:
+            raise UsageError(f"{path} is empty, not a singleflight store; pass --db with the "
+                             f"path of an existing store")
         if not os.access(path, os.R_OK | os.W_OK):
             raise UsageError(f"store {path} is not readable and writable by this user; fix its "
                              f"permissions")
@@ -109,6 +118,25 @@ def _demo(args: argparse.Namespace, db: str | None) -> int:
     return 0
 
 
+def _framework_demo(module: str, function: str, extra: str, db: str | None) -> int:
+    try:
+        run = getattr(importlib.import_module(module, __package__), function)
+    except ImportError as exc:
+        raise UsageError(f"this demo needs {exc.name}: pip install "
+                         f"'singleflight-agents[{extra}]'") from None
+    with Singleflight(db) as sf:
+        asyncio.run(run(sf))
+    return 0
+
+
+def _openai_demo(args: argparse.Namespace, db: str | None) -> int:
+    return _framework_demo(".demo_openai", "run_openai_demo", "openai", db)
+
+
+def _langgraph_demo(args: argparse.Namespace, db: str | None) -> int:
+    return _framework_demo(".demo_langgraph", "run_langgraph_demo", "langgraph", db)
+
+
 def _summary(args: argparse.Namespace, db: str | None) -> int:
     with _existing_store(db) as store:
         run = None if args.all else (args.run or store.latest_run())
@@ -125,29 +153,30 @@ def _summary(args: argparse.Namespace, db: str | None) -> int:
 def _verify(args: argparse.Namespace, db: str | None) -> int:
     with _existing_store(db) as store:
         signer = _signer(store)
-        problems = store.check() + _self_check(signer)
+        store_problems = store.check() + _self_check(signer)
+        bad: list[str] = []
         now = time.time()
         total = expired = foreign = 0
         for receipt in store.iter_receipts():
             total += 1
-            expired += receipt.expires_at <= now
+            name = f"{receipt.tool_name} {str(receipt.fingerprint)[:16]}"
             if receipt.key_id != signer.key_id:
                 foreign += 1
-                problems.append(f"{receipt.tool_name} {receipt.fingerprint[:16]}: signed with "
-                                f"another key (key id {receipt.key_id})")
+                bad.append(f"{name}: signed with another key (key id {receipt.key_id})")
             elif not _verifies(signer, receipt):
-                problems.append(f"{receipt.tool_name} {receipt.fingerprint[:16]}: signature "
-                                f"mismatch (edited after it was signed)")
+                bad.append(f"{name}: signature mismatch (edited after it was signed)")
+            else:
+                expired += receipt.expires_at <= now  # a verified receipt's fields are sound
     if total and foreign == total:
         raise UsageError(f"every receipt in {store.url} was signed with another key than "
                          f"key id {signer.key_id}; set SINGLEFLIGHT_SECRET to the secret that "
                          f"signed them")
-    for problem in problems:
+    for problem in store_problems + bad:
         print(f"FAIL {problem}")
-    status = "FAILED" if problems else "ok"
-    print(f"{status}: {total - len(problems) if total else 0} of {total} receipts verified "
-          f"({expired} expired), store self-check {'failed' if problems else 'passed'}")
-    return 1 if problems else 0
+    failed = bool(store_problems or bad)
+    print(f"{'FAILED' if failed else 'ok'}: {total - len(bad)} of {total} receipts verified "
+          f"({expired} expired), store self-check {'failed' if store_problems else 'passed'}")
+    return 1 if failed else 0
 
 
 def _verifies(signer: Signer, receipt: Receipt) -> bool:
@@ -235,7 +264,8 @@ def _new_store(db: str | None) -> Iterator[ReceiptStore]:
         yield sf.store
 
 
-_COMMANDS = {"demo": _demo, "summary": _summary, "verify": _verify, "prune": _prune,
+_COMMANDS = {"demo": _demo, "openai-demo": _openai_demo, "langgraph-demo": _langgraph_demo,
+             "summary": _summary, "verify": _verify, "prune": _prune,
              "export": _export, "import": _import}
 
 if __name__ == "__main__":

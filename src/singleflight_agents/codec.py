@@ -77,7 +77,7 @@ def _dict(value: dict[Any, Any], canonical: bool) -> Any:
             exc.path.append(f"[{k!r}]")
             raise
     if canonical:
-        pairs.sort(key=lambda pair: _dumps(pair[0]))
+        pairs.sort(key=_dumps)  # the whole pair: keys with one JSON (NaN) still order stably
     return {TAG: "map", "v": pairs}
 
 

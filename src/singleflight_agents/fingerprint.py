@@ -44,9 +44,16 @@ class _Binder:
         return bound.arguments
 
 
-@functools.lru_cache(maxsize=4096)
 def binder(func: Callable[..., Any]) -> _Binder:
     """The (cached) binder of ``func``."""
+    try:
+        return _cached_binder(func)
+    except TypeError:  # an unhashable callable object
+        return _Binder(func)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_binder(func: Callable[..., Any]) -> _Binder:
     return _Binder(func)
 
 

@@ -34,8 +34,9 @@ class Signer:
         r = receipt
         message = repr((
             r.fingerprint, r.tool_name, r.namespace, r.scope, r.version, r.inputs,
-            r.inputs_sha256, r.codec, r.output, float(r.created_at), float(r.expires_at),
-            float(r.latency_ms), float(r.cost_usd), r.executor, int(r.token), r.key_id,
+            r.inputs_sha256, r.codec, r.output, _number(r.created_at), _number(r.expires_at),
+            _number(r.latency_ms), _number(r.cost_usd), r.executor, int(_number(r.token)),
+            r.key_id,
         )).encode()
         mac = self._mac.copy()
         mac.update(message)
@@ -47,6 +48,13 @@ class Signer:
 
     def verify(self, receipt: Receipt) -> bool:
         return hmac.compare_digest(self._digest(receipt), receipt.signature)
+
+
+def _number(value: object) -> float:
+    # Text that looks like a number is not one: a field rewritten as text is tampered.
+    if type(value) not in (int, float):
+        raise TypeError(f"receipt field holds {type(value).__name__}, not a number")
+    return float(value)  # type: ignore[arg-type]
 
 
 def key_path_for(db_path: Path) -> Path:

@@ -165,6 +165,9 @@ class SQLiteStore(ReceiptStore):
             conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
                                    check_same_thread=False, cached_statements=64)
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Bytes that are not UTF-8 (a damaged row) decode with replacement characters,
+            # so the receipt fails its signature check instead of aborting the read.
+            conn.text_factory = lambda data: data.decode("utf-8", "replace")
             local.conn, local.pid = conn, os.getpid()
             local.receipts, local.data_version = {}, None
         return conn
@@ -376,7 +379,8 @@ class SQLiteStore(ReceiptStore):
     @_translated
     def check(self) -> list[str]:
         rows = self._conn().execute("PRAGMA quick_check").fetchall()
-        return [] if rows == [("ok",)] else [f"{self.path}: {row[0]}" for row in rows]
+        return [] if rows == [("ok",)] else [f"{self.path}: {' '.join(str(row[0]).split())}"
+                                             for row in rows]
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
