@@ -1,0 +1,248 @@
+"""LangGraph and LangChain: share node runs and tool calls through a :class:`Singleflight`.
+
+Wrapped nodes keep their kind (sync/async) and signature, so LangGraph still injects ``config``,
+``store``, ``runtime`` and ``writer``; wrapped tools keep class, name and schemas. Tool calls
+are keyed on what the model supplies, never on injected arguments, and a shared ToolMessage is
+re-addressed to each caller's own tool call id. LangChain messages and documents in results are
+stored field by field and rebuilt exactly; other objects JSON cannot carry are shared in flight.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
+
+from langchain_core.load.serializable import Serializable
+from langchain_core.messages import ToolMessage
+from langchain_core.tools import BaseTool
+from langchain_core.tools import tool as as_tool
+from langchain_core.utils.pydantic import get_fields
+from langgraph.types import Command
+from pydantic.fields import FieldInfo
+
+from ..engine import Singleflight
+from ..models import ToolExecutionOptions
+
+__all__ = ["wrap_langchain_tool", "wrap_langchain_tools", "wrap_langgraph_node"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T", bound=BaseTool)
+_SAFETY = ("deterministic", "bounded_read", "side_effecting")
+_LC = "__sf_langchain__"
+# The id of the tool call being run: BaseTool.run receives it, _run does not.
+_CALL_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "singleflight_tool_call_id", default=None)
+
+
+@dataclasses.dataclass(slots=True)
+class _Invocation:
+    """One call, passed to the engine as a single argument: no node or tool argument name
+    can then clash with the engine's own keywords (``options=``)."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    ident: Callable[[_Invocation], Any]  # what identifies the call
+    call_id: str | None = None
+
+    def key(self) -> Any:
+        return self.ident(self)
+
+
+def _call(inv: _Invocation) -> tuple[str | None, Any]:
+    return inv.call_id, _pack(inv.func(*inv.args, **inv.kwargs))
+
+
+async def _acall(inv: _Invocation) -> tuple[str | None, Any]:
+    return inv.call_id, _pack(await inv.func(*inv.args, **inv.kwargs))
+
+
+def _finish(inv: _Invocation, result: tuple[str | None, Any]) -> Any:
+    owner_call_id, packed = result
+    value = _unpack(packed)
+    if owner_call_id and inv.call_id and owner_call_id != inv.call_id:
+        value = _retarget(value, owner_call_id, inv.call_id)
+    return value
+
+
+def _options(what: str, default_name: str, options: dict[str, Any]) -> ToolExecutionOptions:
+    if not any(options.get(flag) for flag in _SAFETY):
+        raise TypeError(
+            f"{what}: say whether its results may be shared: pass deterministic=True (same "
+            f"input, same result), bounded_read=True (a read whose answer may be reused for "
+            f"ttl_seconds) or side_effecting=True (never shared: it always runs)")
+    return ToolExecutionOptions().replace(**{**options, "key": _Invocation.key,
+                                             "tool_name": options.get("tool_name") or default_name})
+
+
+def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] | None = None,
+                        **options: Any) -> F:
+    """A ``StateGraph`` node whose runs go through ``sf``; pass it to ``add_node``.
+
+    Needs ``deterministic=True``, ``bounded_read=True`` or ``side_effecting=True``; other
+    keywords are :class:`ToolExecutionOptions` fields. Calls are keyed on the state, never on
+    ``config``, ``store``, ``runtime`` or ``writer``; ``key`` takes the state and returns the
+    part that matters. Default ``tool_name``: ``langgraph.node.<qualname>``.
+    """
+    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    opts = _options(f"node {qualname}", f"langgraph.node.{qualname}", options)
+    if opts.shared and not options.get("tool_name") and (
+            not hasattr(func, "__qualname__") or "<lambda>" in qualname
+            or getattr(func, "__closure__", None)):  # its name cannot tell apart what it holds
+        raise TypeError(f"node {qualname} is a lambda, closure, partial or callable object: "
+                        f"pass tool_name= so that different nodes cannot share results")
+    params = list(inspect.signature(func).parameters)  # the first one takes the state
+
+    def ident(inv: _Invocation) -> Any:
+        state = inv.args[0] if inv.args else inv.kwargs[params[0]]
+        return key(state) if key is not None else state
+
+    wrapper: Any
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            inv = _Invocation(func, args, kwargs, ident)
+            return _finish(inv, (await sf.execute(_acall, inv, options=opts)).value)
+    else:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            inv = _Invocation(func, args, kwargs, ident)
+            return _finish(inv, sf.execute_sync(_call, inv, options=opts).value)
+    # LangGraph's injection and schema inference see the node's parameters and annotations
+    # through __wrapped__ (an explicit __signature__ would resolve them in this module).
+    return cast(F, wrapper)
+
+
+def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **options: Any) -> T:
+    """A copy of ``tool`` (same class, name, description and schemas) whose calls, sync and
+    async, go through ``sf``.
+
+    Needs ``deterministic=True``, ``bounded_read=True`` or ``side_effecting=True``; other
+    keywords are :class:`ToolExecutionOptions` fields. ``key`` takes the model-supplied
+    arguments as keywords and returns what identifies the call. Default
+    ``tool_name``: ``langchain.tool.<tool.name>``. A plain function is made a tool first.
+    """
+    base_tool: BaseTool = tool if isinstance(tool, BaseTool) else as_tool(tool)
+    if getattr(type(base_tool), "__singleflight__", False):
+        raise TypeError(f"tool {base_tool.name!r} is wrapped already")
+    user_key = options.pop("key", None)
+    opts = _options(f"tool {base_tool.name!r}", f"langchain.tool.{base_tool.name}", options)
+    # The key: what the model supplies (the tool-call schema, defaults applied); injected
+    # state, store, runtime, call id, config and callbacks are not part of it.
+    schema = base_tool.tool_call_schema
+    if isinstance(schema, dict):
+        props = schema.get("properties", {})
+        defaults = {k: p["default"] for k, p in props.items() if "default" in p}
+    else:
+        props = get_fields(schema)
+        defaults = {k: f.default for k, f in props.items() if isinstance(f, FieldInfo)
+                    and f.default_factory is None and not f.is_required()}
+    names = [name for name in props if name not in ("config", "run_manager", "callbacks")]
+
+    def ident(inv: _Invocation) -> Any:
+        given = {"*": inv.args} if len(inv.args) > len(names) else dict(
+            zip(names, inv.args, strict=False))
+        supplied = {k: v for k, v in {**defaults, **inv.kwargs}.items() if k in names} | given
+        return user_key(**supplied) if user_key is not None else supplied
+
+    cls = type(base_tool)
+    base_run, base_arun = cls._run, cls._arun
+    namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                 "__doc__": cls.__doc__, "__singleflight__": True}
+
+    @functools.wraps(base_run)
+    def _run(self: BaseTool, *args: Any, **kwargs: Any) -> Any:
+        inv = _Invocation(functools.partial(base_run, self), args, kwargs, ident, _CALL_ID.get())
+        return _finish(inv, sf.execute_sync(_call, inv, options=opts).value)
+
+    @functools.wraps(base_arun)
+    async def _arun(self: BaseTool, *args: Any, **kwargs: Any) -> Any:
+        inv = _Invocation(functools.partial(base_arun, self), args, kwargs, ident, _CALL_ID.get())
+        return _finish(inv, (await sf.execute(_acall, inv, options=opts)).value)
+
+    def run(self: BaseTool, *args: Any, tool_call_id: str | None = None, **kwargs: Any) -> Any:
+        token = _CALL_ID.set(tool_call_id)
+        try:
+            return cls.run(self, *args, tool_call_id=tool_call_id, **kwargs)
+        finally:
+            _CALL_ID.reset(token)
+
+    async def arun(self: BaseTool, *args: Any, tool_call_id: str | None = None,
+                   **kwargs: Any) -> Any:
+        token = _CALL_ID.set(tool_call_id)
+        try:
+            return await cls.arun(self, *args, tool_call_id=tool_call_id, **kwargs)
+        finally:
+            _CALL_ID.reset(token)
+
+    namespace.update(_run=_run, run=run, arun=arun)
+    # Without a native async path, BaseTool's _arun runs _run (ours) in a thread: wrapping
+    # _arun as well would make the call wait for itself.
+    if (getattr(base_tool, "coroutine", None) is not None if "coroutine" in cls.model_fields
+            else base_arun is not BaseTool._arun):
+        namespace["_arun"] = _arun
+    wrapped = base_tool.model_copy()  # fields, private state and the schema memo, as they are
+    object.__setattr__(wrapped, "__class__", type(cls.__name__, (cls,), namespace))
+    return cast(T, wrapped)
+
+
+def wrap_langchain_tools(sf: Singleflight, tools: Iterable[BaseTool | Callable[..., Any]],
+                         **options: Any) -> list[BaseTool]:
+    """:func:`wrap_langchain_tool` for each tool (e.g. for ``ToolNode``); each keeps its own
+    ``tool_name``, ``langchain.tool.<name>``."""
+    if options.get("tool_name"):
+        raise TypeError("wrap_langchain_tools: tool_name= would give every tool the same "
+                        "name; wrap tools one by one to name them")
+    return [wrap_langchain_tool(sf, tool, **options) for tool in tools]
+
+
+# -- results: LangChain objects stored field by field, tool call ids re-addressed ---------
+
+
+def _pack(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {k: _pack(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return kind(_pack(v) for v in value)
+    if (isinstance(value, Serializable) and kind.__module__.startswith("langchain_core.")
+            and "." not in kind.__qualname__):
+        return {_LC: f"{kind.__module__}:{kind.__qualname__}",
+                "v": {name: _pack(getattr(value, name)) for name in kind.model_fields},
+                "set": sorted(value.model_fields_set)}
+    return value
+
+
+def _unpack(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        if _LC in value and len(value) == 3:
+            module, _, name = value[_LC].partition(":")
+            cls = getattr(importlib.import_module(module), name, None) \
+                if module.startswith("langchain_core.") else None
+            if not (isinstance(cls, type) and issubclass(cls, Serializable)):
+                raise TypeError(f"a stored result names {value[_LC]!r}, not a LangChain class")
+            return cls.model_construct(_fields_set=set(value["set"]), **_unpack(value["v"]))
+        return {k: _unpack(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return kind(_unpack(v) for v in value)
+    return value
+
+
+def _retarget(value: Any, old: str, new: str) -> Any:
+    """``value`` with tool messages answering call ``old`` answering ``new`` instead."""
+    if isinstance(value, ToolMessage) and value.tool_call_id == old:
+        return value.model_copy(update={"tool_call_id": new})
+    if isinstance(value, Command):
+        return dataclasses.replace(value, update=_retarget(value.update, old, new))
+    kind = type(value)
+    if kind is dict:
+        return {k: _retarget(v, old, new) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return kind(_retarget(v, old, new) for v in value)
+    return value

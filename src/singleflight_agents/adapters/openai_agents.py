@@ -1,0 +1,191 @@
+"""OpenAI Agents SDK adapter: function tools whose identical calls execute once.
+
+``function_tool(sf, func, **options)`` is ``agents.function_tool`` with the Python function
+routed through the engine: the SDK builds the tool from the function itself (its name,
+description and parameter schema are exactly the SDK's) and keeps its whole pipeline
+(argument validation, approvals, failure handling, timeouts, output checks). A first
+``RunContextWrapper`` / ``ToolContext`` parameter reaches the function but never the
+fingerprint. ``wrap_function_tool(sf, tool, **options)`` deduplicates a ``FunctionTool`` built
+elsewhere, keyed on its name and its JSON arguments in canonical form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, overload
+
+from agents import FunctionTool, RunContextWrapper
+from agents import function_tool as sdk_function_tool
+from agents.tool import set_function_tool_failure_error_function, with_function_tool_failure_error_handler
+from agents.tool_context import ToolContext
+
+from ..engine import Singleflight
+from ..fingerprint import bind_arguments
+from ..models import ToolExecutionOptions
+
+__all__ = ["function_tool", "wrap_function_tool"]
+
+SDK_KEYWORDS = frozenset(inspect.signature(sdk_function_tool).parameters) - {"func"}
+ENGINE_KEYWORDS = frozenset(f.name for f in dataclasses.fields(ToolExecutionOptions))
+
+# Attributes by which the SDK (0.24) recognises its own function-tool invokers. A tool built by
+# ``agents.function_tool`` turns errors into a message for the model (``failure_error_function``)
+# inside its invoker; such a message must never be stored as the tool's result.
+_BINDS_TO_TOOL = "__agents_bind_function_tool__"
+_PREPARES_ARGUMENTS = "__agents_prepare_arguments__"
+_SYNC_TOOL = "__agents_sync_function_tool__"
+_WRAPPED_CALLABLE = "__agents_function_tool_wrapped_callable__"
+
+_logger = logging.getLogger("openai.agents")
+
+ToolFunction = Callable[..., Any]
+Invoker = Callable[[ToolContext[Any], str], Awaitable[Any]]
+
+
+def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` as (keywords of ``agents.function_tool``, ``ToolExecutionOptions`` fields)."""
+    unknown = sorted(set(options) - SDK_KEYWORDS - ENGINE_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"function_tool() got unknown keyword(s) {', '.join(unknown)}; it takes the keywords "
+            f"of agents.function_tool ({', '.join(sorted(SDK_KEYWORDS))}) and the fields of "
+            f"ToolExecutionOptions ({', '.join(sorted(ENGINE_KEYWORDS))})")
+    sdk = {k: v for k, v in options.items() if k in SDK_KEYWORDS}
+    engine = {k: v for k, v in options.items() if k in ENGINE_KEYWORDS}
+    return sdk, engine
+
+
+def _context_free_key(func: ToolFunction, user_key: Callable[..., Any] | None) -> Callable[..., Any]:
+    """The ``key=`` for ``func``: its arguments bound by name, without a leading run context
+    (or ``user_key`` called without it)."""
+    first = next(iter(inspect.signature(func).parameters), None)
+
+    def key(*args: Any, **kwargs: Any) -> Any:
+        has_context = bool(args) and isinstance(args[0], RunContextWrapper)
+        if user_key is not None:
+            return user_key(*args[1:], **kwargs) if has_context else user_key(*args, **kwargs)
+        bound = bind_arguments(func, args, kwargs)
+        if has_context and first is not None:
+            bound.pop(first, None)
+        return bound
+
+    return key
+
+
+@overload
+def function_tool(sf: Singleflight, func: ToolFunction, /, **options: Any) -> FunctionTool: ...
+
+
+@overload
+def function_tool(
+    sf: Singleflight, func: None = None, /, **options: Any
+) -> Callable[[ToolFunction], FunctionTool]: ...
+
+
+def function_tool(
+    sf: Singleflight, func: ToolFunction | None = None, /, **options: Any
+) -> FunctionTool | Callable[[ToolFunction], FunctionTool]:
+    """``agents.function_tool`` whose calls go through ``sf``; sync or async functions.
+
+    ``@function_tool(sf, deterministic=True, ttl_seconds=300)`` or ``function_tool(sf, func,
+    ...)``. Keywords are those of ``agents.function_tool`` (``name_override``,
+    ``description_override``, ``docstring_style``, ``strict_mode``, ``failure_error_function``,
+    ``is_enabled``, ``timeout``, ...) and the fields of :class:`ToolExecutionOptions`; any
+    other raises ``TypeError``. The engine's ``tool_name`` defaults to the SDK tool's name. A
+    ``key=`` receives the tool's arguments without the run context. As everywhere, calls are
+    shared only with ``deterministic=True`` or ``bounded_read=True``.
+
+    A callable object (not a function or method) becomes the SDK's own tool wrapped by
+    :func:`wrap_function_tool`: keyed on its JSON arguments, ``key=`` receiving them as keywords.
+    """
+    sdk, engine = _split(options)
+    base = ToolExecutionOptions().replace(**engine)  # bad values fail here, not at first call
+
+    def build(f: ToolFunction) -> FunctionTool:
+        if not callable(f):
+            raise TypeError(f"function_tool() expected a function, got {type(f).__name__}")
+        if not (inspect.isfunction(f) or inspect.ismethod(f)):
+            return wrap_function_tool(sf, sdk_function_tool(f, **sdk), **engine)
+        # The SDK names a function tool name_override or the function's __name__.
+        name = base.tool_name or sdk.get("name_override") or f.__name__
+        # sf.tool keeps the function's name, docstring, signature and sync/async nature
+        # (functools.wraps), so the SDK derives the very schema it would from ``f``.
+        routed = sf.tool(f, **{**engine, "tool_name": name, "key": _context_free_key(f, base.key)})
+        return sdk_function_tool(routed, **sdk)
+
+    if func is None:
+        return build
+    return build(func)
+
+
+def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) -> FunctionTool:
+    """A copy of ``tool`` whose identical calls execute once through ``sf``.
+
+    Calls are keyed on the engine's ``tool_name`` (default: ``tool.name``) and the JSON
+    arguments, parsed, so key order and whitespace do not matter; the ``ToolContext`` is not
+    keyed. ``options`` are :class:`ToolExecutionOptions` fields (``key=`` receives the parsed
+    arguments as keywords). The SDK's failure handling, approvals and ``__wrapped__`` keep
+    working; an error message made for the model is returned, never stored.
+    """
+    if not isinstance(tool, FunctionTool):
+        raise TypeError(f"wrap_function_tool() expected an agents.FunctionTool, got "
+                        f"{type(tool).__name__}")
+    base = ToolExecutionOptions().replace(**options)  # TypeError naming unknown options
+    user_key = base.key
+
+    def key(invoker: Invoker, ctx: ToolContext[Any], arguments: str, parsed: dict[str, Any]) -> Any:
+        return user_key(**parsed) if user_key is not None else parsed
+
+    opts = base.replace(tool_name=base.tool_name or tool.name, key=key)
+    original = tool.on_invoke_tool
+    handles_failures = callable(getattr(original, _BINDS_TO_TOOL, None))
+    raw = copy.copy(tool)  # the SDK's invoker, rebound to this copy
+    if handles_failures:
+        set_function_tool_failure_error_function(raw, None)  # errors raise: nothing to store
+
+    async def invoke(ctx: ToolContext[Any], arguments: str) -> Any:
+        parsed = _parse(arguments)
+        if parsed is None:  # not a JSON object: the tool reports it; nothing to share
+            return await raw.on_invoke_tool(ctx, arguments)
+        outcome = await sf.execute(_call_invoker, raw.on_invoke_tool, ctx, arguments, parsed,
+                                   options=opts)
+        return outcome.value
+
+    invoker: Invoker = invoke
+    if handles_failures:
+        prepare = getattr(original, "prepare_arguments", None)
+        if prepare is not None:  # approval policies inspect the validated arguments
+            setattr(invoke, _PREPARES_ARGUMENTS, prepare)
+        with contextlib.suppress(AttributeError):  # the callable `tool.__wrapped__` gives
+            setattr(invoke, _WRAPPED_CALLABLE, tool.__wrapped__)
+        invoker = with_function_tool_failure_error_handler(invoke, _log_handled_failure)
+        if getattr(original, _SYNC_TOOL, False):
+            setattr(invoker, _SYNC_TOOL, True)
+    wrapped = copy.copy(tool)
+    wrapped.on_invoke_tool = invoker
+    return copy.copy(wrapped)  # copying binds the SDK's invoker to the tool it belongs to
+
+
+async def _call_invoker(invoker: Invoker, ctx: ToolContext[Any], arguments: str,
+                        parsed: dict[str, Any]) -> Any:
+    """What the engine executes; ``parsed`` only identifies the call (see ``key``)."""
+    return await invoker(ctx, arguments)
+
+
+def _parse(arguments: str) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _log_handled_failure(tool: FunctionTool, error: Exception, arguments: str) -> None:
+    # As the SDK does by default (OPENAI_AGENTS_DONT_LOG_TOOL_DATA): no arguments in logs.
+    _logger.debug("Tool %s failed: %s", tool.name, type(error).__name__)
