@@ -4,6 +4,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,3 +65,14 @@ def sqlite_sf(db_path: Path) -> Iterator[Singleflight]:
     engine = Singleflight(db_path)
     yield engine
     engine.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Processes a test started; any still alive at teardown is killed."""
+    started: list[Any] = []
+    yield started
+    for proc in started:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)

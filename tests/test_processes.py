@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,6 @@ SIGNAL_TIMEOUT = 30.0  # generous bound for "the other process got there"; never
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    """Processes a test started; any still alive at teardown is killed."""
-    started: list[Any] = []
-    yield started
-    for proc in started:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
 
 
 @pytest.fixture

@@ -156,14 +156,6 @@ def engines() -> Iterator[list[Singleflight]]:
             sf.close()
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for proc in started:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
 
 
 def _engine(engines: list[Singleflight], store: str | Any) -> Singleflight:
