@@ -26,18 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import _chaos_workers as chaos
+from common import STORES, store_list
 
-STORES = ("sqlite", "redis")
 SECRET = "singleflight-agents chaos benchmark secret"
-
-
-def store_list(text: str) -> list[str]:
-    stores = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = sorted(set(stores) - set(STORES))
-    if unknown or not stores:
-        raise argparse.ArgumentTypeError(f"unknown store {', '.join(unknown) or '(none)'}; "
-                                         f"choose from {', '.join(STORES)}")
-    return list(dict.fromkeys(stores))
 
 
 def drop_prefix(url: str, prefix: str) -> int:

@@ -3,6 +3,7 @@ formatting."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import math
@@ -222,3 +223,13 @@ def drop_redis_keys(pattern: str) -> int:
 
 def section(title: str) -> None:
     print(f"\n== {title}", flush=True)
+
+
+def store_list(text: str) -> list[str]:
+    """``--stores sqlite,redis`` as a list; an unknown name is an argparse error."""
+    stores = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(stores) - set(STORES))
+    if unknown or not stores:
+        raise argparse.ArgumentTypeError(f"unknown store {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(STORES)}")
+    return list(dict.fromkeys(stores))

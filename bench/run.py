@@ -39,7 +39,7 @@ import concurrency
 import hits
 import imports
 import report
-from common import FULL, QUICK, REDIS_URL, RUN_TAG, STORES, Config, Results
+from common import FULL, QUICK, REDIS_URL, RUN_TAG, STORES, Config, Results, store_list
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BENCHES: dict[str, Callable[[Config, Results, list[str]], None]] = {
@@ -121,15 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                                          "failures": res.failures, "notes": res.notes},
                                         indent=2))
     return 1 if res.failures else 0
-
-
-def store_list(text: str) -> list[str]:
-    stores = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = sorted(set(stores) - set(STORES))
-    if unknown or not stores:
-        raise argparse.ArgumentTypeError(f"unknown store {', '.join(unknown) or '(none)'}; "
-                                         f"choose from {', '.join(STORES)}")
-    return list(dict.fromkeys(stores))
 
 
 if __name__ == "__main__":
