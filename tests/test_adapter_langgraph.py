@@ -448,3 +448,27 @@ def test_wrapping_twice_and_anonymous_nodes_are_refused(sqlite_sf: Singleflight)
     assert named({"url": "u"}) == {"pages": ["U"]}
     # never shared, so its name cannot mix results up
     assert wrap_langgraph_node(sqlite_sf, lambda s: s, side_effecting=True)({"a": 1}) == {"a": 1}
+
+
+async def test_a_tool_whose_arun_hands_over_to_run_does_not_wait_for_itself(sqlite_sf) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from langchain_core.tools import BaseTool
+
+    from singleflight_agents.adapters import wrap_langchain_tool
+
+    class Search(BaseTool):
+        name: str = "search"
+        description: str = "Search."
+        runs: int = 0
+
+        def _run(self, query: str) -> str:
+            self.runs += 1
+            return query.upper()
+
+        async def _arun(self, query: str) -> str:
+            return await asyncio.to_thread(self._run, query)
+
+    tool = wrap_langchain_tool(sqlite_sf, Search(), tool_name="t.search", deterministic=True)
+    assert await asyncio.wait_for(tool.ainvoke({"query": "a"}), 10) == "A"
+    assert await asyncio.wait_for(tool.ainvoke({"query": "a"}), 10) == "A"

@@ -102,7 +102,8 @@ async def test_two_identical_calls_in_one_turn_execute_once(sf: Singleflight, is
             time.sleep(0.2)
             return f"found {query}"
 
-    tool = function_tool(sf, search, deterministic=True, estimated_cost_usd=0.5)
+    tool = function_tool(sf, search, tool_name="search", deterministic=True,
+                         estimated_cost_usd=0.5)
     result = await _run(tool, [
         [function_call("search", {"query": "refunds"}, call_id="c1"),
          function_call("search", '{ "query" : "refunds" }', call_id="c2")],
@@ -123,7 +124,7 @@ async def test_the_context_reaches_the_function_but_not_the_key(sqlite_sf: Singl
         seen.append(ctx.context["user"])
         return f"order {order_id}"
 
-    tool = function_tool(sqlite_sf, lookup, deterministic=True, scope="s")
+    tool = function_tool(sqlite_sf, lookup, tool_name="lookup", deterministic=True, scope="s")
     steps = [[function_call("lookup", {"order_id": 7, "full": False}, call_id="c")], [assistant_message("")]]
     first = await _run(tool, steps, context={"user": "ada"})
     second = await _run(tool, steps, context={"user": "grace"})
@@ -149,7 +150,7 @@ async def test_a_failure_reaches_the_model_and_is_not_stored(sqlite_sf: Singlefl
         runs += 1
         raise ValueError("backend down")
 
-    tool = function_tool(sqlite_sf, flaky, deterministic=True)
+    tool = function_tool(sqlite_sf, flaky, tool_name="flaky", deterministic=True)
     for _ in range(2):
         result = await _run(tool, [[function_call("flaky", {"n": 1}, call_id="c")], [assistant_message("")]])
         assert "error occurred" in _outputs(result)[0]
@@ -246,3 +247,16 @@ async def test_the_demo_runs_offline(sqlite_sf: Singleflight) -> None:
     summary = result["summary"]
     assert (summary["calls"], summary["unique_executions"], summary["avoided_calls"]) == (7, 3, 4)
     assert "7 executions" in lines[1] and "3 executions" in lines[2]
+
+
+def test_closures_and_same_named_tools_of_two_modules_never_share(sqlite_sf: Singleflight) -> None:
+    def make_search(index: str):  # type: ignore[no-untyped-def]
+        def search(query: str) -> str:
+            """Search."""
+            return f"{index}:{query}"
+        return search
+
+    with pytest.raises(TypeError, match="tool_name="):
+        function_tool(sqlite_sf, make_search("docs"), deterministic=True)
+    plain = function_tool(sqlite_sf, f_google, deterministic=True)
+    assert plain.name == "f_google"  # what the model sees is unchanged

@@ -384,6 +384,15 @@ def test_closures_and_lambdas_need_a_tool_name(sf: Singleflight) -> None:
         sf.tool(deterministic=True)(make_search("docs"))
     with pytest.raises(TypeError, match=r"lambda.*tool_name="):
         sf.execute_sync(lambda q: q, "x", options=ToolExecutionOptions(deterministic=True))
+    class Index:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def search(self, query: str) -> str:
+            return f"{self.name}:{query}"
+
+    with pytest.raises(TypeError, match=r"bound method.*tool_name="):
+        sf.execute_sync(Index("a").search, "q", options=ToolExecutionOptions(deterministic=True))
     docs = sf.tool(tool_name="search.docs", deterministic=True)(make_search("docs"))
     tickets = sf.tool(tool_name="search.tickets", deterministic=True)(make_search("tickets"))
     assert (docs("refund"), tickets("refund")) == ("docs:refund", "tickets:refund")

@@ -27,7 +27,7 @@ from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode
 from langgraph.types import Send
 
-from .adapters.langgraph import wrap_langchain_tools, wrap_langgraph_node
+from .adapters.langgraph import wrap_langchain_tool, wrap_langgraph_node
 from .engine import Singleflight
 from .reporting import format_summary
 
@@ -155,7 +155,8 @@ async def run_langgraph_demo(sf: Singleflight, emit: Callable[[str], None] = pri
     shared: Counter[str] = Counter()
     options: dict[str, Any] = {"ttl_seconds": 300, "estimated_cost_usd": COST_USD,
                                "scope": f"langgraph-demo-{sf.run_id}"}
-    tools = wrap_langchain_tools(sf, make_tools(shared), bounded_read=True, **options)
+    tools = [wrap_langchain_tool(sf, tool, tool_name=f"langchain.tool.{tool.name}",
+                                 bounded_read=True, **options) for tool in make_tools(shared)]
     fetch = wrap_langgraph_node(sf, make_fetch(shared), tool_name="langgraph.node.fetch_page",
                                 bounded_read=True, **options)
     deduplicated, shared_s = await _twice(build_graph(model, tools, fetch))

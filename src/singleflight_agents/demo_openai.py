@@ -88,7 +88,8 @@ async def run_openai_demo(sf: Singleflight, emit: Callable[[str], None] = print)
     baseline_s = time.perf_counter() - started
 
     executions: list[str] = []
-    tool = function_tool(sf, _search_tool(executions), bounded_read=True, ttl_seconds=300,
+    tool = function_tool(sf, _search_tool(executions), tool_name="search_docs",
+                         bounded_read=True, ttl_seconds=300,
                          estimated_cost_usd=COST_USD, scope=f"openai-demo-{sf.run_id}")
     started = time.perf_counter()
     got = await _agents(tool)

@@ -95,14 +95,17 @@ _RUN = object()  # step: run the tool and send its value back
 _Step = Any
 
 
-def _tool_name(func: Callable[..., Any], shared: bool) -> str:
+def default_tool_name(func: Callable[..., Any], shared: bool) -> str:
+    """``module.qualname``; for a shared lambda, closure, bound method or callable object,
+    a ``TypeError`` asking for ``tool_name=``."""
     qualname = getattr(func, "__qualname__", None)
     name = f"{getattr(func, '__module__', None) or 'tool'}.{qualname or type(func).__qualname__}"
-    if shared and (qualname is None or "<lambda>" in qualname or getattr(func, "__closure__", None)):
-        # A closure's name does not tell apart what it captured: make_search("docs") and
-        # make_search("tickets") would share results.
-        raise TypeError(f"{name} is a lambda, closure or callable object: pass tool_name= so "
-                        f"that calls of different tools cannot share results")
+    if shared and (qualname is None or "<lambda>" in qualname or inspect.ismethod(func)
+                   or getattr(func, "__closure__", None)):
+        # The name does not tell apart what it captured: make_search("docs") and
+        # make_search("tickets"), or Index("a").search and Index("b").search, would share.
+        raise TypeError(f"{name} is a lambda, closure, bound method or callable object: pass "
+                        f"tool_name= so that calls of different tools cannot share results")
     return name
 
 
@@ -181,7 +184,7 @@ class Singleflight:
         base = ToolExecutionOptions().replace(**options)
 
         def decorate(f: F) -> F:
-            opts = base if base.tool_name else base.replace(tool_name=_tool_name(f, base.shared))
+            opts = base if base.tool_name else base.replace(tool_name=default_tool_name(f, base.shared))
             wrapper: Any
             if inspect.iscoroutinefunction(f):
                 @functools.wraps(f)
@@ -253,7 +256,7 @@ class Singleflight:
             raise TypeError(f"expected a callable tool, got {type(func).__name__}")
         bind = binder(func)
         call = _Call(func, args, kwargs, options,
-                     options.tool_name or _tool_name(func, options.shared), bind.is_async)
+                     options.tool_name or default_tool_name(func, options.shared), bind.is_async)
         if options.shared:
             ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
             call.inputs = call.shown_inputs = encode_inputs(call.tool_name, ident)

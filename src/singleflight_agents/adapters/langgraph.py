@@ -25,7 +25,7 @@ from langchain_core.utils.pydantic import get_fields
 from langgraph.types import Command
 from pydantic.fields import FieldInfo
 
-from ..engine import Singleflight
+from ..engine import Singleflight, default_tool_name
 from ..models import ToolExecutionOptions
 
 __all__ = ["wrap_langchain_tool", "wrap_langchain_tools", "wrap_langgraph_node"]
@@ -54,12 +54,32 @@ class _Invocation:
         return self.ident(self)
 
 
+# The tool whose own run is in progress: a tool whose _arun hands over to _run (say through
+# asyncio.to_thread) would otherwise join its own flight and wait for itself.
+_RUNNING: contextvars.ContextVar[object] = contextvars.ContextVar("singleflight_running",
+                                                                  default=None)
+
+
+def _running(inv: _Invocation) -> object:
+    # A tool's run is partial(base_run, tool): the tool itself; a node is its function.
+    func = inv.func
+    return func.args[0] if isinstance(func, functools.partial) and func.args else func
+
+
 def _call(inv: _Invocation) -> tuple[str | None, Any]:
-    return inv.call_id, _pack(inv.func(*inv.args, **inv.kwargs))
+    token = _RUNNING.set(_running(inv))
+    try:
+        return inv.call_id, _pack(inv.func(*inv.args, **inv.kwargs))
+    finally:
+        _RUNNING.reset(token)
 
 
 async def _acall(inv: _Invocation) -> tuple[str | None, Any]:
-    return inv.call_id, _pack(await inv.func(*inv.args, **inv.kwargs))
+    token = _RUNNING.set(_running(inv))
+    try:
+        return inv.call_id, _pack(await inv.func(*inv.args, **inv.kwargs))
+    finally:
+        _RUNNING.reset(token)
 
 
 def _finish(inv: _Invocation, result: tuple[str | None, Any]) -> Any:
@@ -91,11 +111,8 @@ def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] 
     """
     qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
     opts = _options(f"node {qualname}", f"langgraph.node.{qualname}", options)
-    if opts.shared and not options.get("tool_name") and (
-            not hasattr(func, "__qualname__") or "<lambda>" in qualname
-            or getattr(func, "__closure__", None)):  # its name cannot tell apart what it holds
-        raise TypeError(f"node {qualname} is a lambda, closure, partial or callable object: "
-                        f"pass tool_name= so that different nodes cannot share results")
+    if opts.shared and not options.get("tool_name"):
+        default_tool_name(func, True)  # a closure, method or partial must be named
     params = list(inspect.signature(func).parameters)  # the first one takes the state
 
     def ident(inv: _Invocation) -> Any:
@@ -132,6 +149,9 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
         raise TypeError(f"tool {base_tool.name!r} is wrapped already")
     user_key = options.pop("key", None)
     opts = _options(f"tool {base_tool.name!r}", f"langchain.tool.{base_tool.name}", options)
+    source = getattr(base_tool, "func", None) or getattr(base_tool, "coroutine", None)
+    if opts.shared and not options.get("tool_name") and source is not None:
+        default_tool_name(source, True)  # tools made by a factory must be named
     # The key: what the model supplies (the tool-call schema, defaults applied); injected
     # state, store, runtime, call id, config and callbacks are not part of it.
     schema = base_tool.tool_call_schema
@@ -157,11 +177,15 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
 
     @functools.wraps(base_run)
     def _run(self: BaseTool, *args: Any, **kwargs: Any) -> Any:
+        if _RUNNING.get() is self:  # called by this tool's own run
+            return base_run(self, *args, **kwargs)
         inv = _Invocation(functools.partial(base_run, self), args, kwargs, ident, _CALL_ID.get())
         return _finish(inv, sf.execute_sync(_call, inv, options=opts).value)
 
     @functools.wraps(base_arun)
     async def _arun(self: BaseTool, *args: Any, **kwargs: Any) -> Any:
+        if _RUNNING.get() is self:
+            return await base_arun(self, *args, **kwargs)
         inv = _Invocation(functools.partial(base_arun, self), args, kwargs, ident, _CALL_ID.get())
         return _finish(inv, (await sf.execute(_acall, inv, options=opts)).value)
 

@@ -25,7 +25,7 @@ from agents import function_tool as sdk_function_tool
 from agents.tool import set_function_tool_failure_error_function, with_function_tool_failure_error_handler
 from agents.tool_context import ToolContext
 
-from ..engine import Singleflight
+from ..engine import Singleflight, default_tool_name
 from ..fingerprint import bind_arguments
 from ..models import ToolExecutionOptions
 
@@ -112,8 +112,12 @@ def function_tool(
             raise TypeError(f"function_tool() expected a function, got {type(f).__name__}")
         if not (inspect.isfunction(f) or inspect.ismethod(f)):
             return wrap_function_tool(sf, sdk_function_tool(f, **sdk), **engine)
-        # The SDK names a function tool name_override or the function's __name__.
-        name = base.tool_name or sdk.get("name_override") or f.__name__
+        # The engine's name: the SDK tool's name (name_override or __name__) in the function's
+        # module, so same-named tools of two modules never share; a closure, lambda or bound
+        # method must be named, since its name cannot tell apart what it holds.
+        if not base.tool_name:
+            default_tool_name(f, base.shared)
+        name = base.tool_name or f"{f.__module__}.{sdk.get('name_override') or f.__name__}"
         # sf.tool keeps the function's name, docstring, signature and sync/async nature
         # (functools.wraps), so the SDK derives the very schema it would from ``f``.
         routed = sf.tool(f, **{**engine, "tool_name": name, "key": _context_free_key(f, base.key)})
@@ -149,10 +153,15 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
     if handles_failures:
         set_function_tool_failure_error_function(raw, None)  # errors raise: nothing to store
 
+    properties = tool.params_json_schema.get("properties", {})
+    defaults = {k: p["default"] for k, p in properties.items()
+                if isinstance(p, dict) and "default" in p}
+
     async def invoke(ctx: ToolContext[Any], arguments: str) -> Any:
         parsed = _parse(arguments)
         if parsed is None:  # not a JSON object: the tool reports it; nothing to share
             return await raw.on_invoke_tool(ctx, arguments)
+        parsed = {**defaults, **parsed}  # an omitted default is the same call
         outcome = await sf.execute(_call_invoker, raw.on_invoke_tool, ctx, arguments, parsed,
                                    options=opts)
         return outcome.value
