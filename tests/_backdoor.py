@@ -4,8 +4,10 @@ the same edits on SQLite and on Redis, so tamper and lease tests run on both."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any
 
+from singleflight_agents.models import Receipt
 from singleflight_agents.store import ReceiptStore, SQLiteStore
 
 
@@ -57,3 +59,12 @@ def lease_expiries(store: ReceiptStore) -> list[float]:
     client = _redis(store)
     return [int(client.hget(name, "expires")) / 1000
             for name in client.scan_iter(match=f"{store.prefix}l:*")]  # type: ignore[attr-defined]
+
+
+def unsigned_receipt(key: str, token: int, output: str) -> Receipt:
+    """A receipt as a store holds it, for store-level tests (no signature)."""
+    now = time.time()
+    return Receipt(fingerprint=key, tool_name="t", namespace="default", scope="default",
+                   version="1", inputs=None, inputs_sha256="0" * 64, codec="json", output=output,
+                   created_at=now, expires_at=now + 60, latency_ms=1.0, cost_usd=0.0,
+                   executor="x", token=token, key_id="0" * 16, signature="")

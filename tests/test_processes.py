@@ -22,9 +22,10 @@ from typing import Any
 
 import _proc_workers as workers
 import pytest
+from _backdoor import unsigned_receipt
 from conftest import SECRET
 
-from singleflight_agents import Receipt, Singleflight, Source, ToolExecutionOptions
+from singleflight_agents import Singleflight, Source, ToolExecutionOptions
 from singleflight_agents.store import SQLiteStore, open_store
 from singleflight_agents.store.base import Busy, Lease
 
@@ -256,14 +257,6 @@ def test_failure_reaches_a_waiting_process(env: dict[str, str], procs: list[Any]
 # -- 5. fencing ------------------------------------------------------------------------------
 
 
-def _receipt(key: str, token: int, output: str) -> Receipt:
-    now = time.time()
-    return Receipt(fingerprint=key, tool_name="t", namespace="default", scope="default",
-                   version="1", inputs=None, inputs_sha256="0" * 64, codec="json", output=output,
-                   created_at=now, expires_at=now + 60, latency_ms=1.0, cost_usd=0.0,
-                   executor="x", token=token, key_id="0" * 16, signature="")
-
-
 @pytest.mark.parametrize("stale_writes_first", [False, True])
 def test_a_lease_lost_to_a_newer_token_cannot_write(store_url: str, stale_writes_first: bool) -> None:
     """A live holder keeps its lease (SQLite: its flock; Redis: an unexpired lease hash).
@@ -285,12 +278,12 @@ def test_a_lease_lost_to_a_newer_token_cannot_write(store_url: str, stale_writes
         assert old_store.renew(old) is False
         assert new_store.renew(new) is True
         if stale_writes_first:
-            assert old_store.put(_receipt(key, old.token, '"old"'), old) is False
+            assert old_store.put(unsigned_receipt(key, old.token, '"old"'), old) is False
             assert old_store.get(key) is None  # the refused write left nothing behind
-            assert new_store.put(_receipt(key, new.token, '"new"'), new) is True
+            assert new_store.put(unsigned_receipt(key, new.token, '"new"'), new) is True
         else:
-            assert new_store.put(_receipt(key, new.token, '"new"'), new) is True
-            assert old_store.put(_receipt(key, old.token, '"old"'), old) is False
+            assert new_store.put(unsigned_receipt(key, new.token, '"new"'), new) is True
+            assert old_store.put(unsigned_receipt(key, old.token, '"old"'), old) is False
         stored = old_store.get(key)
         assert stored is not None and (stored.output, stored.token) == ('"new"', new.token)
         # releasing the stale lease (as the engine does after an error) changes nothing
@@ -303,7 +296,7 @@ def test_a_lease_lost_to_a_newer_token_cannot_write(store_url: str, stale_writes
         new_store.close()
 
 
-def test_engine_holder_fenced_out_by_a_takeover_keeps_the_newer_receipt(
+def test_engine_holder_fenced_out_by_a_takeover_keeps_the_newerunsigned_receipt(
         env: dict[str, str], procs: list[Any]) -> None:
     """The same through the engine across processes: the old holder's result is not
     persisted, it is told so, and the taker's receipt is the one served afterwards."""

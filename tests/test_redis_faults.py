@@ -39,11 +39,11 @@ from typing import Any
 
 import _proc_workers as workers
 import pytest
+from _backdoor import unsigned_receipt
 from conftest import SECRET
 
 from singleflight_agents import (
     ExecutionOutcome,
-    Receipt,
     Singleflight,
     Source,
     StoreError,
@@ -191,14 +191,6 @@ def _call(sf: Singleflight, key: str, entry: str = "sync") -> ExecutionOutcome:
     if entry == "async":
         return asyncio.run(sf.execute(async_tool, key, options=_options()))
     return sf.execute_sync(tool, key, options=_options())
-
-
-def _receipt(key: str, token: int, output: str) -> Receipt:
-    now = time.time()
-    return Receipt(fingerprint=key, tool_name="t", namespace="default", scope="default",
-                   version="1", inputs=None, inputs_sha256="0" * 64, codec="json", output=output,
-                   created_at=now, expires_at=now + 60, latency_ms=1.0, cost_usd=0.0,
-                   executor="x", token=token, key_id="0" * 16, signature="")
 
 
 def _parked_in_redis_wait() -> bool:
@@ -498,8 +490,8 @@ def test_a_holder_from_before_a_restart_is_fenced_out(server: PrivateRedis) -> N
         try:
             new = new_store.acquire(key, "new", 30.0)
             assert isinstance(new, Lease)
-            stale_written = old_store.put(_receipt(key, old.token, '"old"'), old)
-            new_written = new_store.put(_receipt(key, new.token, '"new"'), new)
+            stale_written = old_store.put(unsigned_receipt(key, old.token, '"old"'), old)
+            new_written = new_store.put(unsigned_receipt(key, new.token, '"new"'), new)
             stored = new_store.get(key)
             print(f"\ntokens: old {old.token}, new {new.token}; old put {stale_written}, "
                   f"new put {new_written}")

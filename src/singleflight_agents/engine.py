@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
 from .fingerprint import binder, encode_inputs, fingerprint_of, redact_inputs
-from .flights import ABANDONED, FLIGHTS, Flight, run_in_thread, wait_future
+from .flights import ABANDONED, FLIGHTS, Flight, run_in_thread, start_thread, wait_future
 from .heartbeat import Heartbeat
 from .models import (
     ExecutionOutcome,
@@ -38,7 +38,7 @@ from .models import (
 from .signing import Signer, key_path_for, load_key
 from .stats import Stats, summarize
 from .store import ReceiptStore, SQLiteStore, open_store
-from .store.base import Busy, Lease
+from .store.base import Lease
 
 if TYPE_CHECKING:  # imported where used: most imports of the package never need asyncio
     import asyncio
@@ -422,25 +422,24 @@ class Singleflight:
         """The lease, a result someone else produced meanwhile, or why neither came."""
         options = call.options
         deadline = time.monotonic() + options.wait_timeout_seconds
-        busy: Busy | None = None
+        # No look before the first acquire: the fast path has just looked, and a holder looks
+        # again once it has the lease (_run_holding). After a wait, the result is theirs.
         while True:
-            hit = self._lookup(call)
-            if hit is not None:
-                if busy is not None:
-                    hit.source = Source.SHARED_WAIT
-                return hit
-            if busy is not None and options.share_failures:
-                failure = self.store.last_failure(call.key)
-                if failure is not None and failure.token >= busy.since_token:
-                    raise SharedExecutionError(call.tool_name, failure.error_type, failure.message)
             attempt = self.store.acquire(call.key, self._owner, options.lease_seconds)
             if isinstance(attempt, Lease):
                 return attempt
-            busy = attempt
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "waiting for another process timed out"
             yield _Wait(remaining)
+            hit = self._lookup(call)
+            if hit is not None:
+                hit.source = Source.SHARED_WAIT
+                return hit
+            if options.share_failures:
+                failure = self.store.last_failure(call.key)
+                if failure is not None and failure.token >= attempt.since_token:
+                    raise SharedExecutionError(call.tool_name, failure.error_type, failure.message)
 
     def _run_holding(self, call: _Call, lease: Lease) -> Generator[_Step, Any, _Result]:
         with self._heartbeat.hold(lease):
@@ -594,7 +593,8 @@ class Singleflight:
         if _running_loop() is None:
             return asyncio.run(call.func(*call.args, **call.kwargs))
         # This thread runs a loop we must not re-enter: give the coroutine its own.
-        return _run_blocking_in_thread(lambda: asyncio.run(call.func(*call.args, **call.kwargs)))
+        coroutine = call.func(*call.args, **call.kwargs)
+        return start_thread(asyncio.run, coroutine, name="singleflight-loop").result()
 
     def _run_unshared(self, call: _Call, source: Source) -> _Result:
         started = time.perf_counter()
@@ -646,23 +646,6 @@ class Singleflight:
         if topic not in self._warned:
             self._warned.add(topic)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _run_blocking_in_thread(func: Callable[[], Any]) -> Any:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = func()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="singleflight-loop", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def _owner_id(instance: str) -> str:

@@ -106,8 +106,9 @@ async def wait_future(future: concurrent.futures.Future[Any], timeout: float | N
     return future.result()
 
 
-async def run_in_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
-    """Run ``func`` in a new thread: unlike the default executor, never starved."""
+def start_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
+    """Run ``func`` in a new thread (unlike the default executor, never starved); its
+    result or exception arrives in the returned ``concurrent.futures.Future``."""
     from concurrent.futures import Future
 
     future: concurrent.futures.Future[Any] = Future()
@@ -119,4 +120,9 @@ async def run_in_thread(func: Any, *args: Any, name: str = "singleflight-call") 
             future.set_exception(exc)
 
     threading.Thread(target=run, name=name, daemon=True).start()
-    return await wait_future(future, None)
+    return future
+
+
+async def run_in_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
+    """Await ``func(*args)`` run by :func:`start_thread`."""
+    return await wait_future(start_thread(func, *args, name=name), None)
