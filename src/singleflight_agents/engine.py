@@ -35,6 +35,7 @@ from .models import (
     StoreError,
     ToolExecutionOptions,
 )
+from .pricing import PriceSource, PriceTable
 from .signing import Signer, key_path_for, load_key
 from .stats import Stats, summarize
 from .store import ReceiptStore, SQLiteStore, open_store
@@ -52,8 +53,8 @@ _FLUSH_INTERVAL = 1.0
 
 
 class _Call:
-    __slots__ = ("args", "func", "inputs", "is_async", "key", "kwargs", "options", "shown_inputs",
-                 "tampered", "tool_name")
+    __slots__ = ("args", "duplicate", "func", "inputs", "is_async", "key", "kwargs", "options",
+                 "shown_inputs", "tampered", "tool_name")
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  options: ToolExecutionOptions, tool_name: str, is_async: bool) -> None:
@@ -62,6 +63,7 @@ class _Call:
         self.key = self.inputs = ""  # set for shared calls only
         self.shown_inputs = ""  # what receipts and messages show: inputs, minus redactions
         self.tampered = False  # counted once per call, however often the receipt was read
+        self.duplicate = False  # mode="off": an earlier call had the same key
 
 
 class _Result:
@@ -135,6 +137,8 @@ class Singleflight:
     the store). ``run_id`` groups statistics of several processes (else
     ``$SINGLEFLIGHT_RUN_ID``, else a fresh id). ``refresh_since`` is when a session of
     ``mode="refresh"`` calls started (default: now): older receipts are run again.
+    ``prices`` is the model price table the model wrappers count dollars with: a mapping, a
+    JSON file (see :class:`~singleflight_agents.pricing.PriceTable`), else ``$SINGLEFLIGHT_PRICES``.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class Singleflight:
         secret: str | bytes | None = None,
         run_id: str | None = None,
         refresh_since: float | None = None,
+        prices: PriceSource | PriceTable = None,
     ) -> None:
         if db_path is not None and store is not None:
             raise ValueError("pass either db_path or store, not both")
@@ -155,6 +160,7 @@ class Singleflight:
             time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex())
         self._instance = os.urandom(4).hex()
         self.refresh_since = time.time() if refresh_since is None else refresh_since
+        self.prices = PriceTable.load(prices)
         self._seen: set[str] = set()  # keys called in mode="off", to count the duplicates
         self._seen_lock = threading.Lock()
         self._stats = Stats()
@@ -579,6 +585,7 @@ class Singleflight:
             repeated = call.key in self._seen
             self._seen.add(call.key)
         if repeated:
+            call.duplicate = True
             self._stats.add(call.tool_name, duplicates=1,
                             duplicate_dollars=call.options.estimated_cost_usd)
         return True
@@ -632,6 +639,8 @@ class Singleflight:
             counters["latency_saved_ms"] = result.latency_ms
         elif source is Source.EXECUTED_UNSHARED:
             counters["unshared"] = 1
+        if call.options.meter is not None:
+            self._count_usage(call, call.options.meter, result, counters)
         self._stats.add(call.tool_name, **counters)
         if time.monotonic() - self._last_flush > _FLUSH_INTERVAL:  # batched: at most 1 write/s
             with contextlib.suppress(StoreError):
@@ -641,6 +650,28 @@ class Singleflight:
             receipt=result.receipt, elapsed_ms=(time.perf_counter() - started) * 1000,
             takeover=result.takeover,
         )
+
+    def _count_usage(self, call: _Call, meter: Callable[[Any], tuple[int, int, float | None]],
+                     result: _Result, counters: dict[str, float]) -> None:
+        """Tokens and dollars of the result (``options.meter``): spent if it ran, else saved."""
+        try:
+            tokens_in, tokens_out, dollars = meter(result.value)
+        except Exception as exc:  # a report detail must never fail the call
+            self._warn(f"meter:{call.tool_name}", f"{call.tool_name}: its meter failed "
+                       f"({type(exc).__name__}: {exc}); its tokens are not counted")
+            return
+        saved = result.source in (Source.CACHE_HIT, Source.SHARED_WAIT)
+        suffix = "_saved" if saved else ""
+        counters["tokens_in" + suffix] = tokens_in
+        counters["tokens_out" + suffix] = tokens_out
+        if dollars is None:
+            counters["unpriced"] = 1
+        elif saved:
+            counters["dollars_saved"] = counters.get("dollars_saved", 0.0) + dollars
+        else:
+            counters["dollars_spent"] = dollars
+            if call.duplicate:
+                counters["duplicate_dollars"] = dollars
 
     def _warn(self, topic: str, message: str) -> None:
         if topic not in self._warned:

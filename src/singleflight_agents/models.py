@@ -70,7 +70,10 @@ class ToolExecutionOptions:
     the command a replay miss tells the user to run. ``redact`` keeps secrets out of the
     stored inputs: argument names or dotted paths (``"headers.Authorization"``) whose values
     are stored as ``"[redacted]"``, or a function from the arguments to what to store; the
-    fingerprint still covers the real values.
+    fingerprint still covers the real values. ``meter(result)`` returns what producing a
+    result cost, ``(tokens_in, tokens_out, dollars)`` with ``dollars=None`` when unpriced: an
+    execution counts it as spent, a receipt or a shared wait as saved (the model wrappers
+    set it).
     """
 
     tool_name: str | None = None
@@ -91,6 +94,7 @@ class ToolExecutionOptions:
     mode: str = "record"
     record_command: str = "pytest --singleflight-mode=record"
     redact: Sequence[str] | Callable[[Any], Any] | None = None
+    meter: Callable[[Any], tuple[int, int, float | None]] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -115,6 +119,8 @@ class ToolExecutionOptions:
                              "dotted paths, or a function of the arguments")
         if self.key is not None and not callable(self.key):
             raise ValueError("ToolExecutionOptions.key must be a callable taking the tool's arguments")
+        if self.meter is not None and not callable(self.meter):
+            raise ValueError("ToolExecutionOptions.meter must be a callable taking the tool's result")
 
     @property
     def shared(self) -> bool:

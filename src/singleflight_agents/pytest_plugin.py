@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 MODES = ("record", "replay", "refresh", "off")
 _ALIASES = {"ttl": "ttl_seconds", "cost": "estimated_cost_usd"}
-_NOT_MARKER = {"tool_name", "key", "record_command"}  # per tool, never per test
+_NOT_MARKER = {"tool_name", "key", "record_command", "meter"}  # per tool, never per test
 _STATE = pytest.StashKey["_Session"]()
 _TEST = pytest.StashKey["SingleflightFixture"]()
 

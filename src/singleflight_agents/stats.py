@@ -15,9 +15,10 @@ from typing import Any
 COUNTERS = (
     "calls", "executed", "cache_hits", "shared_waits", "unshared", "fallbacks", "takeovers",
     "failures", "tampered", "not_persisted", "fenced_out", "replay_misses", "dollars_saved",
-    "latency_saved_ms", "duplicates", "duplicate_dollars",
+    "latency_saved_ms", "duplicates", "duplicate_dollars", "tokens_in", "tokens_out",
+    "tokens_in_saved", "tokens_out_saved", "dollars_spent", "unpriced",
 )
-_AMOUNTS = ("dollars_saved", "latency_saved_ms", "duplicate_dollars")
+_AMOUNTS = ("dollars_saved", "latency_saved_ms", "duplicate_dollars", "dollars_spent")
 
 
 class Stats:
@@ -71,7 +72,8 @@ def summarize(
         for name in COUNTERS:
             totals[name] += counters[name]
     _derive(totals)
-    totals["dollars_saved"] = round(totals["dollars_saved"], 6)
+    for name in _AMOUNTS:
+        totals[name] = round(totals[name], 6)
     totals.update(tools=dict(sorted(tools.items())), db_path=db_path, run_id=run_id,
                   runs=sorted(runs))
     return totals

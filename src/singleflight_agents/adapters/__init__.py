@@ -1,8 +1,10 @@
 """Adapters for agent frameworks. Each imports its framework only when used.
 
-- OpenAI Agents SDK (extra ``[openai]``): :func:`function_tool`, :func:`wrap_function_tool`.
+- OpenAI Agents SDK (extra ``[openai]``): :func:`function_tool`, :func:`wrap_function_tool`;
+  model turns: :func:`receipt_model`, :func:`receipt_model_provider`.
 - LangGraph / LangChain (extra ``[langgraph]``): :func:`wrap_langgraph_node`,
-  :func:`wrap_langchain_tool`, :func:`wrap_langchain_tools`.
+  :func:`wrap_langchain_tool`, :func:`wrap_langchain_tools`; model turns:
+  :func:`receipt_chat_model`.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import importlib
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from .langchain_models import receipt_chat_model as receipt_chat_model
     from .langgraph import wrap_langchain_tool as wrap_langchain_tool
     from .langgraph import wrap_langchain_tools as wrap_langchain_tools
     from .langgraph import wrap_langgraph_node as wrap_langgraph_node
     from .openai_agents import function_tool as function_tool
     from .openai_agents import wrap_function_tool as wrap_function_tool
+    from .openai_models import receipt_model as receipt_model
+    from .openai_models import receipt_model_provider as receipt_model_provider
 
 _HOMES = {
     "function_tool": (".openai_agents", "openai"),
@@ -23,6 +28,9 @@ _HOMES = {
     "wrap_langgraph_node": (".langgraph", "langgraph"),
     "wrap_langchain_tool": (".langgraph", "langgraph"),
     "wrap_langchain_tools": (".langgraph", "langgraph"),
+    "receipt_model": (".openai_models", "openai"),
+    "receipt_model_provider": (".openai_models", "openai"),
+    "receipt_chat_model": (".langchain_models", "langgraph"),
 }
 __all__ = sorted(_HOMES)
 

@@ -1,0 +1,111 @@
+"""What the model wrappers share: the opt-in, the options of a model turn, and its meter.
+
+A model turn goes through the engine like a tool call. Its tool name is ``model:<name>``;
+the engine calls ``run(request)``, where ``request`` is the JSON the framework adapter built
+from everything that decides the answer (so it is the key); and the value it stores is JSON:
+``{"usage": {"input_tokens": n, "output_tokens": m}, ...}`` plus the adapter's own fields.
+This module imports no framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from ..engine import Singleflight
+from ..models import ExecutionOutcome, ToolExecutionOptions
+from ..pricing import PriceTable
+
+MODEL_PREFIX = "model:"
+Request = dict[str, Any]
+
+
+class Executor(Protocol):
+    """A :class:`Singleflight` engine, or the pytest plugin's ``singleflight`` fixture."""
+
+    async def execute(self, func: Callable[..., Any], /, *args: Any,
+                      options: ToolExecutionOptions | None = None, **kwargs: Any) -> ExecutionOutcome: ...
+
+    def execute_sync(self, func: Callable[..., Any], /, *args: Any,
+                     options: ToolExecutionOptions | None = None, **kwargs: Any) -> ExecutionOutcome: ...
+
+
+class Turns:
+    """Runs the turns of one wrapped model through the engine (or the pytest fixture)."""
+
+    def __init__(self, sf: Executor, model_name: str, options: Mapping[str, Any], *,
+                 wrapper: str, model: object) -> None:
+        if not isinstance(model_name, str) or not model_name:
+            raise TypeError(f"{wrapper}() needs model_name=: the name this model's turns are "
+                            f"keyed, reported and priced by (got {model_name!r})")
+        options = dict(options)
+        prices = options.pop("prices", None)
+        if not any(options.get(flag) for flag in ("deterministic", "bounded_read", "side_effecting")):
+            raise TypeError(
+                f"{wrapper}() needs deterministic=True to record, share and replay the turns of "
+                f"model {model_name!r} (models are not deterministic: sharing their answers is "
+                f"your choice for an eval), or side_effecting=True to call it every time")
+        for fixed in ("tool_name", "meter"):
+            if fixed in options:
+                raise TypeError(f"{wrapper}() sets {fixed} itself; it cannot be given")
+        fixture_options = getattr(sf, "options", None)
+        if callable(fixture_options):  # the plugin's marker, mode and hooks apply
+            base: ToolExecutionOptions = fixture_options(model, **options)
+            engine: Singleflight = sf.engine  # type: ignore[attr-defined]
+        elif isinstance(sf, Singleflight):
+            base = ToolExecutionOptions().replace(**options)
+            engine = sf
+        else:
+            raise TypeError(f"{wrapper}() expected a Singleflight engine or the singleflight "
+                            f"fixture, got {type(sf).__name__}")
+        table = engine.prices if prices is None else PriceTable.load(prices)
+        self.model_name = model_name
+        self.options = base.replace(tool_name=MODEL_PREFIX + model_name,
+                                    meter=_meter(table, model_name))
+        self._sf = sf
+
+    @property
+    def shared(self) -> bool:
+        return self.options.shared
+
+    async def run(self, call: Callable[[Request], Awaitable[dict[str, Any]]],
+                  request: Request) -> ExecutionOutcome:
+        return await self._sf.execute(call, request, options=self.options)
+
+    def run_sync(self, call: Callable[[Request], dict[str, Any]], request: Request) -> ExecutionOutcome:
+        return self._sf.execute_sync(call, request, options=self.options)
+
+
+def usage_of(tokens_in: int | None, tokens_out: int | None) -> dict[str, int]:
+    return {"input_tokens": int(tokens_in or 0), "output_tokens": int(tokens_out or 0)}
+
+
+def _meter(table: PriceTable, model_name: str) -> Callable[[Any], tuple[int, int, float | None]]:
+    def meter(value: Any) -> tuple[int, int, float | None]:
+        usage = value["usage"]
+        tokens_in, tokens_out = int(usage["input_tokens"]), int(usage["output_tokens"])
+        return tokens_in, tokens_out, table.dollars(model_name, tokens_in, tokens_out)
+
+    return meter
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON for a key: pydantic models dumped, dataclasses as dicts,
+    callables and other objects as their type's name (never a repr: addresses change)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, type):
+        return jsonable(dump(mode="json", exclude_none=True))
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not callable(getattr(value, f.name))}
+    if hasattr(value, "value") and isinstance(value.value, str | int):  # enums
+        return value.value
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
