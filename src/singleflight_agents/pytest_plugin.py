@@ -57,7 +57,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--singleflight-report", metavar="FILE", action="append", default=[], help=(
         "also write the report to FILE: .json or .md (repeatable; ini: singleflight_report). "
         "The Markdown report also goes to $GITHUB_STEP_SUMMARY when that is set"))
+    group.addoption("--singleflight-prices", metavar="FILE", help=(
+        "JSON price table for model turns, dollars per million tokens: "
+        '{"gpt-4.1": {"input": 2.0, "output": 8.0}} (ini: singleflight_prices; default: '
+        "$SINGLEFLIGHT_PRICES)"))
     parser.addini("singleflight_db", "receipt store path or URL")
+    parser.addini("singleflight_prices", "JSON price table for model turns")
     parser.addini("singleflight_mode", "record, replay, refresh or off", default="record")
     parser.addini("singleflight_ttl", "default receipt lifetime in seconds", default="3600")
     parser.addini("singleflight_report", "report files (.json, .md)", type="args", default=[])
@@ -220,6 +225,15 @@ class _Session:
             self.ttl = float(ttl)
         except ValueError:
             raise pytest.UsageError(f"singleflight_ttl = {ttl!r} is not a number of seconds") from None
+        prices = config.getoption("singleflight_prices") or config.getini("singleflight_prices")
+        if prices and not os.path.isabs(prices) and not config.getoption("singleflight_prices"):
+            prices = str(config.rootpath / prices)  # an ini path is relative to the rootdir
+        from .pricing import PriceTable
+
+        try:
+            self.prices = PriceTable.load(prices or None)
+        except ValueError as exc:
+            raise pytest.UsageError(f"singleflight prices: {exc}") from None
         self.reports = [*config.getini("singleflight_report"),
                         *config.getoption("singleflight_report")]
         self._engine: Singleflight | None = None
@@ -233,7 +247,7 @@ class _Session:
                 from .engine import Singleflight
 
                 self._engine = Singleflight(self.db, run_id=self.run_id,
-                                            refresh_since=self.started)
+                                            refresh_since=self.started, prices=self.prices)
                 self.used = True
             return self._engine
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 _BAR = 20
+MODEL_PREFIX = "model:"  # tool names of model turns (see adapters._turns)
 
 
 def _bar(share: float) -> str:
@@ -25,10 +26,44 @@ def _warnings(summary: dict[str, Any]) -> list[str]:
                      f"wait timed out)")
     if summary.get("fenced_out"):
         notes.append(f"{summary['fenced_out']} result(s) lost their lease while running")
+    unpriced = [name.removeprefix(MODEL_PREFIX) for name, row in summary.get("tools", {}).items()
+                if row.get("unpriced")]
+    if unpriced:
+        notes.append(f"no price for model(s) {', '.join(unpriced)}: their dollars are not counted "
+                     f"(give prices with --singleflight-prices or Singleflight(prices=...))")
     if summary.get("replay_misses"):
         notes.append(f"{summary['replay_misses']} call(s) had no receipt to replay (those tests "
                      f"failed; record them with --singleflight-mode=record)")
     return notes
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 or amount == 0 else f"${amount:.4f}"
+
+
+def _row_usd(row: dict[str, Any], name: str) -> str:
+    return "no price" if row.get("unpriced") and not row[name] else _usd(row[name])
+
+
+def _models(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name.removeprefix(MODEL_PREFIX): row for name, row in summary.get("tools", {}).items()
+            if name.startswith(MODEL_PREFIX)}
+
+
+def _tokens_line(summary: dict[str, Any]) -> str:
+    return (f"model tokens avoided: {summary['tokens_in_saved']:,} in / "
+            f"{summary['tokens_out_saved']:,} out ({_usd(summary['dollars_saved_models'])}); "
+            f"spent: {summary['tokens_in']:,} in / {summary['tokens_out']:,} out "
+            f"({_usd(summary['dollars_spent'])})")
+
+
+def _model_totals(summary: dict[str, Any]) -> dict[str, Any] | None:
+    models = _models(summary)
+    if not models:
+        return None
+    totals = {**summary}
+    totals["dollars_saved_models"] = sum(row["dollars_saved"] for row in models.values())
+    return totals
 
 
 def _off_line(summary: dict[str, Any]) -> str:
@@ -44,6 +79,9 @@ def format_line(summary: dict[str, Any], mode: str | None = None) -> str:
     line = (f"singleflight: {summary['calls']} calls, {summary['unique_executions']} executed, "
             f"{summary['avoided_calls']} avoided, saved ${summary['dollars_saved']:.2f} and "
             f"{summary['latency_saved_ms'] / 1000:.1f} s")
+    if _models(summary):
+        line += (f", {summary['tokens_in_saved']:,} in / {summary['tokens_out_saved']:,} out "
+                 f"model tokens avoided")
     warnings = len(_warnings(summary))
     return line + (f", {warnings} warning(s)" if warnings else "") + where
 
@@ -73,6 +111,7 @@ def format_summary(summary: dict[str, Any], mode: str | None = None) -> str:
             )
     else:
         lines.append("  no calls recorded")
+    lines.extend(_model_rows(summary))
     if mode == "off" or summary.get("duplicates"):
         lines.append("  " + _off_line(summary))
     lines.extend(f"  warning: {note}" for note in _warnings(summary))
@@ -95,8 +134,37 @@ def format_markdown(summary: dict[str, Any], mode: str | None = None) -> str:
         lines.append(f"| `{name}` | {row['calls']} | {row['executed']} | {row['cache_hits']} | "
                      f"{row['shared_waits']} | {row['dollars_saved']:.2f} | "
                      f"{row['latency_saved_ms'] / 1000:.1f} |")
+    models = _models(summary)
+    if models:
+        totals = _model_totals(summary)
+        assert totals is not None
+        lines += ["", _tokens_line(totals) + ".", "",
+                  "| model | turns | executed | avoided | tokens in avoided | tokens out avoided "
+                  "| $ avoided | $ spent |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, row in models.items():
+            lines.append(f"| `{name}` | {row['calls']} | {row['executed']} | {row['avoided_calls']} "
+                         f"| {row['tokens_in_saved']:,} | {row['tokens_out_saved']:,} "
+                         f"| {_row_usd(row, 'dollars_saved')} | {_row_usd(row, 'dollars_spent')} |")
     lines.extend(f"\n> warning: {note}" for note in _warnings(summary))
     return "\n".join(lines) + "\n"
+
+
+def _model_rows(summary: dict[str, Any]) -> list[str]:
+    """The model turns: tokens and dollars avoided and spent, per model."""
+    totals = _model_totals(summary)
+    if totals is None:
+        return []
+    models = _models(summary)
+    width = max(5, *(len(name) for name in models))
+    lines = ["", "  " + _tokens_line(totals),
+             f"  {'model':<{width}}  turns  exec  avoided  tokens in avoided  tokens out avoided"
+             f"  $ avoided    $ spent"]
+    for name, row in models.items():
+        lines.append(
+            f"  {name:<{width}}  {row['calls']:>5}  {row['executed']:>4}  {row['avoided_calls']:>7}  "
+            f"{row['tokens_in_saved']:>17,}  {row['tokens_out_saved']:>18,}  "
+            f"{_row_usd(row, 'dollars_saved'):>9}  {_row_usd(row, 'dollars_spent'):>9}")
+    return lines
 
 
 def format_json(summary: dict[str, Any]) -> str:

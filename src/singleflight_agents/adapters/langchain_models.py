@@ -1,0 +1,184 @@
+"""LangChain / LangGraph chat models whose turns are recorded, shared and replayed as receipts.
+
+``receipt_chat_model(sf, llm, deterministic=True)`` wraps any ``BaseChatModel``; a LangGraph
+agent, ``bind_tools`` and ``with_structured_output`` use the wrapper as they would the model.
+
+**Keyed on** everything that decides the answer: the model's ``_llm_type`` and
+``_identifying_params`` (model name, temperature and the other parameters it reports), the
+messages (type, content, name, tool calls with their ids, ``tool_call_id``,
+``additional_kwargs``, metadata), ``stop``, and the call's keywords: bound tool schemas,
+``tool_choice``, ``response_format`` (a class as its JSON schema), generation parameters.
+**Not keyed:** message ``id``s (LangGraph gives each message a new one every run), tool
+``artifact``s (never sent to a model), callbacks, run ids and config. Tool call ids are
+keyed: they are stable when the turns that made them replay.
+
+A turn is recorded and replayed whole: ``stream()`` yields the whole message as one chunk,
+and token streaming is not replayed. Callbacks and tracing see the wrapper's run; the inner
+model's ``_generate`` is called directly (its rate limiter applies, its LLM cache does not).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, BaseMessage, message_to_dict, messages_from_dict
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import PrivateAttr
+
+from ..pricing import PriceSource, PriceTable
+from ._turns import Executor, Request, Turns, jsonable, usage_of
+
+__all__ = ["ReceiptChatModel", "receipt_chat_model"]
+
+_UNKEYED = ("id", "artifact")
+
+
+class ReceiptChatModel(BaseChatModel):
+    """A chat model whose turns go through a :class:`Singleflight` engine, one receipt per
+    distinct request to ``inner``; made by :func:`receipt_chat_model`."""
+
+    inner: BaseChatModel
+    _turns: Turns = PrivateAttr()
+
+    @property
+    def _llm_type(self) -> str:
+        return "singleflight-receipts"
+
+    @property
+    def _identifying_params(self) -> Mapping[str, Any]:
+        return {**self.inner._identifying_params, "singleflight_tool": self._turns.options.tool_name}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        return self.inner._get_ls_params(stop=stop, **kwargs)
+
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None,
+                 kwargs: dict[str, Any]) -> Request:
+        keyed = []
+        for message in messages:
+            entry = message_to_dict(message)
+            entry["data"] = {k: v for k, v in entry["data"].items() if k not in _UNKEYED}
+            keyed.append(jsonable(entry))
+        return {"llm_type": self.inner._llm_type, "params": jsonable(self.inner._identifying_params),
+                "messages": keyed, "stop": jsonable(stop), "kwargs": _keyed(kwargs)}
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        # The engine caches signatures by callable: the call it keeps must not keep the turn's
+        # messages alive, so they live in `turn`, emptied once the turn is done.
+        turn: dict[str, Any] = {"messages": messages, "kwargs": kwargs}
+
+        def call(request: Request) -> dict[str, Any]:
+            if self.inner.rate_limiter is not None:
+                self.inner.rate_limiter.acquire(blocking=True)
+            return _stored(self.inner._generate(turn["messages"], stop=stop, **turn["kwargs"]))
+
+        try:
+            return _result(self._turns.run_sync(call, self._request(messages, stop, kwargs)).value)
+        finally:
+            turn.clear()
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> ChatResult:
+        turn: dict[str, Any] = {"messages": messages, "kwargs": kwargs}
+
+        async def call(request: Request) -> dict[str, Any]:
+            if self.inner.rate_limiter is not None:
+                await self.inner.rate_limiter.aacquire(blocking=True)
+            return _stored(await self.inner._agenerate(turn["messages"], stop=stop,
+                                                       **turn["kwargs"]))
+
+        try:
+            return _result((await self._turns.run(call, self._request(messages, stop, kwargs))).value)
+        finally:
+            turn.clear()
+
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
+                   tool_choice: str | None = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """The inner model formats the tools; the binding runs this wrapper."""
+        if type(self.inner).bind_tools is BaseChatModel.bind_tools:
+            raise NotImplementedError(f"{type(self.inner).__name__} does not implement bind_tools, "
+                                      f"so its wrapper cannot bind tools either")
+        bound = self.inner.bind_tools(tools, tool_choice=tool_choice, **kwargs)
+        if not (isinstance(bound, RunnableBinding) and bound.bound is self.inner):
+            raise TypeError(f"{type(self.inner).__name__}.bind_tools returned "
+                            f"{type(bound).__name__}, not a binding of the model itself; "
+                            f"receipt_chat_model cannot take its tools over")
+        ours = self.bind(**bound.kwargs)
+        return ours.with_config(bound.config) if bound.config else ours
+
+
+def receipt_chat_model(sf: Executor, llm: BaseChatModel, /, *, model_name: str | None = None,
+                       prices: PriceSource | PriceTable = None, **options: Any) -> ReceiptChatModel:
+    """``llm`` with each turn run through ``sf`` (a :class:`Singleflight` or the pytest
+    ``singleflight`` fixture), keyed on the request and reported as ``model:<model_name>``.
+
+    Needs ``deterministic=True`` (record, share and replay turns) or ``side_effecting=True``
+    (always call the model, still counting tokens). ``model_name`` defaults to the model's
+    ``model_name`` or ``model``; ``prices`` (dollars per million tokens, see
+    :class:`~singleflight_agents.pricing.PriceTable`) overrides the engine's table. Other
+    keywords are :class:`ToolExecutionOptions` fields (``ttl_seconds``, ``mode``, ``scope``,
+    ``version``, ``redact``, ``store_inputs``, ...).
+    """
+    if not isinstance(llm, BaseChatModel):
+        raise TypeError(f"receipt_chat_model() wraps a LangChain BaseChatModel, got "
+                        f"{type(llm).__name__}; wrap the model, then bind tools to the wrapper")
+    if model_name is None:
+        for attribute in ("model_name", "model"):
+            found = getattr(llm, attribute, None)
+            if isinstance(found, str) and found:
+                model_name = found
+                break
+    if prices is not None:
+        options["prices"] = prices
+    turns = Turns(sf, model_name or "", options, wrapper="receipt_chat_model", model=llm)
+    wrapped = ReceiptChatModel(inner=llm, output_version=llm.output_version, profile=llm.profile)
+    wrapped._turns = turns
+    return wrapped
+
+
+def _keyed(value: Any) -> Any:
+    """``value`` for the key; a class (a ``response_format``, a schema) as its JSON schema."""
+    if isinstance(value, type):
+        try:
+            return {"class": jsonable(value), "schema": convert_to_openai_tool(value)}
+        except (TypeError, ValueError):
+            return jsonable(value)
+    if isinstance(value, Mapping):
+        return {str(k): _keyed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_keyed(v) for v in value]
+    return jsonable(value)
+
+
+def _stored(result: ChatResult) -> dict[str, Any]:
+    tokens_in = tokens_out = 0
+    generations = []
+    for generation in result.generations:
+        usage = getattr(generation.message, "usage_metadata", None) or {}
+        tokens_in += usage.get("input_tokens", 0)
+        tokens_out += usage.get("output_tokens", 0)
+        generations.append({"message": message_to_dict(generation.message),
+                            "generation_info": generation.generation_info})
+    # Plain JSON, the same whether it ran here or came from a receipt; objects JSON cannot
+    # carry (a parsed pydantic object in llm_output) are dumped, or kept as their type's name.
+    return {"usage": usage_of(tokens_in, tokens_out),
+            **jsonable({"generations": generations, "llm_output": result.llm_output})}
+
+
+def _result(value: dict[str, Any]) -> ChatResult:
+    value = copy.deepcopy(value)  # in-flight waiters share one value; LangChain edits messages
+    stored = value["generations"]
+    messages = messages_from_dict([g["message"] for g in stored])
+    return ChatResult(generations=[ChatGeneration(message=m, generation_info=g["generation_info"])
+                                   for g, m in zip(stored, messages, strict=True)],
+                      llm_output=value["llm_output"])
