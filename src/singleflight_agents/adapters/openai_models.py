@@ -95,11 +95,6 @@ class ReceiptModel(Model):
                 prompt=prompt)
             return _dump_response(response)
 
-        if not self._turns.shared:  # side_effecting: the model itself, untouched
-            return await self.inner.get_response(
-                system_instructions, input, model_settings, tools, output_schema, handoffs, tracing,
-                previous_response_id=previous_response_id, conversation_id=conversation_id,
-                prompt=prompt)
         request = self._request(system_instructions, input, model_settings, tools, output_schema,
                                 handoffs, previous_response_id, conversation_id, prompt)
         outcome = await self._turns.run(call, request)
@@ -117,10 +112,6 @@ class ReceiptModel(Model):
                 previous_response_id=previous_response_id, conversation_id=conversation_id,
                 prompt=prompt)
 
-        if not self._turns.shared:
-            async for event in live():
-                yield event
-            return
         request = self._request(system_instructions, input, model_settings, tools, output_schema,
                                 handoffs, previous_response_id, conversation_id, prompt)
         request["stream"] = True
