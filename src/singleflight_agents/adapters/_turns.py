@@ -9,6 +9,8 @@ This module imports no framework.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -61,19 +63,36 @@ class Turns:
         table = engine.prices if prices is None else PriceTable.load(prices)
         self.model_name = model_name
         self.options = base.replace(tool_name=MODEL_PREFIX + model_name,
-                                    meter=_meter(table, model_name))
+                                    meter=_meter(table, model_name), key=_key(base.key))
         self._sf = sf
-
-    @property
-    def shared(self) -> bool:
-        return self.options.shared
 
     async def run(self, call: Callable[[Request], Awaitable[dict[str, Any]]],
                   request: Request) -> ExecutionOutcome:
-        return await self._sf.execute(call, request, options=self.options)
+        """Run ``call(request)`` as this model's turn, keyed on ``request``."""
+        return await self._sf.execute(_call_async, call, request, options=self.options)
 
     def run_sync(self, call: Callable[[Request], dict[str, Any]], request: Request) -> ExecutionOutcome:
-        return self._sf.execute_sync(call, request, options=self.options)
+        return self._sf.execute_sync(_call_sync, call, request, options=self.options)
+
+
+# The engine executes these two fixed functions, never the per-turn closure itself: it caches
+# what it learns about a callable (its signature), and a closure holding a conversation must not
+# stay alive in that cache.
+async def _call_async(call: Callable[[Request], Awaitable[dict[str, Any]]],
+                      request: Request) -> dict[str, Any]:
+    return await call(request)
+
+
+def _call_sync(call: Callable[[Request], dict[str, Any]], request: Request) -> dict[str, Any]:
+    return call(request)
+
+
+def _key(user_key: Callable[..., Any] | None) -> Callable[..., Any]:
+    """The request is the key (or what ``key=`` makes of it); the closure never is."""
+    def key(call: object, request: Request) -> Any:
+        return user_key(request) if user_key is not None else {"request": request}
+
+    return key
 
 
 def usage_of(tokens_in: int | None, tokens_out: int | None) -> dict[str, int]:
@@ -91,19 +110,20 @@ def _meter(table: PriceTable, model_name: str) -> Callable[[Any], tuple[int, int
 
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON for a key: pydantic models dumped, dataclasses as dicts,
-    callables and other objects as their type's name (never a repr: addresses change)."""
+    classes and functions by their qualified name, other objects by their type's (never a
+    repr: addresses change every run)."""
     if value is None or isinstance(value, str | int | float | bool):
         return value
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
+    if isinstance(value, type) or inspect.isroutine(value):
+        return f"<{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}>"
     dump = getattr(value, "model_dump", None)
-    if callable(dump) and not isinstance(value, type):
+    if callable(dump):
         return jsonable(dump(mode="json", exclude_none=True))
-    import dataclasses
-
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if dataclasses.is_dataclass(value):
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if not callable(getattr(value, f.name))}
     if hasattr(value, "value") and isinstance(value.value, str | int):  # enums

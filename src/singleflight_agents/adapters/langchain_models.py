@@ -66,40 +66,30 @@ class ReceiptChatModel(BaseChatModel):
             entry = message_to_dict(message)
             entry["data"] = {k: v for k, v in entry["data"].items() if k not in _UNKEYED}
             keyed.append(jsonable(entry))
-        return {"llm_type": self.inner._llm_type, "params": jsonable(self.inner._identifying_params),
-                "messages": keyed, "stop": jsonable(stop), "kwargs": _keyed(kwargs)}
+        # Keys sort in this order in stored inputs and in a replay miss's (shortened) message.
+        return {"messages": keyed,
+                "model": {"type": self.inner._llm_type,
+                          "params": jsonable(self.inner._identifying_params)},
+                "options": _keyed({**kwargs, "stop": stop})}
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        # The engine caches signatures by callable: the call it keeps must not keep the turn's
-        # messages alive, so they live in `turn`, emptied once the turn is done.
-        turn: dict[str, Any] = {"messages": messages, "kwargs": kwargs}
-
         def call(request: Request) -> dict[str, Any]:
             if self.inner.rate_limiter is not None:
                 self.inner.rate_limiter.acquire(blocking=True)
-            return _stored(self.inner._generate(turn["messages"], stop=stop, **turn["kwargs"]))
+            return _stored(self.inner._generate(messages, stop=stop, **kwargs))
 
-        try:
-            return _result(self._turns.run_sync(call, self._request(messages, stop, kwargs)).value)
-        finally:
-            turn.clear()
+        return _result(self._turns.run_sync(call, self._request(messages, stop, kwargs)).value)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        turn: dict[str, Any] = {"messages": messages, "kwargs": kwargs}
-
         async def call(request: Request) -> dict[str, Any]:
             if self.inner.rate_limiter is not None:
                 await self.inner.rate_limiter.aacquire(blocking=True)
-            return _stored(await self.inner._agenerate(turn["messages"], stop=stop,
-                                                       **turn["kwargs"]))
+            return _stored(await self.inner._agenerate(messages, stop=stop, **kwargs))
 
-        try:
-            return _result((await self._turns.run(call, self._request(messages, stop, kwargs))).value)
-        finally:
-            turn.clear()
+        return _result((await self._turns.run(call, self._request(messages, stop, kwargs))).value)
 
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
                    tool_choice: str | None = None,
@@ -148,11 +138,12 @@ def receipt_chat_model(sf: Executor, llm: BaseChatModel, /, *, model_name: str |
 
 def _keyed(value: Any) -> Any:
     """``value`` for the key; a class (a ``response_format``, a schema) as its JSON schema."""
-    if isinstance(value, type):
+    if isinstance(value, type):  # jsonable() would name its metaclass
+        name = f"{value.__module__}.{value.__qualname__}"
         try:
-            return {"class": jsonable(value), "schema": convert_to_openai_tool(value)}
+            return {"class": name, "schema": convert_to_openai_tool(value)}
         except (TypeError, ValueError):
-            return jsonable(value)
+            return {"class": name}
     if isinstance(value, Mapping):
         return {str(k): _keyed(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
