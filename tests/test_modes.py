@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from singleflight_agents import ReplayMissError, Singleflight, Source, ToolExecutionOptions
+from singleflight_agents.reporting import format_summary
 
 RECORD = ToolExecutionOptions(tool_name="search.web", bounded_read=True, estimated_cost_usd=0.1)
 
@@ -83,3 +84,15 @@ def test_off_runs_everything_and_counts_duplicates(sf: Singleflight) -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="mode must be one of record, replay, refresh, off"):
         ToolExecutionOptions(mode="replay-all")
+
+
+def test_replay_with_another_key_serves_nothing_and_says_so(store_url: str) -> None:
+    with Singleflight(store=store_url, secret="the recording key, 32 bytes long") as recorder:
+        recorder.execute_sync(_search, "refund", options=RECORD)
+    with Singleflight(store=store_url, secret="another key, also long enough!!") as replayer:
+        with pytest.warns(RuntimeWarning, match=r"signed with another key\); not served"), \
+                pytest.raises(ReplayMissError):
+            replayer.execute_sync(_search, "refund", options=RECORD.replace(mode="replay"))
+        summary = replayer.summary()
+    assert (summary["tampered"], summary["replay_misses"], summary["executed"]) == (1, 1, 0)
+    assert "were not served" in format_summary(summary)

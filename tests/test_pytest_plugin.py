@@ -834,6 +834,31 @@ def test_ini_options(project: Project) -> None:
     assert project.db.exists()
 
 
+def test_ini_paths_are_taken_from_the_rootdir(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    project.pytester.makeini("""
+        [pytest]
+        singleflight_db = ini-store/receipts.db
+        singleflight_prices = prices.json
+    """)
+    (project.path / "prices.json").write_text('{"m": {"input": 1.0, "output": 2.0}}')
+    _write(project, "test_ini_paths", """
+        import sftools
+
+        def test_prices(singleflight):
+            singleflight.execute_sync(sftools.lookup, "a")
+            sftools.note(singleflight.engine.prices.dollars("m", 1_000_000, 0))
+    """)
+    elsewhere = project.path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = project.pytester.runpytest(str(project.path), "-p", "no:cacheprovider",
+                                        "-p", "no:hypothesispytest")
+    result.assert_outcomes(passed=1)
+    assert project.notes() == [[1.0]]
+    assert (project.path / "ini-store" / "receipts.db").exists()
+    assert not (elsewhere / "ini-store").exists()
+
+
 @pytest.mark.parametrize(("option", "message"), [
     ("singleflight_mode = sometimes", "singleflight_mode = 'sometimes'; use one of record, replay*"),
     ("singleflight_ttl = soon", "singleflight_ttl = 'soon' is not a number of seconds"),

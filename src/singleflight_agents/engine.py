@@ -526,7 +526,7 @@ class Singleflight:
             value = codec.decode(receipt.codec, receipt.output, call.options.allow_pickle)
         except Exception as exc:  # e.g. a pickled class that no longer imports: run again
             self._warn(f"decode:{call.tool_name}", f"{call.tool_name}: a stored result could not "
-                       f"be decoded ({type(exc).__name__}: {exc}); re-executing")
+                       f"be decoded ({type(exc).__name__}: {exc}); not served")
             return None
         return _Result(value, Source.CACHE_HIT, receipt, (receipt.codec, receipt.output),
                        receipt.latency_ms)
@@ -543,8 +543,9 @@ class Singleflight:
             valid = False
         if not valid:
             call.tampered = True
+            then = "not served" if call.options.mode == "replay" else "re-executing"
             self._warn(f"tampered:{call.tool_name}", f"{call.tool_name}: a stored receipt failed "
-                       f"its signature check (tampered, or signed with another key); re-executing")
+                       f"its signature check (tampered, or signed with another key); {then}")
             return False
         if len(self._verified) >= 4096:
             self._verified.clear()

@@ -205,6 +205,14 @@ def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, A
     return options
 
 
+def _from_rootdir(config: pytest.Config, path: str) -> str:
+    """An ini file's relative path, from the rootdir (as pytest reads its own ini paths), so
+    running from another directory finds the same store; URLs stay as they are."""
+    if not path or "://" in path or os.path.isabs(path):
+        return path
+    return str(config.rootpath / path)
+
+
 class _Session:
     """Per process: the configuration, and the engine once a test needs it."""
 
@@ -214,8 +222,8 @@ class _Session:
         self.run_id: str = worker.get("run_id") or (
             time.strftime("pytest-%Y%m%dT%H%M%S-") + os.urandom(3).hex())
         self.started: float = worker.get("started") or time.time()
-        self.db = (config.getoption("singleflight_db") or config.getini("singleflight_db")
-                   or str(config.rootpath / ".singleflight" / "receipts.db"))
+        self.db = config.getoption("singleflight_db") or _from_rootdir(
+            config, config.getini("singleflight_db") or ".singleflight/receipts.db")
         self.mode: str = config.getoption("singleflight_mode") or config.getini("singleflight_mode")
         if self.mode not in MODES:
             raise pytest.UsageError(f"singleflight_mode = {self.mode!r}; use one of "
@@ -225,9 +233,8 @@ class _Session:
             self.ttl = float(ttl)
         except ValueError:
             raise pytest.UsageError(f"singleflight_ttl = {ttl!r} is not a number of seconds") from None
-        prices = config.getoption("singleflight_prices") or config.getini("singleflight_prices")
-        if prices and not os.path.isabs(prices) and not config.getoption("singleflight_prices"):
-            prices = str(config.rootpath / prices)  # an ini path is relative to the rootdir
+        prices = config.getoption("singleflight_prices") or _from_rootdir(
+            config, config.getini("singleflight_prices"))
         from .pricing import PriceTable
 
         try:

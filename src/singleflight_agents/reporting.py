@@ -17,8 +17,9 @@ def _bar(share: float) -> str:
 def _warnings(summary: dict[str, Any]) -> list[str]:
     notes = []
     if summary.get("tampered"):
-        notes.append(f"{summary['tampered']} receipt(s) failed their signature check and were "
-                     f"re-executed (run `singleflight-agents verify`)")
+        notes.append(f"{summary['tampered']} receipt(s) failed their signature check (tampered, or "
+                     f"signed with another key) and were not served (run `singleflight-agents "
+                     f"verify`)")
     if summary.get("not_persisted"):
         notes.append(f"{summary['not_persisted']} result(s) could not be stored (not JSON-able)")
     if summary.get("fallbacks"):
