@@ -41,14 +41,19 @@ class Config:
     crash_trials: int
     failure_trials: int  # per variant
     import_runs: int  # fresh interpreters per variant
+    model_iterations: int  # model turns: per repeat and variant (a quarter on Redis)
+    model_repeats: int
+    model_trials: int  # model turns: in-flight and eval-suite trials
 
 
 FULL = Config("full", hit_iterations=4_000, hit_repeats=25, miss_keys=2_000, miss_repeats=3,
               fanout_repeats=5, mp_repeats=5, wake_trials=50, crash_trials=10,
-              failure_trials=20, import_runs=25)
+              failure_trials=20, import_runs=25, model_iterations=400, model_repeats=15,
+              model_trials=5)
 QUICK = Config("quick", hit_iterations=300, hit_repeats=6, miss_keys=200, miss_repeats=1,
                fanout_repeats=1, mp_repeats=1, wake_trials=4, crash_trials=2,
-               failure_trials=2, import_runs=3)
+               failure_trials=2, import_runs=3, model_iterations=40, model_repeats=3,
+              model_trials=1)
 
 
 @dataclass

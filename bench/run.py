@@ -38,6 +38,7 @@ import common
 import concurrency
 import hits
 import imports
+import models
 import report
 from common import FULL, QUICK, REDIS_URL, RUN_TAG, STORES, Config, Results, store_list
 
@@ -51,6 +52,7 @@ BENCHES: dict[str, Callable[[Config, Results, list[str]], None]] = {
     "crash": concurrency.bench_crash,
     "failure": concurrency.bench_failure,
     "import": imports.bench_import,
+    "models": models.bench_models,
 }
 
 
