@@ -270,6 +270,17 @@ async def test_replay_serves_recorded_turns_and_a_miss_names_the_record_command(
         replayer.close()
 
 
+async def test_streamed_turns_replay_too(sf: Singleflight, store_url: str) -> None:
+    recorded = await run_streamed(make_agent(sf, ScriptedModel(two_turns())))
+    sf.close()
+    with Singleflight(store=store_url, secret=SECRET) as replayer:
+        empty = ScriptedModel([])
+        assert await run_streamed(make_agent(replayer, empty, mode="replay")) == recorded
+        with pytest.raises(ReplayMissError, match=rf"^{TOOL}: no receipt to replay"):
+            await run_streamed(make_agent(replayer, empty, mode="replay", instructions="Be terse."))
+        assert len(empty.calls) == 0
+
+
 # -- 4. the key -------------------------------------------------------------------------------
 
 
@@ -393,6 +404,35 @@ async def test_response_and_conversation_ids_prompt_and_stream_are_keyed(sqlite_
     assert len(inner.calls) == 6 and events[-1].response.output[0].content[0].text == "5"
 
 
+async def test_key_receives_the_request_dict(sqlite_sf: Singleflight) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def key(request: dict[str, Any]) -> Any:
+        seen.append(request)
+        return request["system_instructions"]  # this eval shares turns by instructions alone
+
+    inner = ScriptedModel([[assistant_message("hi")]])
+    model = receipt_model(sqlite_sf, inner, model_name=NAME, deterministic=True, key=key)
+    for text in ("hello", "bonjour"):
+        await model.get_response(*direct_args(input=text), **KW)
+    assert len(inner.calls) == 1
+    assert [r["input"] for r in seen] == ["hello", "bonjour"]
+    assert {r["model"] for r in seen} == {NAME}
+
+
+async def test_a_secret_header_is_keyed_and_can_be_kept_out_of_receipts(sqlite_sf: Singleflight) -> None:
+    inner = ScriptedModel([[assistant_message("a")], [assistant_message("b")]])
+    model = receipt_model(sqlite_sf, inner, model_name=NAME, deterministic=True,
+                          redact=["request.model_settings.extra_headers.Authorization"])
+    for token in ("sk-one", "sk-two", "sk-one"):
+        settings = ModelSettings(extra_headers={"Authorization": f"Bearer {token}"})
+        await model.get_response(*direct_args(settings=settings), **KW)
+    assert len(inner.calls) == 2  # the header is part of the request
+    receipts = list(sqlite_sf.store.iter_receipts())
+    assert len(receipts) == 2
+    assert all("sk-" not in (r.inputs or "") and "[redacted]" in (r.inputs or "") for r in receipts)
+
+
 def _namespaced(tool: FunctionTool) -> FunctionTool:
     [namespaced] = tool_namespace(name="weather", description="Weather tools.", tools=[tool])
     return namespaced
@@ -400,7 +440,7 @@ def _namespaced(tool: FunctionTool) -> FunctionTool:
 
 # Fields of a FunctionTool that OpenAIResponsesModel sends to the model (see its
 # _convert_function_tool and _convert_tools): a change is another request, not a replay.
-UNKEYED_TOOL_FIELDS: dict[str, Callable[[FunctionTool], FunctionTool]] = {
+TOOL_FIELDS_SENT: dict[str, Callable[[FunctionTool], FunctionTool]] = {
     "defer_loading": lambda tool: dataclasses.replace(tool, defer_loading=True),
     "allowed_callers": lambda tool: dataclasses.replace(tool, allowed_callers=["programmatic"]),
     "output_json_schema": lambda tool: dataclasses.replace(
@@ -409,18 +449,12 @@ UNKEYED_TOOL_FIELDS: dict[str, Callable[[FunctionTool], FunctionTool]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "openai_models._tool_spec keys a FunctionTool by name, description, params_json_schema and "
-    "strict_json_schema only; defer_loading, allowed_callers, output_json_schema (sent as "
-    "output_schema) and the tool_namespace() namespace and its description are sent to the model "
-    "by OpenAIResponsesModel but not keyed, so a request that differs only there replays the "
-    "other request's answer"))
-@pytest.mark.parametrize("field", list(UNKEYED_TOOL_FIELDS))
+@pytest.mark.parametrize("field", list(TOOL_FIELDS_SENT))
 async def test_every_tool_field_sent_to_the_model_is_keyed(sqlite_sf: Singleflight, field: str) -> None:
     inner = ScriptedModel([[assistant_message("plain")], [assistant_message("changed")]])
     model = receipt_model(sqlite_sf, inner, model_name=NAME, deterministic=True)
     await model.get_response(*direct_args(tools=[lookup]), **KW)
-    changed = UNKEYED_TOOL_FIELDS[field](lookup)
+    changed = TOOL_FIELDS_SENT[field](lookup)
     response = await model.get_response(*direct_args(tools=[changed]), **KW)
     assert len(inner.calls) == 2
     assert response.output[0].content[0].text == "changed"
@@ -540,11 +574,6 @@ async def test_a_stream_closed_early_is_abandoned_and_the_next_call_records_it(s
             stats["fallbacks"]) == (1, 1, 0, 0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ReceiptModel.stream_response: a consumer cancelled while the generator awaits "
-    "asyncio.wait({waiter, turn}) leaves the `waiter` task (asyncio.ensure_future(queue.get())) "
-    "pending forever; the finally block cancels only `turn`, so every cancelled stream leaks a "
-    "Queue.get() task"))
 async def test_a_cancelled_stream_consumer_leaves_no_task_behind(sf: Singleflight) -> None:
     events = await live_events(turn_two())
     started, release = asyncio.Event(), asyncio.Event()
@@ -689,6 +718,8 @@ async def test_a_side_effecting_model_is_called_every_time_and_stores_nothing(sf
                   model=receipt_model(sf, streamed, model_name=NAME, side_effecting=True))
     assert (await run_streamed(agent))[0] == FINAL and len(streamed.calls) == 2
     assert list(sf.store.iter_receipts()) == []
+    stats = tool_stats(sf)  # counted, as unshared executions
+    assert (stats["calls"], stats["unshared"], stats["executed"], stats["cache_hits"]) == (6, 6, 0, 0)
 
 
 # -- 9. tokens and dollars ------------------------------------------------------------------------
@@ -730,6 +761,20 @@ async def test_prices_given_to_the_wrapper_win_over_the_engines(sqlite_sf: Singl
     stats = tool_stats(sqlite_sf)
     assert stats["dollars_spent"] == pytest.approx(2 * 1000 / 1e6)
     assert stats["dollars_saved"] == pytest.approx(2 * 1000 / 1e6)
+
+
+async def test_side_effecting_turns_are_spent_every_time(store_url: str) -> None:
+    with Singleflight(store=store_url, secret=SECRET, prices=PRICES) as sf:
+        for _ in range(2):
+            model = ScriptedModel(two_turns())
+            model.set_default_usage(USAGE)
+            agent = Agent(name="weather", instructions=INSTRUCTIONS, tools=[lookup],
+                          model=receipt_model(sf, model, model_name=NAME, side_effecting=True))
+            assert (await Runner.run(agent, QUESTION, run_config=CONFIG)).final_output == FINAL
+        stats = tool_stats(sf)
+        assert (stats["tokens_in"], stats["tokens_out"], stats["tokens_in_saved"]) == (4000, 800, 0)
+        assert stats["dollars_spent"] == pytest.approx(4 * TURN_DOLLARS)
+        assert stats["dollars_saved"] == 0
 
 
 async def test_an_unpriced_model_counts_tokens_but_no_dollars(sf: Singleflight) -> None:

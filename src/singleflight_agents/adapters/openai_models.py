@@ -134,6 +134,7 @@ class ReceiptModel(Model):
             return {"usage": usage, "events": events}
 
         turn = asyncio.ensure_future(self._turns.run(record, request))
+        waiter: asyncio.Future[TResponseStreamEvent] | None = None
         try:
             while not turn.done() or not queue.empty():
                 if queue.empty():
@@ -151,6 +152,8 @@ class ReceiptModel(Model):
                 for event in outcome.value["events"]:
                     yield adapter.validate_python(event)
         finally:
+            if waiter is not None:
+                waiter.cancel()  # cancelled while waiting for the next event
             if not turn.done():  # the consumer stopped early: the engine abandons the turn
                 turn.cancel()
                 with contextlib.suppress(BaseException):
@@ -219,8 +222,14 @@ def _tool_spec(tool: Tool) -> Any:
     """What the model is told about a tool: function tools by schema, hosted tools by their
     configuration (callables and client objects left out)."""
     if isinstance(tool, FunctionTool):
+        # What OpenAIResponsesModel sends for a function tool (openai-agents 0.24), namespace
+        # from `agents.tool_namespace` included.
         return {"type": "function", "name": tool.name, "description": tool.description,
-                "parameters": tool.params_json_schema, "strict": tool.strict_json_schema}
+                "parameters": tool.params_json_schema, "strict": tool.strict_json_schema,
+                "defer_loading": tool.defer_loading, "allowed_callers": jsonable(tool.allowed_callers),
+                "output_schema": tool.output_json_schema,
+                "namespace": getattr(tool, "_tool_namespace", None),
+                "namespace_description": getattr(tool, "_tool_namespace_description", None)}
     spec: dict[str, Any] = {"type": type(tool).__name__}
     if dataclasses.is_dataclass(tool):
         for field in dataclasses.fields(tool):
