@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.metadata
 import os
 import platform
 import sqlite3
@@ -31,9 +32,18 @@ def machine(redis_url: str | None = None) -> dict[str, str]:
         **({"Redis": redis_info(redis_url)} if redis_url else {}),
         "singleflight-agents": singleflight_agents.__version__,
         "diskcache": diskcache.__version__,
+        "openai-agents / langchain-core (benchmark 9)": " / ".join(
+            _version(name) for name in ("openai-agents", "langchain-core")),
         "Date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "Load average at start (1/5/15 min)": loadavg(),
     }
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def cores() -> int:
@@ -45,6 +55,25 @@ def loadavg() -> str:
         return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
+
+
+# The sections of docs/performance.md this module writes; any other `## ` section of the page
+# (the chaos figures of bench/chaos.py) is hand-written and kept as it is, after these.
+GENERATED_SECTIONS = ("Machine", "Results", "What the numbers say")
+
+
+def kept_sections(path: Path) -> str:
+    """The `## ` sections of the page at ``path`` that the run does not write, verbatim and
+    in order ("" if none, or no page yet)."""
+    if not path.exists():
+        return ""
+    kept, keep = [], False
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("## "):
+            keep = line[3:].strip() not in GENERATED_SECTIONS
+        if keep:
+            kept.append(line)
+    return "".join(kept).rstrip("\n")
 
 
 def write_docs(path: Path, cfg: Config, res: Results, info: dict[str, str], elapsed: float,
@@ -84,6 +113,8 @@ Correctness checks failed: {"; ".join(failed) if failed else "none"}.
 
 {interpretation(res.numbers)}
 """
+    if kept := kept_sections(path):
+        text += f"\n{kept}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"\nwrote {path}")
@@ -167,7 +198,65 @@ def interpretation(n: dict[str, float]) -> str:
             f"modules it loads take {ms(n['import_stdlib_s'])} imported alone; in the "
             f"fastest, least disturbed runs {ms(stdlib_min)} against {ms(engine_min)}: "
             f"{mostly} of the cost of first use is the standard library's.")
+    parts += _models_interpretation(n)
     return "\n\n".join(parts)
+
+
+def _models_interpretation(n: dict[str, float]) -> list[str]:
+    """Model turns from receipts against LangChain's InMemoryCache and the bare models."""
+    if not {"models_sqlite_openai_median_ns", "models_sqlite_lc_median_ns",
+            "models_inflight_sqlite_lc_calls", "models_eval_plain_calls"} <= n.keys():
+        return []
+
+    def on_redis(key: str) -> str:
+        return f" ({us(n[key])} on Redis)" if key in n else ""
+
+    bare, cached = n["models_lc_bare_median_ns"], n["models_lc_inmemory_median_ns"]
+    if cached <= bare:
+        peer = (f"an `InMemoryCache` hit costs {us(cached)}, no more than the bare fake model's "
+                f"{us(bare)} (a hit skips the model's `_generate`)")
+    else:
+        peer = (f"an `InMemoryCache` hit costs {us(cached)}, {us(cached - bare)} over the bare "
+                f"fake model's {us(bare)}")
+    receipt_lc = n["models_sqlite_lc_median_ns"]
+    warm = (
+        f"**Model turns.** A turn served from a receipt is a tool hit plus the framework's "
+        f"objects: the wrapper builds the request (messages or input items, settings, tool "
+        f"schemas) as JSON, fingerprints it, reads and checks the signed receipt, and rebuilds "
+        f"the response. OpenAI Agents SDK: `get_response` from a receipt takes "
+        f"{us(n['models_sqlite_openai_median_ns'])} on SQLite"
+        f"{on_redis('models_redis_openai_median_ns')}, against "
+        f"{us(n['models_openai_direct_median_ns'])} for the `ScriptedModel` called directly, "
+        f"{us(n['models_sqlite_openai_overhead_ns'])} over that floor. LangChain: {peer}; "
+        f"`receipt_chat_model` serves the turn in {us(receipt_lc)}"
+        f"{on_redis('models_redis_lc_median_ns')}, {_times(receipt_lc, cached)} the "
+        f"`InMemoryCache` hit. LangChain's cache is a dict in one process: unsigned, gone "
+        f"with the process, shared with no other process or CI job. Either hit is a "
+        f"fraction of a millisecond against a model call of hundreds of milliseconds.")
+    inflight = (
+        f"**Model turns in flight.** What the cache does not do is share a turn while it runs: "
+        f"16 concurrent identical `ainvoke`s of a model that takes 50 ms made "
+        f"{n['models_inflight_lc_inmemory_calls']:.0f} inner calls with `InMemoryCache` (all "
+        f"missed before the first answer was stored) and "
+        f"{n['models_inflight_lc_bare_calls']:.0f} without a cache, "
+        f"{n['models_inflight_sqlite_lc_calls']:.0f} through `receipt_chat_model` and "
+        f"{n['models_inflight_sqlite_openai_calls']:.0f} through `receipt_model` (16 "
+        f"`get_response`s). The wall time is about the same either way "
+        f"({ms(n['models_inflight_sqlite_lc_wall_s'])} against "
+        f"{ms(n['models_inflight_lc_inmemory_wall_s'])}): the 16 calls ran in parallel, so "
+        f"what sharing saves is 15 calls' tokens and rate limit, not time.")
+    evals = (
+        f"**An eval suite.** 20 cases of a two-turn agent (`Runner.run`: a tool call, then the "
+        f"answer; the model takes 20 ms a turn), 5 distinct questions, run one after another: "
+        f"{n['models_eval_plain_calls']:.0f} model calls and "
+        f"{ms(n['models_eval_plain_wall_s'])} with the plain model; recording through "
+        f"`receipt_model`, {n['models_eval_sqlite_cold_calls']:.0f} calls and "
+        f"{ms(n['models_eval_sqlite_cold_wall_s'])} (each distinct turn once, the repeats "
+        f"served from receipts); replayed by a second engine in `mode=\"replay\"`, as a CI job "
+        f"would, {n['models_eval_sqlite_replay_calls']:.0f} calls and "
+        f"{ms(n['models_eval_sqlite_replay_wall_s'])}, the agent loop and the tool still "
+        f"running. With a real model the saving is the calls' seconds and tokens.")
+    return [warm, inflight, evals]
 
 
 def _redis_interpretation(n: dict[str, float]) -> list[str]:

@@ -6,14 +6,16 @@
     python bench/run.py --profile  # cProfile of warm hits and misses, printed; no benchmarks
     python bench/run.py --stores sqlite          # leave the Redis store out
 
-The store-dependent benchmarks (1, 2, 4-7) run on the SQLite store and on the Redis store
+The store-dependent benchmarks (1, 2, 4-7, 9) run on the SQLite store and on the Redis store
 (--redis-url, default redis://127.0.0.1:6379/14; each benchmark under a prefix of its own,
 deleted afterwards), interleaved in one run. Redis is left out, with the reason printed,
 when no server answers.
 
 The modules beside this file: common.py (run sizes, results, helpers), hits.py (1-2: warm
 hit, miss), concurrency.py (3-7: fan-out, processes, wake-up, crash, failure), workers.py
-(what runs in spawned processes), imports.py (8: import time), report.py (the docs page).
+(what runs in spawned processes), imports.py (8: import time), models.py (9: model turns
+served from receipts against LangChain's InMemoryCache and the bare models), report.py (the
+docs page; it keeps the page's hand-written sections, such as the chaos figures).
 
 The exit status is 1 only if a correctness check failed (a tool executed more than
 once, a crash was not taken over); missed performance targets are reported, not fatal.
