@@ -837,6 +837,7 @@ def test_ini_options(project: Project) -> None:
 def test_ini_paths_are_taken_from_the_rootdir(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
     project.pytester.makeini("""
         [pytest]
+        asyncio_default_fixture_loop_scope = function
         singleflight_db = ini-store/receipts.db
         singleflight_prices = prices.json
     """)
