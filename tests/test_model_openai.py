@@ -386,22 +386,22 @@ async def test_what_does_not_decide_the_answer_is_not_keyed(sqlite_sf: Singlefli
     assert {r.output[0].content[0].text for r in responses} == {"hi"}
 
 
-async def test_response_and_conversation_ids_prompt_and_stream_are_keyed(sqlite_sf: Singleflight) -> None:
-    inner = ScriptedModel([[assistant_message(str(i))] for i in range(6)])
+async def test_response_ids_prompt_and_stream_are_keyed(sqlite_sf: Singleflight) -> None:
+    inner = ScriptedModel([[assistant_message(str(i))] for i in range(5)])
     model = receipt_model(sqlite_sf, inner, model_name=NAME, deterministic=True)
     variants: list[dict[str, Any]] = [
-        {}, {"previous_response_id": "resp-1"}, {"conversation_id": "conv-1"},
+        {}, {"previous_response_id": "resp-1"},
         {"prompt": {"id": "pmpt_1", "version": "2"}}, {"prompt": {"id": "pmpt_1", "version": "3"}},
     ]
     texts = [(await model.get_response(*direct_args(), **{**KW, **v})).output[0].content[0].text
              for v in variants]
-    assert texts == ["0", "1", "2", "3", "4"] and len(inner.calls) == 5
+    assert texts == ["0", "1", "2", "3"] and len(inner.calls) == 4
     again = [(await model.get_response(*direct_args(), **{**KW, **v})).output[0].content[0].text
              for v in variants]
-    assert again == texts and len(inner.calls) == 5
+    assert again == texts and len(inner.calls) == 4
     # A stream of the same request is a receipt of its own.
     events = await collect(model.stream_response(*direct_args(), **KW))
-    assert len(inner.calls) == 6 and events[-1].response.output[0].content[0].text == "5"
+    assert len(inner.calls) == 5 and events[-1].response.output[0].content[0].text == "4"
 
 
 async def test_key_receives_the_request_dict(sqlite_sf: Singleflight) -> None:
@@ -703,7 +703,8 @@ def test_sharing_model_turns_is_opt_in(sqlite_sf: Singleflight) -> None:
     with pytest.raises(TypeError, match=r"colour"):
         receipt_model(sqlite_sf, ScriptedModel([]), model_name=NAME, deterministic=True, colour=1)
     model = receipt_model(sqlite_sf, ScriptedModel([]), model_name=NAME, deterministic=True)
-    assert receipt_model(sqlite_sf, model) is model  # already wrapped
+    again = receipt_model(sqlite_sf, model, side_effecting=True)  # wrapped again: new options win
+    assert again.inner is model.inner and again.model == NAME and again is not model
 
 
 async def test_a_side_effecting_model_is_called_every_time_and_stores_nothing(sf: Singleflight) -> None:

@@ -38,12 +38,15 @@ def _warnings(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 1 or amount == 0 else f"${amount:.4f}"
+def _usd(amount: float, places: int = 2) -> str:
+    """Dollars; a sum too small to show in ``places`` decimals (model turns) gets four."""
+    if 0 < amount < 0.5 * 10 ** -places:
+        places = 4
+    return f"${amount:,.{places}f}"
 
 
 def _row_usd(row: dict[str, Any], name: str) -> str:
-    return "no price" if row.get("unpriced") and not row[name] else _usd(row[name])
+    return "no price" if row.get("unpriced") and not row[name] else _usd(row[name], 4)
 
 
 def _models(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -53,9 +56,9 @@ def _models(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _tokens_line(summary: dict[str, Any]) -> str:
     return (f"model tokens avoided: {summary['tokens_in_saved']:,} in / "
-            f"{summary['tokens_out_saved']:,} out ({_usd(summary['dollars_saved_models'])}); "
+            f"{summary['tokens_out_saved']:,} out ({_usd(summary['dollars_saved_models'], 4)}); "
             f"spent: {summary['tokens_in']:,} in / {summary['tokens_out']:,} out "
-            f"({_usd(summary['dollars_spent'])})")
+            f"({_usd(summary['dollars_spent'], 4)})")
 
 
 def _model_totals(summary: dict[str, Any]) -> dict[str, Any] | None:
@@ -69,7 +72,7 @@ def _model_totals(summary: dict[str, Any]) -> dict[str, Any] | None:
 
 def _off_line(summary: dict[str, Any]) -> str:
     return (f"mode off: {summary['duplicates']} duplicate call(s) ran that sharing would have "
-            f"avoided (${summary['duplicate_dollars']:.2f})")
+            f"avoided ({_usd(summary['duplicate_dollars'])})")
 
 
 def format_line(summary: dict[str, Any], mode: str | None = None) -> str:
@@ -78,7 +81,7 @@ def format_line(summary: dict[str, Any], mode: str | None = None) -> str:
     if mode == "off":
         return "singleflight: " + _off_line(summary) + where
     line = (f"singleflight: {summary['calls']} calls, {summary['unique_executions']} executed, "
-            f"{summary['avoided_calls']} avoided, saved ${summary['dollars_saved']:.2f} and "
+            f"{summary['avoided_calls']} avoided, saved {_usd(summary['dollars_saved'])} and "
             f"{summary['latency_saved_ms'] / 1000:.1f} s")
     if _models(summary):
         line += (f", {summary['tokens_in_saved']:,} in / {summary['tokens_out_saved']:,} out "
@@ -94,7 +97,7 @@ def format_summary(summary: dict[str, Any], mode: str | None = None) -> str:
         f"{summary.get('run_id') or 'all'} - store {summary['db_path']}",
         f"  {summary['calls']} calls, {summary['unique_executions']} executed, "
         f"{summary['cache_hits']} served from receipts, {summary['shared_waits']} shared in "
-        f"flight, {summary['unshared']} unshared; saved ${summary['dollars_saved']:.2f} and "
+        f"flight, {summary['unshared']} unshared; saved {_usd(summary['dollars_saved'])} and "
         f"{summary['latency_saved_ms'] / 1000:.1f} s",
     ]
     tools = summary.get("tools", {})
@@ -125,7 +128,7 @@ def format_markdown(summary: dict[str, Any], mode: str | None = None) -> str:
         f"### singleflight summary{f' ({mode})' if mode else ''}",
         "",
         f"{summary['calls']} calls, {summary['unique_executions']} executed, "
-        f"{summary['avoided_calls']} avoided; saved **${summary['dollars_saved']:.2f}** and "
+        f"{summary['avoided_calls']} avoided; saved **{_usd(summary['dollars_saved'])}** and "
         f"**{summary['latency_saved_ms'] / 1000:.1f} s**.",
         "",
         "| tool | calls | executed | from receipts | shared in flight | saved $ | saved s |",

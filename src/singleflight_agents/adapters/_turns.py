@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from ..codec import canonical_json
 from ..engine import Singleflight
 from ..models import ExecutionOutcome, ToolExecutionOptions
 from ..pricing import PriceTable
@@ -47,9 +48,10 @@ class Turns:
                 f"{wrapper}() needs deterministic=True to record, share and replay the turns of "
                 f"model {model_name!r} (models are not deterministic: sharing their answers is "
                 f"your choice for an eval), or side_effecting=True to call it every time")
-        for fixed in ("tool_name", "meter"):
+        for fixed in ("tool_name", "meter", "estimated_cost_usd"):
             if fixed in options:
-                raise TypeError(f"{wrapper}() sets {fixed} itself; it cannot be given")
+                raise TypeError(f"{wrapper}() sets {fixed} itself (turns are priced from the price "
+                                f"table); it cannot be given")
         fixture_options = getattr(sf, "options", None)
         if callable(fixture_options):  # the plugin's marker, mode and hooks apply
             base: ToolExecutionOptions = fixture_options(model, **options)
@@ -62,37 +64,56 @@ class Turns:
                             f"fixture, got {type(sf).__name__}")
         table = engine.prices if prices is None else PriceTable.load(prices)
         self.model_name = model_name
-        self.options = base.replace(tool_name=MODEL_PREFIX + model_name,
+        # The marker's cost= is for tools: turns are priced from the table, by their usage.
+        self.options = base.replace(tool_name=MODEL_PREFIX + model_name, estimated_cost_usd=0.0,
                                     meter=_meter(table, model_name), key=_key(base.key))
+        self.unshared = self.options.replace(deterministic=False, bounded_read=False)
+        self.user_key = base.key
         self._sf = sf
 
-    async def run(self, call: Callable[[Request], Awaitable[dict[str, Any]]],
-                  request: Request) -> ExecutionOutcome:
-        """Run ``call(request)`` as this model's turn, keyed on ``request``."""
-        return await self._sf.execute(_call_async, call, request, options=self.options)
+    async def run(self, call: Callable[[Request], Awaitable[dict[str, Any]]], request: Request, *,
+                  stream: bool = False, shared: bool = True) -> ExecutionOutcome:
+        """Run ``call(request)`` as this model's turn, keyed on ``request`` (and whether it is a
+        stream, which no ``key=`` can drop); ``shared=False`` runs it every time."""
+        options = self.options if shared else self.unshared
+        return await self._sf.execute(_call_async, call, request, stream, options=options)
 
     def run_sync(self, call: Callable[[Request], dict[str, Any]], request: Request) -> ExecutionOutcome:
-        return self._sf.execute_sync(_call_sync, call, request, options=self.options)
+        return self._sf.execute_sync(_call_sync, call, request, False, options=self.options)
 
 
 # The engine executes these two fixed functions, never the per-turn closure itself: it caches
 # what it learns about a callable (its signature), and a closure holding a conversation must not
 # stay alive in that cache.
-async def _call_async(call: Callable[[Request], Awaitable[dict[str, Any]]],
-                      request: Request) -> dict[str, Any]:
+async def _call_async(call: Callable[[Request], Awaitable[dict[str, Any]]], request: Request,
+                      stream: bool) -> dict[str, Any]:
     return await call(request)
 
 
-def _call_sync(call: Callable[[Request], dict[str, Any]], request: Request) -> dict[str, Any]:
+def _call_sync(call: Callable[[Request], dict[str, Any]], request: Request,
+               stream: bool) -> dict[str, Any]:
     return call(request)
 
 
 def _key(user_key: Callable[..., Any] | None) -> Callable[..., Any]:
-    """The request is the key (or what ``key=`` makes of it); the closure never is."""
-    def key(call: object, request: Request) -> Any:
-        return user_key(request) if user_key is not None else {"request": request}
+    """The request (or what ``key=`` makes of it) with its numbers as JSON sees them: the
+    closure never is keyed, and a stream is never the same turn as a plain call."""
+    def key(call: object, request: Request, stream: bool) -> Any:
+        keyed = {"request": json_numbers(user_key(request) if user_key is not None else request)}
+        return {**keyed, "stream": True} if stream else keyed
 
     return key
+
+
+def json_numbers(value: Any) -> Any:
+    """``1.0`` as ``1``, inside dicts and lists: the provider receives the same JSON number."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_numbers(v) for v in value]
+    return value
 
 
 def usage_of(tokens_in: int | None, tokens_out: int | None) -> dict[str, int]:
@@ -108,10 +129,25 @@ def _meter(table: PriceTable, model_name: str) -> Callable[[Any], tuple[int, int
     return meter
 
 
+def setting(value: Any) -> Any:
+    """A model's or a hosted tool's setting for the key; an object the codec cannot encode (a
+    client the model never sees) by its type, a secret as ``<secret>`` (a rotated key gives
+    the same answers)."""
+    if type(value).__name__ in ("SecretStr", "SecretBytes"):
+        return "<secret>"
+    value = jsonable(value)
+    try:
+        canonical_json(value)
+    except TypeError:
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    return value
+
+
 def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON for a key: pydantic models dumped, dataclasses as dicts,
-    classes and functions by their qualified name, other objects by their type's (never a
-    repr: addresses change every run)."""
+    """``value`` for a key: pydantic models dumped, dataclasses as dicts, classes and
+    functions by their qualified name (never a repr: addresses change every run); anything
+    else as it is, for the engine's encoder, which keys bytes, sets, datetimes and the like
+    exactly and refuses what it cannot encode with a ``TypeError`` naming where it sits."""
     if value is None or isinstance(value, str | int | float | bool):
         return value
     if isinstance(value, Mapping):
@@ -126,6 +162,4 @@ def jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if not callable(getattr(value, f.name))}
-    if hasattr(value, "value") and isinstance(value.value, str | int):  # enums
-        return value.value
-    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    return value

@@ -3,8 +3,9 @@
 ``receipt_chat_model(sf, llm, deterministic=True)`` wraps any ``BaseChatModel``; a LangGraph
 agent, ``bind_tools`` and ``with_structured_output`` use the wrapper as they would the model.
 
-**Keyed on** everything that decides the answer: the model's ``_llm_type`` and
-``_identifying_params`` (model name, temperature and the other parameters it reports), the
+**Keyed on** everything that decides the answer: the model's ``_llm_type``,
+``_identifying_params`` and its own fields (secrets as ``<secret>``, clients and fields
+excluded from its data left out), the
 messages (type, content, name, tool calls with their ids, ``tool_call_id``,
 ``additional_kwargs``, metadata), ``stop``, and the call's keywords: bound tool schemas,
 ``tool_choice``, ``response_format`` (a class as its JSON schema), generation parameters.
@@ -12,33 +13,41 @@ messages (type, content, name, tool calls with their ids, ``tool_call_id``,
 ``artifact``s (never sent to a model), callbacks, run ids and config. Tool call ids are
 keyed: they are stable when the turns that made them replay.
 
-A turn is recorded and replayed whole: ``stream()`` yields the whole message as one chunk,
-and token streaming is not replayed. Callbacks and tracing see the wrapper's run; the inner
-model's ``_generate`` is called directly (its rate limiter applies, its LLM cache does not).
+A turn is recorded and replayed whole: ``stream()`` yields the whole message as one
+``AIMessageChunk`` (with ``tool_call_chunks``); token streaming is not replayed. Callbacks
+and tracing see the wrapper's run; the inner model's ``_generate`` is called directly (its
+rate limiter applies, its LLM cache does not).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, BaseMessage, message_to_dict, messages_from_dict
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    message_to_dict,
+    messages_from_dict,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import PrivateAttr
+from pydantic import BaseModel, PrivateAttr
 
 from ..pricing import PriceSource, PriceTable
-from ._turns import Executor, Request, Turns, jsonable, usage_of
+from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 
 __all__ = ["ReceiptChatModel", "receipt_chat_model"]
 
 _UNKEYED = ("id", "artifact")
+_FRAMEWORK_FIELDS = frozenset(BaseChatModel.model_fields) - {"output_version"} | {"streaming"}
 
 
 class ReceiptChatModel(BaseChatModel):
@@ -69,7 +78,8 @@ class ReceiptChatModel(BaseChatModel):
         # Keys sort in this order in stored inputs and in a replay miss's (shortened) message.
         return {"messages": keyed,
                 "model": {"type": self.inner._llm_type,
-                          "params": jsonable(self.inner._identifying_params)},
+                          "params": jsonable(self.inner._identifying_params),
+                          "fields": _fields(self.inner)},
                 "options": _keyed({**kwargs, "stop": stop})}
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -90,6 +100,16 @@ class ReceiptChatModel(BaseChatModel):
             return _stored(await self.inner._agenerate(messages, stop=stop, **kwargs))
 
         return _result((await self._turns.run(call, self._request(messages, stop, kwargs))).value)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        yield _whole(self._generate(messages, stop, run_manager, **kwargs))
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        yield _whole(await self._agenerate(messages, stop, run_manager, **kwargs))
 
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
                    tool_choice: str | None = None,
@@ -151,19 +171,47 @@ def _keyed(value: Any) -> Any:
     return jsonable(value)
 
 
+def _fields(model: BaseChatModel) -> dict[str, Any]:
+    """The model's own settings (``stop_sequences``, ``betas``, ...): a model need not report
+    them all in ``_identifying_params``. LangChain's fields (callbacks, cache, tags) and fields
+    excluded from the model's data (``Field(exclude=True)``: clients) are not settings of the
+    answer."""
+    fields = type(model).model_fields
+    return {name: setting(getattr(model, name, None)) for name in sorted(fields)
+            if name not in _FRAMEWORK_FIELDS and not fields[name].exclude}
+
+
 def _stored(result: ChatResult) -> dict[str, Any]:
-    tokens_in = tokens_out = 0
-    generations = []
-    for generation in result.generations:
-        usage = getattr(generation.message, "usage_metadata", None) or {}
-        tokens_in += usage.get("input_tokens", 0)
-        tokens_out += usage.get("output_tokens", 0)
-        generations.append({"message": message_to_dict(generation.message),
-                            "generation_info": generation.generation_info})
-    # Plain JSON, the same whether it ran here or came from a receipt; objects JSON cannot
-    # carry (a parsed pydantic object in llm_output) are dumped, or kept as their type's name.
-    return {"usage": usage_of(tokens_in, tokens_out),
-            **jsonable({"generations": generations, "llm_output": result.llm_output})}
+    # Providers that return n choices attach the response's usage to each: count it once, as
+    # LangChain's own usage callback does.
+    usage = next((found for g in result.generations
+                  if (found := getattr(g.message, "usage_metadata", None))), None) or {}
+    generations = [{"message": message_to_dict(g.message), "generation_info": g.generation_info}
+                   for g in result.generations]
+    # The same value whether it ran here or came from a receipt: pydantic objects (a parsed
+    # structured output) as their JSON; everything else as it is, for the engine's codec.
+    return {"usage": usage_of(usage.get("input_tokens"), usage.get("output_tokens")),
+            "generations": _storable(generations), "llm_output": _storable(result.llm_output)}
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_storable(v) for v in value)
+    return value
+
+
+def _whole(result: ChatResult) -> ChatGenerationChunk:
+    """The turn as one chunk (with ``tool_call_chunks``), as a stream that arrived at once."""
+    generation = result.generations[0]
+    message = generation.message
+    chunk = AIMessageChunk(**message.model_dump(exclude={"type"}))
+    return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
 
 
 def _result(value: dict[str, Any]) -> ChatResult:

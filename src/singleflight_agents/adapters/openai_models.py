@@ -3,16 +3,18 @@
 A wrapped ``agents.Model`` sends each turn through the engine under the tool name
 ``model:<name>``. The key is everything that decides the answer: the model name, system
 instructions, input items, model settings (all of them, ``extra_headers`` included), the
-tools' and handoffs' schemas (name, description, parameters, strictness; hosted tools by
-their configuration), the output schema, ``previous_response_id``, ``conversation_id`` and
-``prompt``. Never keyed: the tracing setting, the Python objects behind tools and handoffs,
-trace, span and request ids. The receipt is the SDK's ``ModelResponse``: output items,
-usage, response and request ids, raw usage.
+tools' and handoffs' schemas (all the SDK sends of a function tool; hosted tools by their
+configuration), the output schema, ``previous_response_id`` and ``prompt``. Never keyed: the
+tracing setting, the Python objects behind tools and handoffs, trace, span and request ids.
+A turn with a ``conversation_id`` depends on server-side state and is not shared (unless
+``key=`` says how). The receipt is the SDK's ``ModelResponse``: output items, usage, response
+and request ids, raw usage.
 
 ``stream_response`` records and replays too. The first caller of a turn streams live while
 its events are recorded; callers that share the turn in flight, or find it in the store,
 get the recorded events in order, from ``response.created`` to ``response.completed``. A
-stream and a non-streamed turn with the same request are separate receipts.
+stream and a non-streamed turn with the same request are separate receipts; a stream that
+never reached ``response.completed`` is not recorded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import AsyncIterator
 from functools import cache
 from typing import Any
@@ -33,9 +36,23 @@ from agents.usage import deserialize_usage, serialize_usage
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 from pydantic import TypeAdapter
 
-from ._turns import Executor, Request, Turns, jsonable, usage_of
+from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 
-__all__ = ["ReceiptModel", "ReceiptModelProvider", "receipt_model", "receipt_model_provider"]
+__all__ = ["IncompleteStreamError", "ReceiptModel", "ReceiptModelProvider", "receipt_model",
+           "receipt_model_provider"]
+
+# Streams whose answer was delivered whole and whose recording is still finishing.
+_FINISHING: set[asyncio.Future[Any]] = set()
+
+
+def _finished(turn: asyncio.Future[Any]) -> None:
+    _FINISHING.discard(turn)
+    if not turn.cancelled():
+        turn.exception()  # retrieved: nobody is left to see it
+
+
+class IncompleteStreamError(RuntimeError):
+    """A model's stream ended without ``response.completed``: it is not recorded."""
 
 
 def receipt_model(sf: Executor, model: Model, /, *, model_name: str | None = None,
@@ -52,8 +69,8 @@ def receipt_model(sf: Executor, model: Model, /, *, model_name: str | None = Non
     """
     if not isinstance(model, Model):
         raise TypeError(f"receipt_model() expected an agents.Model, got {type(model).__name__}")
-    if isinstance(model, ReceiptModel):
-        return model
+    if isinstance(model, ReceiptModel):  # wrapped again: the new engine and options win
+        model_name, model = model_name or model.model, model.inner
     name = model_name or _name_of(model)
     extra = {} if prices is None else {"prices": prices}
     return ReceiptModel(model, Turns(sf, name, {**options, **extra}, wrapper="receipt_model",
@@ -81,6 +98,7 @@ class ReceiptModel(Model):
         self.inner = inner
         self.model = turns.model_name
         self._turns = turns
+        self._warned_conversation = False
 
     async def get_response(
         self, system_instructions: str | None, input: str | list[TResponseInputItem],
@@ -97,7 +115,7 @@ class ReceiptModel(Model):
 
         request = self._request(system_instructions, input, model_settings, tools, output_schema,
                                 handoffs, previous_response_id, conversation_id, prompt)
-        outcome = await self._turns.run(call, request)
+        outcome = await self._turns.run(call, request, shared=self._shareable(conversation_id))
         return _load_response(outcome.value)
 
     async def stream_response(
@@ -114,7 +132,6 @@ class ReceiptModel(Model):
 
         request = self._request(system_instructions, input, model_settings, tools, output_schema,
                                 handoffs, previous_response_id, conversation_id, prompt)
-        request["stream"] = True
         # The engine runs `record` in this task's loop if this caller owns the turn; its events
         # reach this generator through the queue as they arrive. Otherwise `record` never runs
         # here and the outcome carries the recorded events.
@@ -124,17 +141,26 @@ class ReceiptModel(Model):
         async def record(request: Request) -> dict[str, Any]:
             nonlocal ran_here
             ran_here = True
-            events, usage = [], usage_of(0, 0)
+            events, usage, completed = [], usage_of(0, 0), False
             async for event in live():
                 queue.put_nowait(event)
                 events.append(_dump(event))
                 response = getattr(event, "response", None)
-                if event.type == "response.completed" and response is not None and response.usage:
-                    usage = usage_of(response.usage.input_tokens, response.usage.output_tokens)
+                if event.type == "response.completed" and response is not None:
+                    completed = True
+                    if response.usage:
+                        usage = usage_of(response.usage.input_tokens, response.usage.output_tokens)
+            if not completed:  # a failed or cut-off stream is never a receipt
+                last = events[-1]["type"] if events else "no event"
+                raise IncompleteStreamError(f"{self._turns.options.tool_name}: the stream ended "
+                                            f"without response.completed (last: {last}); not "
+                                            f"recorded")
             return {"usage": usage, "events": events}
 
-        turn = asyncio.ensure_future(self._turns.run(record, request))
+        turn = asyncio.ensure_future(
+            self._turns.run(record, request, stream=True, shared=self._shareable(conversation_id)))
         waiter: asyncio.Future[TResponseStreamEvent] | None = None
+        delivered_completed = False
         try:
             while not turn.done() or not queue.empty():
                 if queue.empty():
@@ -143,9 +169,11 @@ class ReceiptModel(Model):
                     if not waiter.done():
                         waiter.cancel()
                         continue
-                    yield waiter.result()
+                    event = waiter.result()
                 else:
-                    yield queue.get_nowait()
+                    event = queue.get_nowait()
+                delivered_completed = event.type == "response.completed"
+                yield event
             outcome = turn.result()  # raises the turn's error after the events it streamed
             if not ran_here:
                 adapter = _stream_event_adapter()
@@ -154,10 +182,27 @@ class ReceiptModel(Model):
         finally:
             if waiter is not None:
                 waiter.cancel()  # cancelled while waiting for the next event
-            if not turn.done():  # the consumer stopped early: the engine abandons the turn
+            if turn.done():
+                pass
+            elif delivered_completed:  # the answer is whole: let it be recorded meanwhile
+                _FINISHING.add(turn)
+                turn.add_done_callback(_finished)
+            else:  # the consumer stopped early: the engine abandons the turn
                 turn.cancel()
                 with contextlib.suppress(BaseException):
                     await turn
+
+    def _shareable(self, conversation_id: str | None) -> bool:
+        """A turn in a server-side conversation depends on what the server holds, which the
+        request does not carry: shared only under a ``key=`` of the user's."""
+        if conversation_id is None or self._turns.user_key is not None:
+            return True
+        if not self._warned_conversation:
+            self._warned_conversation = True
+            warnings.warn(f"{self._turns.options.tool_name}: turns with a conversation_id depend on "
+                          f"the conversation the server holds, so they are not shared or recorded; "
+                          f"give key= to share them anyway", RuntimeWarning, stacklevel=3)
+        return False
 
     def _request(self, system_instructions: str | None, input: str | list[TResponseInputItem],
                  model_settings: ModelSettings, tools: list[Tool],
@@ -235,9 +280,14 @@ def _tool_spec(tool: Tool) -> Any:
         for field in dataclasses.fields(tool):
             value = getattr(tool, field.name)
             if not callable(value):
-                spec[field.name] = jsonable(value)
+                spec[field.name] = setting(value)
+    computer = getattr(tool, "computer", None)
+    if computer is not None:  # what the SDK tells the model about the screen
+        spec["computer"] = {"environment": setting(getattr(computer, "environment", None)),
+                            "dimensions": setting(getattr(computer, "dimensions", None))}
     spec["name"] = getattr(tool, "name", None)
     return spec
+
 
 
 def _handoff_spec(handoff: Handoff) -> dict[str, Any]:
