@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 _BAR = 20
@@ -38,11 +39,16 @@ def _warnings(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _usd(amount: float, places: int = 2) -> str:
-    """Dollars; a sum too small to show in ``places`` decimals (model turns) gets four."""
+def _amount(amount: float, places: int = 2) -> str:
+    """``amount`` in ``places`` decimals, or as many as its first digit needs (a model turn
+    can cost a thousandth of a cent): a saving is never shown as zero."""
     if 0 < amount < 0.5 * 10 ** -places:
-        places = 4
-    return f"${amount:,.{places}f}"
+        places = min(10, 1 - math.floor(math.log10(amount)))
+    return f"{amount:,.{places}f}"
+
+
+def _usd(amount: float, places: int = 2) -> str:
+    return "$" + _amount(amount, places)
 
 
 def _row_usd(row: dict[str, Any], name: str) -> str:
@@ -110,7 +116,7 @@ def format_summary(summary: dict[str, Any], mode: str | None = None) -> str:
             share = row["avoided_calls"] / row["calls"] if row["calls"] else 0.0
             lines.append(
                 f"  {name:<{name_width}}  {row['calls']:>5}  {row['executed']:>4}  "
-                f"{row['cache_hits']:>4}  {row['shared_waits']:>6}  {row['dollars_saved']:>7.2f}  "
+                f"{row['cache_hits']:>4}  {row['shared_waits']:>6}  {_amount(row['dollars_saved']):>7}  "
                 f"{row['latency_saved_ms'] / 1000:>7.1f}  {_bar(share)} {share:>4.0%}"
             )
     else:
@@ -136,7 +142,7 @@ def format_markdown(summary: dict[str, Any], mode: str | None = None) -> str:
     ]
     for name, row in summary.get("tools", {}).items():
         lines.append(f"| `{name}` | {row['calls']} | {row['executed']} | {row['cache_hits']} | "
-                     f"{row['shared_waits']} | {row['dollars_saved']:.2f} | "
+                     f"{row['shared_waits']} | {_amount(row['dollars_saved'])} | "
                      f"{row['latency_saved_ms'] / 1000:.1f} |")
     models = _models(summary)
     if models:

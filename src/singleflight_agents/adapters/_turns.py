@@ -130,12 +130,16 @@ def _meter(table: PriceTable, model_name: str) -> Callable[[Any], tuple[int, int
 
 
 def setting(value: Any) -> Any:
-    """A model's or a hosted tool's setting for the key; an object the codec cannot encode (a
+    """A model's or a hosted tool's setting for the key: each part the codec cannot encode (a
     client the model never sees) by its type, a secret as ``<secret>`` (a rotated key gives
     the same answers)."""
     if type(value).__name__ in ("SecretStr", "SecretBytes"):
         return "<secret>"
     value = jsonable(value)
+    if isinstance(value, dict):
+        return {k: setting(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [setting(v) for v in value]
     try:
         canonical_json(value)
     except TypeError:

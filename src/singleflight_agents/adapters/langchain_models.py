@@ -22,6 +22,9 @@ rate limiter applies, its LLM cache does not).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import enum
+import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +51,7 @@ __all__ = ["ReceiptChatModel", "receipt_chat_model"]
 
 _UNKEYED = ("id", "artifact")
 _FRAMEWORK_FIELDS = frozenset(BaseChatModel.model_fields) - {"output_version"} | {"streaming"}
+_CREDENTIAL = re.compile(r"(?i)(api[_-]?key|token|secret|password|passwd|credential|auth|cookie)")
 
 
 class ReceiptChatModel(BaseChatModel):
@@ -101,6 +105,16 @@ class ReceiptChatModel(BaseChatModel):
 
         return _result((await self._turns.run(call, self._request(messages, stop, kwargs))).value)
 
+    # A turn is recorded whole: only an explicit stream() goes through _stream. An invoke under
+    # streaming callbacks (LangGraph's stream_mode="messages") gets the message exactly as the
+    # model made it, invalid tool calls included, not a re-parse of its chunks.
+    def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
+        return bool(kwargs.get("stream"))
+
+    def _should_use_protocol_streaming(self, *, async_api: bool, run_manager: Any = None,
+                                       **kwargs: Any) -> bool:
+        return False
+
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
@@ -139,6 +153,8 @@ def receipt_chat_model(sf: Executor, llm: BaseChatModel, /, *, model_name: str |
     keywords are :class:`ToolExecutionOptions` fields (``ttl_seconds``, ``mode``, ``scope``,
     ``version``, ``redact``, ``store_inputs``, ...).
     """
+    if isinstance(llm, ReceiptChatModel):  # wrapped again: the new engine and options win
+        model_name, llm = model_name or llm._turns.model_name, llm.inner
     if not isinstance(llm, BaseChatModel):
         raise TypeError(f"receipt_chat_model() wraps a LangChain BaseChatModel, got "
                         f"{type(llm).__name__}; wrap the model, then bind tools to the wrapper")
@@ -175,10 +191,21 @@ def _fields(model: BaseChatModel) -> dict[str, Any]:
     """The model's own settings (``stop_sequences``, ``betas``, ...): a model need not report
     them all in ``_identifying_params``. LangChain's fields (callbacks, cache, tags) and fields
     excluded from the model's data (``Field(exclude=True)``: clients) are not settings of the
-    answer."""
+    answer. Credentials are: never in the key, so never in a receipt, and a job replaying
+    without the key it recorded with finds the same turns."""
     fields = type(model).model_fields
-    return {name: setting(getattr(model, name, None)) for name in sorted(fields)
-            if name not in _FRAMEWORK_FIELDS and not fields[name].exclude}
+    keyed: dict[str, Any] = {}
+    for name in sorted(fields):
+        if name in _FRAMEWORK_FIELDS or fields[name].exclude:
+            continue
+        if _CREDENTIAL.search(name) or "Secret" in str(fields[name].annotation):
+            keyed[name] = "<secret>"
+        elif "header" in name and isinstance(value := getattr(model, name, None), Mapping):
+            keyed[name] = {k: "<secret>" if _CREDENTIAL.search(str(k)) else setting(v)
+                           for k, v in value.items()}
+        else:
+            keyed[name] = setting(getattr(model, name, None))
+    return keyed
 
 
 def _stored(result: ChatResult) -> dict[str, Any]:
@@ -197,6 +224,12 @@ def _stored(result: ChatResult) -> dict[str, Any]:
 def _storable(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _storable(dataclasses.asdict(value))
+    if isinstance(value, tuple) and type(value) is not tuple:  # a named tuple
+        return tuple(_storable(v) for v in value)
     if isinstance(value, dict):
         return {k: _storable(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -20,7 +20,6 @@ never reached ``response.completed`` is not recorded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import warnings
 from collections.abc import AsyncIterator
@@ -36,19 +35,11 @@ from agents.usage import deserialize_usage, serialize_usage
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 from pydantic import TypeAdapter
 
+from ..models import SingleflightError
 from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 
 __all__ = ["IncompleteStreamError", "ReceiptModel", "ReceiptModelProvider", "receipt_model",
            "receipt_model_provider"]
-
-# Streams whose answer was delivered whole and whose recording is still finishing.
-_FINISHING: set[asyncio.Future[Any]] = set()
-
-
-def _finished(turn: asyncio.Future[Any]) -> None:
-    _FINISHING.discard(turn)
-    if not turn.cancelled():
-        turn.exception()  # retrieved: nobody is left to see it
 
 
 class IncompleteStreamError(RuntimeError):
@@ -142,14 +133,21 @@ class ReceiptModel(Model):
             nonlocal ran_here
             ran_here = True
             events, usage, completed = [], usage_of(0, 0), False
-            async for event in live():
-                queue.put_nowait(event)
-                events.append(_dump(event))
-                response = getattr(event, "response", None)
-                if event.type == "response.completed" and response is not None:
-                    completed = True
-                    if response.usage:
-                        usage = usage_of(response.usage.input_tokens, response.usage.output_tokens)
+            stream = live()
+            try:
+                async for event in stream:
+                    queue.put_nowait(event)
+                    events.append(_dump(event))
+                    response = getattr(event, "response", None)
+                    if event.type == "response.completed" and response is not None:
+                        completed = True
+                        if response.usage:
+                            usage = usage_of(response.usage.input_tokens, response.usage.output_tokens)
+                        break  # the answer is whole: record it now, whatever the stream does next
+            finally:
+                close = getattr(stream, "aclose", None)
+                if close is not None:
+                    await close()
             if not completed:  # a failed or cut-off stream is never a receipt
                 last = events[-1]["type"] if events else "no event"
                 raise IncompleteStreamError(f"{self._turns.options.tool_name}: the stream ended "
@@ -182,27 +180,34 @@ class ReceiptModel(Model):
         finally:
             if waiter is not None:
                 waiter.cancel()  # cancelled while waiting for the next event
-            if turn.done():
-                pass
-            elif delivered_completed:  # the answer is whole: let it be recorded meanwhile
-                _FINISHING.add(turn)
-                turn.add_done_callback(_finished)
-            else:  # the consumer stopped early: the engine abandons the turn
-                turn.cancel()
-                with contextlib.suppress(BaseException):
-                    await turn
+            if not turn.done():
+                # Stopped after the whole answer: the turn is only storing it, so wait for that.
+                # Stopped before: the turn is cancelled and the engine abandons it.
+                if not delivered_completed:
+                    turn.cancel()
+                await asyncio.wait({turn})  # a cancellation of this consumer still propagates
+            if not turn.cancelled():
+                turn.exception()  # retrieved: the consumer has gone
 
     def _shareable(self, conversation_id: str | None) -> bool:
         """A turn in a server-side conversation depends on what the server holds, which the
-        request does not carry: shared only under a ``key=`` of the user's."""
-        if conversation_id is None or self._turns.user_key is not None:
+        request does not carry: shared only under a ``key=`` of the user's, and never replayed
+        without one."""
+        options = self._turns.options
+        if conversation_id is None or self._turns.user_key is not None or not options.shared:
             return True
+        if options.mode == "replay":
+            raise SingleflightError(
+                f"{options.tool_name}: a turn with a conversation_id cannot be replayed: it depends "
+                f"on the conversation the server holds; give key= to record such turns, or run "
+                f"this eval without replay mode")
         if not self._warned_conversation:
             self._warned_conversation = True
-            warnings.warn(f"{self._turns.options.tool_name}: turns with a conversation_id depend on "
-                          f"the conversation the server holds, so they are not shared or recorded; "
+            warnings.warn(f"{options.tool_name}: turns with a conversation_id depend on the "
+                          f"conversation the server holds, so they are not shared or recorded; "
                           f"give key= to share them anyway", RuntimeWarning, stacklevel=3)
         return False
+
 
     def _request(self, system_instructions: str | None, input: str | list[TResponseInputItem],
                  model_settings: ModelSettings, tools: list[Tool],
@@ -243,8 +248,8 @@ class ReceiptModelProvider(ModelProvider):
 
     def get_model(self, model_name: str | None) -> Model:
         model = self.inner.get_model(model_name)
-        if isinstance(model, ReceiptModel):
-            return model
+        if isinstance(model, ReceiptModel):  # this provider's engine and options win
+            model_name, model = model.model, model.inner
         name = _name_of(model, default=model_name)
         return ReceiptModel(model, Turns(self._sf, name, self._options,
                                          wrapper="receipt_model_provider", model=model))
