@@ -50,7 +50,11 @@ from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 __all__ = ["ReceiptChatModel", "receipt_chat_model"]
 
 _UNKEYED = ("id", "artifact")
-_FRAMEWORK_FIELDS = frozenset(BaseChatModel.model_fields) - {"output_version"} | {"streaming"}
+# LangChain's own fields, and transport settings that change how a request travels, not its
+# answer (they also differ between a laptop and CI, read from the environment).
+_FRAMEWORK_FIELDS = frozenset(BaseChatModel.model_fields) - {"output_version"} | {
+    "streaming", "stream_usage", "timeout", "request_timeout", "max_retries", "openai_proxy",
+    "openai_organization", "organization", "http_client", "http_async_client"}
 _CREDENTIAL = re.compile(r"(?i)(api[_-]?key|token|secret|password|passwd|credential|auth|cookie)")
 
 
