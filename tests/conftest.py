@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,36 @@ def procs() -> Iterator[list[Any]]:
         if proc.is_alive():
             proc.kill()
         proc.join(10)
+
+
+class SpyEngine(Singleflight):
+    """An engine that tells a test how many calls have entered it: ``reached(n)`` is set once
+    ``n`` have. Between entering and waiting on a flight an async call never yields to the
+    loop, so a set event means every one of those callers has joined the flight."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = 0
+        self._milestones: dict[int, asyncio.Event] = {}
+
+    def reached(self, n: int) -> asyncio.Event:
+        event = self._milestones.setdefault(n, asyncio.Event())
+        if self.entered >= n:
+            event.set()
+        return event
+
+    async def execute(self, func: Callable[..., Any], /, *args: Any, options: Any = None,
+                      **kwargs: Any) -> Any:
+        self.entered += 1
+        for n, event in self._milestones.items():
+            if self.entered >= n:
+                event.set()
+        return await super().execute(func, *args, options=options, **kwargs)
+
+
+@pytest.fixture
+def spy(store_url: str) -> Iterator[SpyEngine]:
+    """A :class:`SpyEngine` on each store in turn."""
+    engine = SpyEngine(store=store_url, secret=SECRET)
+    yield engine
+    engine.close()

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +34,7 @@ from agents import (
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tool import tool_namespace
 from agents.usage import RequestUsage
-from conftest import SECRET
+from conftest import SECRET, SpyEngine
 from openai.types.responses import ResponseReasoningItem
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from pydantic import BaseModel
@@ -146,38 +146,6 @@ def blocked_stream(events: list[Any], started: asyncio.Event, release: asyncio.E
             yield event
 
     return ModelStep.stream(factory)
-
-
-class SpyEngine(Singleflight):
-    """An engine that tells the test how many calls have entered it: ``reached(n)`` is set
-    once ``n`` have. Between entering and waiting on a flight an async call never yields to
-    the loop, so a set event means every one of those callers has joined the turn in flight."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.entered = 0
-        self._milestones: dict[int, asyncio.Event] = {}
-
-    def reached(self, n: int) -> asyncio.Event:
-        event = self._milestones.setdefault(n, asyncio.Event())
-        if self.entered >= n:
-            event.set()
-        return event
-
-    async def execute(self, func: Callable[..., Any], /, *args: Any, options: Any = None,
-                      **kwargs: Any) -> Any:
-        self.entered += 1
-        for n, event in self._milestones.items():
-            if self.entered >= n:
-                event.set()
-        return await super().execute(func, *args, options=options, **kwargs)
-
-
-@pytest.fixture
-def spy(store_url: str) -> Iterator[SpyEngine]:
-    engine = SpyEngine(store=store_url, secret=SECRET)
-    yield engine
-    engine.close()
 
 
 def gated_turns(spy: SpyEngine, callers: int) -> list[ModelStep]:

@@ -20,7 +20,7 @@ import os
 import textwrap
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import pytest
 from agents import Agent, ComputerTool, ModelSettings, ModelTracing, RunConfig, Runner, Usage, function_tool
 from agents.computer import Computer
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
-from conftest import SECRET
+from conftest import SECRET, SpyEngine
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -104,37 +104,6 @@ def text_of(response: Any) -> str:
 def hung_tasks() -> list[asyncio.Task[Any]]:
     return [task for task in asyncio.all_tasks()
             if task is not asyncio.current_task() and not task.done() and not task.cancelling()]
-
-
-class Spy(Singleflight):
-    """``reached(n)`` is set once ``n`` calls have entered ``execute``: an async caller does not
-    yield to the loop between entering and waiting on the flight, so by then it waits on it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.entered = 0
-        self._events: dict[int, asyncio.Event] = {}
-
-    def reached(self, n: int) -> asyncio.Event:
-        event = self._events.setdefault(n, asyncio.Event())
-        if self.entered >= n:
-            event.set()
-        return event
-
-    async def execute(self, func: Callable[..., Any], /, *args: Any, options: Any = None,
-                      **kwargs: Any) -> Any:
-        self.entered += 1
-        for n, event in self._events.items():
-            if self.entered >= n:
-                event.set()
-        return await super().execute(func, *args, options=options, **kwargs)
-
-
-@pytest.fixture
-def spy(store_url: str) -> Iterator[Spy]:
-    engine = Spy(store=store_url, secret=SECRET)
-    yield engine
-    engine.close()
 
 
 # -- LangChain stand-ins ---------------------------------------------------------------------
@@ -588,7 +557,8 @@ def test_xdist_workers_add_up_to_one_report_priced_from_the_ini(
 # -- streams: an error mid-stream reaches the owner after its events, and every waiter ----------
 
 
-async def test_an_error_mid_stream_reaches_the_owner_after_its_events_and_every_waiter(spy: Spy) -> None:
+async def test_an_error_mid_stream_reaches_the_owner_after_its_events_and_every_waiter(
+        spy: SpyEngine) -> None:
     events = await live_events([assistant_message(FINAL)])
     release = asyncio.Event()
 

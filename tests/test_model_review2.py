@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypedDict
 import pytest
 from agents import Model, ModelProvider, ModelSettings, ModelTracing
 from agents.testing import ScriptedModel, assistant_message
-from conftest import SECRET
+from conftest import SECRET, SpyEngine
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
@@ -78,30 +78,6 @@ async def stop_at_completed(model: Any, on_completed: Callable[[], None] = lambd
             if event.type == "response.completed":
                 on_completed()
                 break
-
-
-class Spy(Singleflight):
-    """``reached(n)`` is set once ``n`` calls have entered ``execute`` (an async caller runs
-    without yielding from there until it waits on the flight)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.entered = 0
-        self._events: dict[int, asyncio.Event] = {}
-
-    def reached(self, n: int) -> asyncio.Event:
-        event = self._events.setdefault(n, asyncio.Event())
-        if self.entered >= n:
-            event.set()
-        return event
-
-    async def execute(self, func: Callable[..., Any], /, *args: Any, options: Any = None,
-                      **kwargs: Any) -> Any:
-        self.entered += 1
-        for n, event in self._events.items():
-            if self.entered >= n:
-                event.set()
-        return await super().execute(func, *args, options=options, **kwargs)
 
 
 # -- LangChain stand-ins -------------------------------------------------------------------------
@@ -473,7 +449,7 @@ async def test_an_incomplete_stream_reaches_the_owner_after_its_events_and_an_in
         yield events[0]
         await release.wait()  # the stream then ends without response.completed
 
-    spy = Spy(tmp_path / "receipts.db", secret=SECRET)
+    spy = SpyEngine(tmp_path / "receipts.db", secret=SECRET)
     try:
         owner_inner, waiter_inner = Streamer(cut_off), Streamer(cut_off)
         owner = receipt_model(spy, owner_inner, model_name=NAME, deterministic=True)
