@@ -2,7 +2,7 @@
 """Benchmarks of singleflight-agents against its peers, on this machine, in one run.
 
     python bench/run.py            # full run (about two minutes); rewrites docs/performance.md
-    python bench/run.py --quick    # smoke run (< 20 s); writes no docs unless --docs PATH
+    python bench/run.py --quick    # smoke run (about a minute); writes no docs unless --docs PATH
     python bench/run.py --profile  # cProfile of warm hits and misses, printed; no benchmarks
     python bench/run.py --stores sqlite          # leave the Redis store out
 
@@ -60,7 +60,7 @@ BENCHES: dict[str, Callable[[Config, Results, list[str]], None]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke mode, < 30 s")
+    parser.add_argument("--quick", action="store_true", help="smoke mode, about a minute")
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
     parser.add_argument("--profile", action="store_true",
                         help="print cProfile tables of warm hits and misses instead")
