@@ -41,6 +41,7 @@ class ReplayMissError(SingleflightError):
 
 
 MODES = ("record", "replay", "refresh", "off")
+MODEL_PREFIX = "model:"  # the tool names of model turns (the model wrappers, the report)
 
 
 class SharedExecutionError(SingleflightError):

@@ -6,8 +6,9 @@ import json
 import math
 from typing import Any
 
+from .models import MODEL_PREFIX
+
 _BAR = 20
-MODEL_PREFIX = "model:"  # tool names of model turns (see adapters._turns)
 
 
 def _bar(share: float) -> str:
@@ -60,20 +61,13 @@ def _models(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if name.startswith(MODEL_PREFIX)}
 
 
-def _tokens_line(summary: dict[str, Any]) -> str:
+def _tokens_line(summary: dict[str, Any], models: dict[str, dict[str, Any]]) -> str:
+    # dollars_saved in the totals includes tools' estimated costs: add up the models' own.
+    avoided = sum(row["dollars_saved"] for row in models.values())
     return (f"model tokens avoided: {summary['tokens_in_saved']:,} in / "
-            f"{summary['tokens_out_saved']:,} out ({_usd(summary['dollars_saved_models'], 4)}); "
+            f"{summary['tokens_out_saved']:,} out ({_usd(avoided, 4)}); "
             f"spent: {summary['tokens_in']:,} in / {summary['tokens_out']:,} out "
             f"({_usd(summary['dollars_spent'], 4)})")
-
-
-def _model_totals(summary: dict[str, Any]) -> dict[str, Any] | None:
-    models = _models(summary)
-    if not models:
-        return None
-    totals = {**summary}
-    totals["dollars_saved_models"] = sum(row["dollars_saved"] for row in models.values())
-    return totals
 
 
 def _off_line(summary: dict[str, Any]) -> str:
@@ -146,9 +140,7 @@ def format_markdown(summary: dict[str, Any], mode: str | None = None) -> str:
                      f"{row['latency_saved_ms'] / 1000:.1f} |")
     models = _models(summary)
     if models:
-        totals = _model_totals(summary)
-        assert totals is not None
-        lines += ["", _tokens_line(totals) + ".", "",
+        lines += ["", _tokens_line(summary, models) + ".", "",
                   "| model | turns | executed | avoided | tokens in avoided | tokens out avoided "
                   "| $ avoided | $ spent |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in models.items():
@@ -161,12 +153,11 @@ def format_markdown(summary: dict[str, Any], mode: str | None = None) -> str:
 
 def _model_rows(summary: dict[str, Any]) -> list[str]:
     """The model turns: tokens and dollars avoided and spent, per model."""
-    totals = _model_totals(summary)
-    if totals is None:
-        return []
     models = _models(summary)
+    if not models:
+        return []
     width = max(5, *(len(name) for name in models))
-    lines = ["", "  " + _tokens_line(totals),
+    lines = ["", "  " + _tokens_line(summary, models),
              f"  {'model':<{width}}  turns  exec  avoided  tokens in avoided  tokens out avoided"
              f"  $ avoided    $ spent"]
     for name, row in models.items():

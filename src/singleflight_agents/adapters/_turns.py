@@ -16,10 +16,9 @@ from typing import Any, Protocol
 
 from ..codec import canonical_json
 from ..engine import Singleflight
-from ..models import ExecutionOutcome, ToolExecutionOptions
+from ..models import MODEL_PREFIX, ExecutionOutcome, ToolExecutionOptions
 from ..pricing import PriceTable
 
-MODEL_PREFIX = "model:"
 Request = dict[str, Any]
 
 

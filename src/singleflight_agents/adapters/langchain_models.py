@@ -21,7 +21,6 @@ rate limiter applies, its LLM cache does not).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import enum
 import re
@@ -252,7 +251,8 @@ def _whole(result: ChatResult) -> ChatGenerationChunk:
 
 
 def _result(value: dict[str, Any]) -> ChatResult:
-    value = copy.deepcopy(value)  # in-flight waiters share one value; LangChain edits messages
+    # No copy needed: the engine hands each caller its own decoded value, and the messages are
+    # built anew from it.
     stored = value["generations"]
     messages = messages_from_dict([g["message"] for g in stored])
     return ChatResult(generations=[ChatGeneration(message=m, generation_info=g["generation_info"])

@@ -24,7 +24,7 @@ import dataclasses
 import warnings
 from collections.abc import AsyncIterator
 from functools import cache
-from typing import Any
+from typing import Any, TypedDict
 
 from agents import FunctionTool, Handoff, Model, ModelProvider, ModelResponse, ModelSettings, ModelTracing
 from agents.agent_output import AgentOutputSchemaBase
@@ -40,6 +40,14 @@ from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 
 __all__ = ["IncompleteStreamError", "ReceiptModel", "ReceiptModelProvider", "receipt_model",
            "receipt_model_provider"]
+
+
+class _Ids(TypedDict):
+    """The keyword arguments of ``Model.get_response`` and ``Model.stream_response``."""
+
+    previous_response_id: str | None
+    conversation_id: str | None
+    prompt: ResponsePromptParam | None
 
 
 class IncompleteStreamError(RuntimeError):
@@ -97,15 +105,14 @@ class ReceiptModel(Model):
         handoffs: list[Handoff], tracing: ModelTracing, *, previous_response_id: str | None,
         conversation_id: str | None, prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
-        async def call(request: Request) -> dict[str, Any]:
-            response = await self.inner.get_response(
-                system_instructions, input, model_settings, tools, output_schema, handoffs, tracing,
-                previous_response_id=previous_response_id, conversation_id=conversation_id,
-                prompt=prompt)
-            return _dump_response(response)
+        args = (system_instructions, input, model_settings, tools, output_schema, handoffs, tracing)
+        ids: _Ids = {"previous_response_id": previous_response_id,
+                     "conversation_id": conversation_id, "prompt": prompt}
 
-        request = self._request(system_instructions, input, model_settings, tools, output_schema,
-                                handoffs, previous_response_id, conversation_id, prompt)
+        async def call(request: Request) -> dict[str, Any]:
+            return _dump_response(await self.inner.get_response(*args, **ids))
+
+        request = self._request(*args, **ids)
         outcome = await self._turns.run(call, request, shared=self._shareable(conversation_id))
         return _load_response(outcome.value)
 
@@ -115,14 +122,10 @@ class ReceiptModel(Model):
         handoffs: list[Handoff], tracing: ModelTracing, *, previous_response_id: str | None,
         conversation_id: str | None, prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
-        def live() -> AsyncIterator[TResponseStreamEvent]:
-            return self.inner.stream_response(
-                system_instructions, input, model_settings, tools, output_schema, handoffs, tracing,
-                previous_response_id=previous_response_id, conversation_id=conversation_id,
-                prompt=prompt)
-
-        request = self._request(system_instructions, input, model_settings, tools, output_schema,
-                                handoffs, previous_response_id, conversation_id, prompt)
+        args = (system_instructions, input, model_settings, tools, output_schema, handoffs, tracing)
+        ids: _Ids = {"previous_response_id": previous_response_id,
+                     "conversation_id": conversation_id, "prompt": prompt}
+        request = self._request(*args, **ids)
         # The engine runs `record` in this task's loop if this caller owns the turn; its events
         # reach this generator through the queue as they arrive. Otherwise `record` never runs
         # here and the outcome carries the recorded events.
@@ -133,7 +136,7 @@ class ReceiptModel(Model):
             nonlocal ran_here
             ran_here = True
             events, usage, completed = [], usage_of(0, 0), False
-            stream = live()
+            stream = self.inner.stream_response(*args, **ids)
             try:
                 async for event in stream:
                     queue.put_nowait(event)
@@ -208,12 +211,12 @@ class ReceiptModel(Model):
                           f"give key= to share them anyway", RuntimeWarning, stacklevel=3)
         return False
 
-
     def _request(self, system_instructions: str | None, input: str | list[TResponseInputItem],
                  model_settings: ModelSettings, tools: list[Tool],
                  output_schema: AgentOutputSchemaBase | None, handoffs: list[Handoff],
-                 previous_response_id: str | None, conversation_id: str | None,
-                 prompt: ResponsePromptParam | None) -> Request:
+                 tracing: ModelTracing, *, previous_response_id: str | None,
+                 conversation_id: str | None, prompt: ResponsePromptParam | None) -> Request:
+        """What decides the answer; ``tracing`` never does."""
         return {
             "model": self.model,
             "system_instructions": system_instructions,
