@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # "X as X": re-exported for type checkers
     from .models import Source as Source
     from .models import StoreError as StoreError
     from .models import ToolExecutionOptions as ToolExecutionOptions
+    from .session import Scope as Scope
+    from .session import Session as Session
+    from .session import active_session as active_session
+    from .session import session as session
     from .store import ReceiptStore as ReceiptStore
     from .store import open_store as open_store
 
@@ -35,6 +39,10 @@ _HOMES = {
     "Source": ".models",
     "StoreError": ".models",
     "ToolExecutionOptions": ".models",
+    "Scope": ".session",
+    "Session": ".session",
+    "active_session": ".session",
+    "session": ".session",
     "ReceiptStore": ".store",
     "open_store": ".store",
 }

@@ -34,18 +34,19 @@ from .models import (
     Source,
     StoreError,
     ToolExecutionOptions,
+    check_mode,
 )
 from .pricing import PriceSource, PriceTable
+from .session import DEFAULT_RECORD_COMMAND, ENV_RUN_ID, Session, active_session, new_run_id
 from .signing import Signer, key_path_for, load_key
 from .stats import Stats, summarize
-from .store import ReceiptStore, SQLiteStore, open_store
+from .store import ReceiptStore, SQLiteStore, is_sqlite_url, open_store, sqlite_path
 from .store.base import Lease
 
 if TYPE_CHECKING:  # imported where used: most imports of the package never need asyncio
     import asyncio
 
 F = TypeVar("F", bound=Callable[..., Any])
-ENV_RUN_ID = "SINGLEFLIGHT_RUN_ID"
 _FLUSH_INTERVAL = 1.0
 
 
@@ -53,13 +54,15 @@ _FLUSH_INTERVAL = 1.0
 
 
 class _Call:
-    __slots__ = ("args", "duplicate", "func", "inputs", "is_async", "key", "kwargs", "options",
-                 "shown_inputs", "tampered", "tool_name")
+    __slots__ = ("args", "duplicate", "func", "inputs", "is_async", "key", "kwargs", "mode",
+                 "options", "session", "shown_inputs", "tampered", "tool_name")
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 options: ToolExecutionOptions, tool_name: str, is_async: bool) -> None:
+                 options: ToolExecutionOptions, tool_name: str, is_async: bool,
+                 session: Session | None, mode: str) -> None:
         self.func, self.args, self.kwargs, self.options = func, args, kwargs, options
         self.tool_name, self.is_async = tool_name, is_async
+        self.session, self.mode = session, mode  # the run's, as they were when the call began
         self.key = self.inputs = ""  # set for shared calls only
         self.shown_inputs = ""  # what receipts and messages show: inputs, minus redactions
         self.tampered = False  # counted once per call, however often the receipt was read
@@ -128,49 +131,102 @@ def _current_task() -> object:
     return asyncio.current_task()
 
 
+class _Backend:
+    """What an engine opens on first use: its store, the key that signs for it, the
+    heartbeat that renews its leases, and the flush of its statistics at exit."""
+
+    __slots__ = ("flush_at_end", "heartbeat", "signer", "store")
+
+    def __init__(self, store: ReceiptStore, signer: Signer, heartbeat: Heartbeat,
+                 flush_at_end: weakref.finalize[Any, Any]) -> None:
+        self.store, self.signer, self.heartbeat = store, signer, heartbeat
+        self.flush_at_end = flush_at_end
+
+
 class Singleflight:
     """Deduplicates tool calls across tasks, threads and processes sharing one store.
 
     ``db_path`` (or ``store``: a URL or a :class:`ReceiptStore`) says where receipts
-    live; by default ``.singleflight/receipts.db`` under the current directory.
-    ``secret`` signs receipts (else ``$SINGLEFLIGHT_SECRET``, else a key file beside
-    the store). ``run_id`` groups statistics of several processes (else
-    ``$SINGLEFLIGHT_RUN_ID``, else a fresh id). ``refresh_since`` is when a session of
-    ``mode="refresh"`` calls started (default: now): older receipts are run again.
+    live; by default ``.singleflight/receipts.db`` under the current directory. The store
+    is opened on first use. ``secret`` signs receipts (else ``$SINGLEFLIGHT_SECRET``, else
+    a key file beside the store). ``run_id`` groups statistics of several processes (else
+    ``$SINGLEFLIGHT_RUN_ID``, else a fresh id). ``mode`` is the mode of this engine's
+    calls while no session is active (see :class:`~singleflight_agents.Session`);
+    ``refresh_since`` is when a run in ``refresh`` mode started (default: now): older
+    receipts are run again. ``record_command`` is what a replay miss tells the user to run.
     ``prices`` is the model price table the model wrappers count dollars with: a mapping, a
     JSON file (see :class:`~singleflight_agents.pricing.PriceTable`), else ``$SINGLEFLIGHT_PRICES``.
+
+    While a session is active, this engine's calls run on the session's store, in its mode,
+    under its run id. ``own_store=True`` opts out of the session's store (and statistics):
+    calls then stay on this engine's store, still in the session's mode.
     """
 
     def __init__(
         self,
         db_path: str | os.PathLike[str] | None = None,
         *,
-        store: str | ReceiptStore | None = None,
+        store: str | os.PathLike[str] | ReceiptStore | None = None,
         secret: str | bytes | None = None,
         run_id: str | None = None,
         refresh_since: float | None = None,
         prices: PriceSource | PriceTable = None,
+        mode: str = "record",
+        record_command: str = DEFAULT_RECORD_COMMAND,
+        own_store: bool = False,
     ) -> None:
         if db_path is not None and store is not None:
             raise ValueError("pass either db_path or store, not both")
-        self.store = store if isinstance(store, ReceiptStore) else open_store(db_path or store)
-        key_path = key_path_for(self.store.path) if isinstance(self.store, SQLiteStore) else None
-        self._signer = Signer(load_key(secret, key_path))
-        self.run_id = run_id or os.environ.get(ENV_RUN_ID) or (
-            time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex())
+        where = store if store is not None else db_path
+        if not isinstance(where, ReceiptStore) and is_sqlite_url(where):
+            sqlite_path(where)  # a bad URL fails here, not at the first call
+        if secret is not None and len(secret) < 16:
+            raise StoreError("the signing secret from secret= is shorter than 16 bytes; use "
+                             "a long random one")
+        self._where, self._secret = where, secret
+        self.mode = check_mode(mode, "Singleflight mode")
+        self.record_command = record_command
+        self._own_store = own_store
+        self.run_id = run_id or os.environ.get(ENV_RUN_ID) or new_run_id()
         self._instance = os.urandom(4).hex()
         self.refresh_since = time.time() if refresh_since is None else refresh_since
         self.prices = PriceTable.load(prices)
-        self._seen: set[str] = set()  # keys called in mode="off", to count the duplicates
-        self._seen_lock = threading.Lock()
         self._stats = Stats()
-        self._heartbeat = Heartbeat(self.store)
         self._last_flush = 0.0
         self._warned: set[str] = set()
         self._verified: dict[str, Receipt] = {}  # receipt objects already checked, by key
-        # Pending counts are written at close, at exit, or when the engine is collected.
-        self._flush_at_end = weakref.finalize(
-            self, _flush_stats, self.store, self._stats, self.run_id, self._instance)
+        self._backend: _Backend | None = None
+        self._open_lock = threading.Lock()
+
+    def _open(self) -> _Backend:
+        with self._open_lock:
+            if self._backend is None:
+                where = self._where
+                store = where if isinstance(where, ReceiptStore) else open_store(where)
+                key_path = key_path_for(store.path) if isinstance(store, SQLiteStore) else None
+                try:
+                    signer = Signer(load_key(self._secret, key_path))
+                except BaseException:
+                    if store is not where:
+                        store.close()
+                    raise
+                # Pending counts are written at close, at exit, or when the engine is collected.
+                flush = weakref.finalize(self, _flush_stats, store, self._stats, self.run_id,
+                                         self._instance)
+                self._backend = _Backend(store, signer, Heartbeat(store), flush)
+            return self._backend
+
+    @property
+    def store(self) -> ReceiptStore:
+        return (self._backend or self._open()).store
+
+    @property
+    def _signer(self) -> Signer:
+        return (self._backend or self._open()).signer
+
+    @property
+    def _heartbeat(self) -> Heartbeat:
+        return (self._backend or self._open()).heartbeat
 
     @property
     def db_path(self) -> str:
@@ -195,11 +251,13 @@ class Singleflight:
             if inspect.iscoroutinefunction(f):
                 @functools.wraps(f)
                 async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    return (await self._execute(self._prepare(f, args, kwargs, opts))).value
+                    call = self._prepare(f, args, kwargs, opts)
+                    return (await self._route(call)._execute(call)).value
             else:
                 @functools.wraps(f)
                 def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    return self._execute_sync(self._prepare(f, args, kwargs, opts)).value
+                    call = self._prepare(f, args, kwargs, opts)
+                    return self._route(call)._execute_sync(call).value
             wrapper.singleflight_options = opts
             return wrapper  # type: ignore[no-any-return]
 
@@ -210,7 +268,8 @@ class Singleflight:
         options: ToolExecutionOptions | None = None, **kwargs: Any,
     ) -> ExecutionOutcome:
         """Call ``func(*args, **kwargs)`` through the engine from async code."""
-        return await self._execute(self._prepare(func, args, kwargs, options))
+        call = self._prepare(func, args, kwargs, options)
+        return await self._route(call)._execute(call)
 
     def execute_sync(
         self, func: Callable[..., Any], /, *args: Any,
@@ -218,32 +277,40 @@ class Singleflight:
     ) -> ExecutionOutcome:
         """Call ``func(*args, **kwargs)`` through the engine from sync code (any thread,
         also one running an event loop)."""
-        return self._execute_sync(self._prepare(func, args, kwargs, options))
+        call = self._prepare(func, args, kwargs, options)
+        return self._route(call)._execute_sync(call)
 
     def summary(self, run_id: str | None = None) -> dict[str, Any]:
-        """Statistics of this run (every process that shares ``run_id``), per tool."""
-        self.flush_stats()
-        run = run_id or self.run_id
-        return summarize(self.store.load_stats(run), db_path=self.db_path, run_id=run)
+        """Statistics of the run (every process that shares ``run_id``), per tool: the
+        session's run while one governs this engine."""
+        engine = self._governing()
+        engine.flush_stats()
+        run = run_id or engine.run_id
+        return summarize(engine.store.load_stats(run), db_path=engine.db_path, run_id=run)
 
     def verify_receipt(self, receipt: Receipt) -> bool:
-        """Whether ``receipt`` carries a valid signature by this engine's key."""
-        return receipt.key_id == self._signer.key_id and self._signer.verify(receipt)
+        """Whether ``receipt`` carries a valid signature by the key of the store in use."""
+        signer = self._governing()._signer
+        return receipt.key_id == signer.key_id and signer.verify(receipt)
 
     def flush_stats(self) -> None:
         """Write this process's counters to the store now."""
         self._last_flush = time.monotonic()
-        _flush_stats(self.store, self._stats, self.run_id, self._instance)
+        if self._backend is not None or self._stats.dirty:
+            _flush_stats(self.store, self._stats, self.run_id, self._instance)
 
     def close(self) -> None:
         """Write pending statistics and close this thread's store connection."""
+        backend = self._backend
+        if backend is None:
+            return
         try:
-            self._flush_at_end()
+            backend.flush_at_end()
         except StoreError as exc:
             warnings.warn(f"singleflight: statistics not written: {exc}", RuntimeWarning,
                           stacklevel=2)
         finally:
-            self.store.close()
+            backend.store.close()
 
     def __enter__(self) -> Singleflight:
         return self
@@ -253,6 +320,19 @@ class Singleflight:
 
     # -- the two entries ------------------------------------------------------------
 
+    def current_mode(self) -> str:
+        """The mode a call made now runs in: the active session's, else this engine's."""
+        session = active_session()
+        return self.mode if session is None else session.mode_now()
+
+    def _governing(self) -> Singleflight:
+        """The engine this one's calls run on now: the active session's, unless opted out."""
+        session = active_session()
+        return self if session is None or self._own_store else session.engine
+
+    def _route(self, call: _Call) -> Singleflight:
+        return self if call.session is None or self._own_store else call.session.engine
+
     def _prepare(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  options: ToolExecutionOptions | None) -> _Call:
         if options is None:
@@ -261,8 +341,10 @@ class Singleflight:
         if not callable(func):
             raise TypeError(f"expected a callable tool, got {type(func).__name__}")
         bind = binder(func)
+        session = active_session()
         call = _Call(func, args, kwargs, options,
-                     options.tool_name or default_tool_name(func, options.shared), bind.is_async)
+                     options.tool_name or default_tool_name(func, options.shared), bind.is_async,
+                     session, self.mode if session is None else session.mode_now())
         if options.shared:
             ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
             call.inputs = call.shown_inputs = encode_inputs(call.tool_name, ident)
@@ -517,10 +599,11 @@ class Singleflight:
         receipt = self.store.get(call.key)
         if receipt is None or not self._trusted(call, receipt):
             return None
-        mode = call.options.mode
+        mode = call.mode
         if mode != "replay" and receipt.expires_at <= time.time():
             return None
-        if mode == "refresh" and receipt.created_at < self.refresh_since:
+        if mode == "refresh" and receipt.created_at < (
+                self.refresh_since if call.session is None else call.session.started):
             return None
         try:
             value = codec.decode(receipt.codec, receipt.output, call.options.allow_pickle)
@@ -543,7 +626,7 @@ class Singleflight:
             valid = False
         if not valid:
             call.tampered = True
-            then = "not served" if call.options.mode == "replay" else "re-executing"
+            then = "not served" if call.mode == "replay" else "re-executing"
             self._warn(f"tampered:{call.tool_name}", f"{call.tool_name}: a stored receipt failed "
                        f"its signature check (tampered, or signed with another key); {then}")
             return False
@@ -560,19 +643,23 @@ class Singleflight:
         try:
             return self._fast_lookup(call)
         except StoreError as exc:  # no use asking the store again: run it now
-            if call.options.mode == "replay":
+            if call.mode == "replay":
                 raise  # replay never runs a shared tool
             self._note_fallback(call, f"the store failed: {exc}")
             return Source.EXECUTED_FALLBACK
 
     def _fast_lookup(self, call: _Call) -> _Result | None:
         """A receipt without joining a flight; in replay mode, a receipt or an error."""
-        if call.options.mode == "replay":
+        if call.mode == "replay":
             hit = self._lookup(call)
             if hit is None:
                 self._stats.add(call.tool_name, replay_misses=1)
-                raise ReplayMissError(call.tool_name, call.shown_inputs,
-                                      call.options.record_command)
+                session = call.session
+                error = ReplayMissError(call.tool_name, call.shown_inputs, self.record_command
+                                        if session is None else session.record_command_now())
+                if session is not None:
+                    session.missed(error)  # fails its test even if the agent swallows it
+                raise error
             return hit
         if FLIGHTS.peek((self.store.identity, call.key)) is not None:
             return None
@@ -580,11 +667,12 @@ class Singleflight:
 
     def _off(self, call: _Call) -> bool:
         """In mode="off", count the call if an earlier one had the same key."""
-        if call.options.mode != "off":
+        if call.mode != "off":
             return False
-        with self._seen_lock:
-            repeated = call.key in self._seen
-            self._seen.add(call.key)
+        try:  # kept in the store, so that every process of the run counts alike
+            repeated = not self.store.first_call(self.run_id, call.key)
+        except StoreError:
+            repeated = False  # a count is not worth failing the call for
         if repeated:
             call.duplicate = True
             self._stats.add(call.tool_name, duplicates=1,
@@ -646,11 +734,14 @@ class Singleflight:
         if time.monotonic() - self._last_flush > _FLUSH_INTERVAL:  # batched: at most 1 write/s
             with contextlib.suppress(StoreError):
                 self.flush_stats()
-        return ExecutionOutcome(
+        outcome = ExecutionOutcome(
             value=result.value, source=source, tool_name=call.tool_name, fingerprint=call.key,
             receipt=result.receipt, elapsed_ms=(time.perf_counter() - started) * 1000,
             takeover=result.takeover,
         )
+        if call.session is not None:
+            call.session.observe(outcome)
+        return outcome
 
     def _count_usage(self, call: _Call, meter: Callable[[Any], tuple[int, int, float | None]],
                      result: _Result, counters: dict[str, float]) -> None:

@@ -41,6 +41,15 @@ class ReplayMissError(SingleflightError):
 
 
 MODES = ("record", "replay", "refresh", "off")
+OPTION_ALIASES = {"ttl": "ttl_seconds", "cost": "estimated_cost_usd"}
+RUN_SETTINGS = frozenset({"mode", "record_command"})  # once options, now the run's
+
+
+def check_mode(mode: object, where: str = "mode") -> str:
+    """``mode`` if it is one of :data:`MODES`, else a ``ValueError`` naming them."""
+    if mode not in MODES:
+        raise ValueError(f"{where} must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
 MODEL_PREFIX = "model:"  # the tool names of model turns (the model wrappers, the report)
 
 
@@ -64,11 +73,12 @@ class ToolExecutionOptions:
     results that JSON cannot carry be stored as pickle (loaded only after the signature
     verified). ``store_inputs=False`` keeps only a hash of the arguments in the receipt.
 
-    ``mode``: ``record`` serves valid receipts and records misses; ``replay`` never runs a
-    shared tool (a missing receipt raises :class:`ReplayMissError`, expiry is ignored);
-    ``refresh`` ignores receipts older than the engine's ``refresh_since`` and overwrites
-    them; ``off`` runs every call and only counts the duplicates. ``record_command`` is
-    the command a replay miss tells the user to run. ``redact`` keeps secrets out of the
+    A tool that declares none of the three flags is not shared: it runs on every call, like
+    a side-effecting one, in the library, the plugin and every adapter. The mode (record,
+    replay, refresh, off) is not an option of a tool: it belongs to the run (see
+    :class:`~singleflight_agents.Session`). ``ttl`` and ``cost`` are accepted by
+    :meth:`replace` (and so by ``sf.tool``, the marker and the fixture) as aliases of
+    ``ttl_seconds`` and ``estimated_cost_usd``. ``redact`` keeps secrets out of the
     stored inputs: argument names or dotted paths (``"headers.Authorization"``) whose values
     are stored as ``"[redacted]"``, or a function from the arguments to what to store; the
     fingerprint still covers the real values. ``meter(result)`` returns what producing a
@@ -92,15 +102,10 @@ class ToolExecutionOptions:
     key: Callable[..., Any] | None = None
     allow_pickle: bool = False
     store_inputs: bool = True
-    mode: str = "record"
-    record_command: str = "pytest --singleflight-mode=record"
     redact: Sequence[str] | Callable[[Any], Any] | None = None
     meter: Callable[[Any], tuple[int, int, float | None]] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"ToolExecutionOptions.mode must be one of {', '.join(MODES)}, "
-                             f"got {self.mode!r}")
         for name in ("ttl_seconds", "lease_seconds", "wait_timeout_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
@@ -128,12 +133,23 @@ class ToolExecutionOptions:
         return (self.deterministic or self.bounded_read) and not self.side_effecting
 
     def replace(self, **changes: Any) -> ToolExecutionOptions:
-        """A copy with ``changes`` applied; unknown names raise ``TypeError``."""
+        """A copy with ``changes`` applied (``ttl=`` and ``cost=`` are aliases); unknown
+        names raise ``TypeError``."""
+        for alias, field in OPTION_ALIASES.items():
+            if alias in changes:
+                if field in changes:
+                    raise TypeError(f"pass {alias}= or {field}=, not both")
+                changes[field] = changes.pop(alias)
+        for name in RUN_SETTINGS & set(changes):
+            raise TypeError(f"{name}= is not a tool option: it belongs to the run; pass it to "
+                            f"Singleflight({name}=...) or singleflight_agents.session({name}=...)"
+                            + (" or use --singleflight-mode" if name == "mode" else ""))
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise TypeError(
                 f"unknown tool option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f" (aliases: ttl, cost)"
             )
         return dataclasses.replace(self, **changes)
 

@@ -1,10 +1,13 @@
 """The pytest plugin: options, the ``singleflight`` marker and fixture, and the report.
 
-A thin layer over :class:`Singleflight`: one engine per process, created on first use,
-so a test session that never uses the plugin opens no store. Under pytest-xdist every
-worker has its own engine on the same store; the controller hands them one run id and
-one session start, and after the session reads the run's statistics back from the
-store, so a crashed worker loses at most its unsaved counts, never the report.
+A thin layer over :class:`~singleflight_agents.Session`: the plugin starts one session per
+process (the controller and every xdist worker, all with one run id), so every engine in
+the process, the app's own included, runs on the session's store in the session's mode.
+The store opens on first use: a test run that never makes a call opens nothing. Each test
+is a scope of the session: calls made while it runs, from any thread or task, are its
+outcomes, and a replay miss fails it even when agent code swallowed the error. After the
+run the controller reads the run's statistics back from the store, so a crashed worker
+loses at most its unsaved counts, never the report.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import inspect
 import json
 import os
 import shlex
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -30,12 +31,14 @@ from . import hookspecs
 if TYPE_CHECKING:
     from .engine import Singleflight
     from .models import ExecutionOutcome, ToolExecutionOptions
+    from .session import Scope, Session
 
-MODES = ("record", "replay", "refresh", "off")
+MODES = ("record", "replay", "refresh", "off")  # models.MODES, without importing it here
 _ALIASES = {"ttl": "ttl_seconds", "cost": "estimated_cost_usd"}
-_NOT_MARKER = {"tool_name", "key", "record_command", "meter"}  # per tool, never per test
-_STATE = pytest.StashKey["_Session"]()
+_NOT_MARKER = {"tool_name", "key", "meter"}  # per tool, never per test
+_STATE = pytest.StashKey["_Run"]()
 _TEST = pytest.StashKey["SingleflightFixture"]()
+_SCOPE = pytest.StashKey["Scope"]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -72,13 +75,63 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", (
         "singleflight(ttl=..., mode=..., patch=[...], **options): defaults for this test's "
         "deduplicated tools; patch= replaces the named import paths by deduplicated wrappers"))
-    config.stash[_STATE] = _Session(config)
+    state = config.stash[_STATE] = _Run(config)
+    from .models import StoreError
+
+    try:
+        state.session.start()
+    except StoreError as exc:  # e.g. replay without a store: one line, before any test runs
+        raise pytest.UsageError(f"singleflight: {exc}") from None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is not None:
         state.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Every call made while the test runs, from any thread or task, is the test's."""
+    state = item.config.stash[_STATE]
+    mode = None
+    for mark in item.iter_markers("singleflight"):  # closest first
+        mode = mark.kwargs.get("mode")
+        if mode is not None:
+            break
+    hook = item.ihook.pytest_singleflight_outcome
+    with state.session.scope(item.nodeid, mode=mode, record_command=state.record_command(item),
+                             on_outcome=lambda outcome: hook(item=item, outcome=outcome)) as scope:
+        item.stash[_SCOPE] = scope
+        try:
+            return (yield)
+        finally:
+            del item.stash[_SCOPE]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """A replay miss fails its test even when agent code caught the error (the Agents SDK,
+    for one, hands a failing tool's error to the model as a message)."""
+    result = yield
+    scope = item.stash.get(_SCOPE, None)
+    if scope is not None and scope.misses:
+        pytest.fail(_misses_text(scope), pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    scope = item.stash.get(_SCOPE, None)
+    if call.when == "call" and scope is not None and scope.misses:
+        report.sections.append(("singleflight replay misses", _misses_text(scope)))
+    return report
+
+
+def _misses_text(scope: Scope) -> str:
+    return "\n".join(["singleflight: calls with no receipt to replay, so they did not run:",
+                      *(f"  {miss}" for miss in scope.misses)])
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -109,7 +162,7 @@ def pytest_testnodedown(node: Any, error: object) -> None:
     """pytest-xdist: the controller reports if any worker used the plugin (or crashed,
     maybe after using it: its counts up to then are in the store)."""
     if error or getattr(node, "workeroutput", {}).get("singleflight_used"):
-        node.config.stash[_STATE].used = True
+        node.config.stash[_STATE].worker_used = True
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -196,11 +249,16 @@ def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, A
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight(patch=...) "
                                         f"takes a list of import paths like ['pkg.mod.func']")
             continue
+        if name == "mode":  # the test's, not a tool's: a session in replay or off wins
+            if value not in MODES:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight(mode="
+                                        f"{value!r}): use one of {', '.join(MODES)}")
+            continue
         field = _ALIASES.get(name, name)
         if field not in known:
             raise pytest.UsageError(
                 f"{item.nodeid}: @pytest.mark.singleflight got unknown keyword {name!r}; "
-                f"known: patch, {', '.join(sorted(known | set(_ALIASES)))}")
+                f"known: mode, patch, {', '.join(sorted(known | set(_ALIASES)))}")
         options[field] = value
     return options
 
@@ -213,15 +271,14 @@ def _from_rootdir(config: pytest.Config, path: str) -> str:
     return str(config.rootpath / path)
 
 
-class _Session:
-    """Per process: the configuration, and the engine once a test needs it."""
+class _Run:
+    """Per process: the configuration, and the library session it starts."""
 
     def __init__(self, config: pytest.Config) -> None:
-        self.config = config
+        from .pricing import PriceTable
+        from .session import Session, new_run_id
+
         worker = getattr(config, "workerinput", {}).get("singleflight", {})
-        self.run_id: str = worker.get("run_id") or (
-            time.strftime("pytest-%Y%m%dT%H%M%S-") + os.urandom(3).hex())
-        self.started: float = worker.get("started") or time.time()
         self.db = config.getoption("singleflight_db") or _from_rootdir(
             config, config.getini("singleflight_db") or ".singleflight/receipts.db")
         self.mode: str = config.getoption("singleflight_mode") or config.getini("singleflight_mode")
@@ -235,28 +292,29 @@ class _Session:
             raise pytest.UsageError(f"singleflight_ttl = {ttl!r} is not a number of seconds") from None
         prices = config.getoption("singleflight_prices") or _from_rootdir(
             config, config.getini("singleflight_prices"))
-        from .pricing import PriceTable
-
         try:
-            self.prices = PriceTable.load(prices or None)
+            table = PriceTable.load(prices or None)
         except ValueError as exc:
             raise pytest.UsageError(f"singleflight prices: {exc}") from None
         self.reports = [*config.getini("singleflight_report"),
                         *config.getoption("singleflight_report")]
-        self._engine: Singleflight | None = None
-        self._lock = threading.Lock()
-        self.used = False  # by this process, or (on the xdist controller) by a worker
+        self.session: Session = Session(
+            self.db, mode=self.mode, run_id=worker.get("run_id") or new_run_id("pytest-"),
+            prices=table, started=worker.get("started"), record_command=self.record_command())
+        self.run_id, self.started = self.session.run_id, self.session.started
+        self.worker_used = False  # on the xdist controller: a worker used the plugin
         self.problems: list[str] = []
 
-    def engine(self) -> Singleflight:
-        with self._lock:  # the first calls may come from several threads at once
-            if self._engine is None:
-                from .engine import Singleflight
+    @property
+    def used(self) -> bool:
+        return self.session.used or self.worker_used
 
-                self._engine = Singleflight(self.db, run_id=self.run_id,
-                                            refresh_since=self.started, prices=self.prices)
-                self.used = True
-            return self._engine
+    def record_command(self, item: pytest.Item | None = None) -> str:
+        from .store import redact_url
+
+        command = (f"pytest --singleflight-mode=record --singleflight-db="
+                   f"{shlex.quote(redact_url(self.db))}")
+        return command if item is None else f"{command} {shlex.quote(item.nodeid)}"
 
     def summary(self) -> dict[str, Any] | None:
         """This run's statistics from the store, or ``None`` if nothing used it."""
@@ -278,51 +336,49 @@ class _Session:
         return summarize(rows, db_path=redact_url(store.url), run_id=self.run_id) if rows else None
 
     def close(self) -> None:
-        if self._engine is not None:
-            import warnings
+        import warnings
 
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                self._engine.close()  # warns, does not raise, when the store is gone
-            self.problems.extend(str(w.message) for w in caught)
-            self._engine = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.session.stop()  # warns, does not raise, when the store is gone
+        self.problems.extend(str(w.message) for w in caught)
 
 
 class SingleflightFixture:
-    """What the ``singleflight`` fixture gives a test.
+    """What the ``singleflight`` fixture gives a test: a view of the run's session.
 
     ``wrap(func, **options)`` returns a deduplicated version of ``func`` (sync stays sync,
     async stays async); ``tool(**options)`` is the same as a decorator; ``execute`` and
     ``execute_sync`` make one call and return its :class:`ExecutionOutcome`. Options are
-    :class:`ToolExecutionOptions` fields (``ttl=`` for ``ttl_seconds``); the marker's
-    keywords and the command line give the defaults. ``outcomes`` lists this test's
-    outcomes in order; ``stats`` counts them.
+    :class:`ToolExecutionOptions` fields (``ttl=``, ``cost=`` as aliases); the marker's
+    keywords and the command line give the defaults. As everywhere, a tool is shared only
+    when it says ``deterministic=True`` or ``bounded_read=True``. ``outcomes`` lists every
+    call this test made, through the fixture or any other engine, in order; ``stats``
+    counts them.
     """
 
-    def __init__(self, session: _Session, item: pytest.Item) -> None:
-        self._session = session
+    def __init__(self, state: _Run, item: pytest.Item) -> None:
+        self._state = state
         self._item = item
-        self.outcomes: list[ExecutionOutcome] = []
+        self._scope = item.stash[_SCOPE]
         marker: dict[str, Any] = {}
         for mark in reversed(list(item.iter_markers("singleflight"))):  # closest wins
             marker.update(_marker_options(item, mark.kwargs))
-        self._defaults = {"ttl_seconds": session.ttl, "mode": session.mode, **marker,
-                          "record_command": self._record_command()}
+        self._defaults = {"ttl_seconds": state.ttl, **marker}
 
     @property
     def engine(self) -> Singleflight:
-        return self._session.engine()
+        return self._state.session.engine
+
+    @property
+    def outcomes(self) -> list[ExecutionOutcome]:
+        return self._scope.outcomes
 
     def options(self, func: Callable[..., Any], **overrides: Any) -> ToolExecutionOptions:
         """The options a tool wrapped here gets, after the plugin's hooks."""
         from .models import ToolExecutionOptions
 
-        merged = {**self._defaults, **{_ALIASES.get(k, k): v for k, v in overrides.items()}}
-        if self._session.mode in ("replay", "off"):
-            merged["mode"] = self._session.mode  # a CI replay never runs a paid tool
-        if not any(merged.get(flag) for flag in ("deterministic", "bounded_read", "side_effecting")):
-            merged["bounded_read"] = True  # wrapping a tool here says it is safe to share
-        options = ToolExecutionOptions().replace(**merged)
+        options = ToolExecutionOptions().replace(**{**self._defaults, **overrides})
         hooked = self._item.config.hook.pytest_singleflight_tool_options(
             item=self._item, func=func, options=options)
         return hooked if hooked is not None else options
@@ -332,12 +388,12 @@ class SingleflightFixture:
         if inspect.iscoroutinefunction(func):
             @functools.wraps(func)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
-                return (await self._execute(func, args, kwargs, opts)).value
+                return (await self.engine.execute(func, *args, options=opts, **kwargs)).value
             return run_async
 
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
-            return self._execute_sync(func, args, kwargs, opts).value
+            return self.engine.execute_sync(func, *args, options=opts, **kwargs).value
         return run
 
     def tool(self, **options: Any) -> Callable[[Callable[..., Any]], Any]:
@@ -345,11 +401,13 @@ class SingleflightFixture:
 
     async def execute(self, func: Callable[..., Any], /, *args: Any,
                       options: ToolExecutionOptions | None = None, **kwargs: Any) -> ExecutionOutcome:
-        return await self._execute(func, args, kwargs, options or self.options(func))
+        return await self.engine.execute(func, *args, options=options or self.options(func),
+                                         **kwargs)
 
     def execute_sync(self, func: Callable[..., Any], /, *args: Any,
                      options: ToolExecutionOptions | None = None, **kwargs: Any) -> ExecutionOutcome:
-        return self._execute_sync(func, args, kwargs, options or self.options(func))
+        return self.engine.execute_sync(func, *args, options=options or self.options(func),
+                                        **kwargs)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -359,22 +417,3 @@ class SingleflightFixture:
         return {"calls": len(self.outcomes), **sources,
                 "dollars_saved": sum(o.receipt.cost_usd for o in saved if o.receipt),
                 "latency_saved_ms": sum(o.receipt.latency_ms for o in saved if o.receipt)}
-
-    async def _execute(self, func: Callable[..., Any], args: tuple[Any, ...],
-                       kwargs: dict[str, Any], options: ToolExecutionOptions) -> ExecutionOutcome:
-        return self._record(await self.engine.execute(func, *args, options=options, **kwargs))
-
-    def _execute_sync(self, func: Callable[..., Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any], options: ToolExecutionOptions) -> ExecutionOutcome:
-        return self._record(self.engine.execute_sync(func, *args, options=options, **kwargs))
-
-    def _record(self, outcome: ExecutionOutcome) -> ExecutionOutcome:
-        self.outcomes.append(outcome)
-        self._item.config.hook.pytest_singleflight_outcome(item=self._item, outcome=outcome)
-        return outcome
-
-    def _record_command(self) -> str:
-        from .store import redact_url
-
-        return (f"pytest --singleflight-mode=record --singleflight-db="
-                f"{shlex.quote(redact_url(self._session.db))} {shlex.quote(self._item.nodeid)}")

@@ -42,17 +42,12 @@ class Turns:
                             f"keyed, reported and priced by (got {model_name!r})")
         options = dict(options)
         prices = options.pop("prices", None)
-        if not any(options.get(flag) for flag in ("deterministic", "bounded_read", "side_effecting")):
-            raise TypeError(
-                f"{wrapper}() needs deterministic=True to record, share and replay the turns of "
-                f"model {model_name!r} (models are not deterministic: sharing their answers is "
-                f"your choice for an eval), or side_effecting=True to call it every time")
         for fixed in ("tool_name", "meter", "estimated_cost_usd"):
             if fixed in options:
                 raise TypeError(f"{wrapper}() sets {fixed} itself (turns are priced from the price "
                                 f"table); it cannot be given")
         fixture_options = getattr(sf, "options", None)
-        if callable(fixture_options):  # the plugin's marker, mode and hooks apply
+        if callable(fixture_options):  # the plugin's marker and hooks apply
             base: ToolExecutionOptions = fixture_options(model, **options)
             engine: Singleflight = sf.engine  # type: ignore[attr-defined]
         elif isinstance(sf, Singleflight):
@@ -61,13 +56,15 @@ class Turns:
         else:
             raise TypeError(f"{wrapper}() expected a Singleflight engine or the singleflight "
                             f"fixture, got {type(sf).__name__}")
-        table = engine.prices if prices is None else PriceTable.load(prices)
+        # Without prices= here, the table is the run's (the session's while one is active).
+        table = None if prices is None else PriceTable.load(prices)
         self.model_name = model_name
         # The marker's cost= is for tools: turns are priced from the table, by their usage.
         self.options = base.replace(tool_name=MODEL_PREFIX + model_name, estimated_cost_usd=0.0,
-                                    meter=_meter(table, model_name), key=_key(base.key))
+                                    meter=_meter(table, engine, model_name), key=_key(base.key))
         self.unshared = self.options.replace(deterministic=False, bounded_read=False)
         self.user_key = base.key
+        self.engine = engine
         self._sf = sf
 
     async def run(self, call: Callable[[Request], Awaitable[dict[str, Any]]], request: Request, *,
@@ -119,11 +116,13 @@ def usage_of(tokens_in: int | None, tokens_out: int | None) -> dict[str, int]:
     return {"input_tokens": int(tokens_in or 0), "output_tokens": int(tokens_out or 0)}
 
 
-def _meter(table: PriceTable, model_name: str) -> Callable[[Any], tuple[int, int, float | None]]:
+def _meter(table: PriceTable | None, engine: Singleflight,
+           model_name: str) -> Callable[[Any], tuple[int, int, float | None]]:
     def meter(value: Any) -> tuple[int, int, float | None]:
         usage = value["usage"]
         tokens_in, tokens_out = int(usage["input_tokens"]), int(usage["output_tokens"])
-        return tokens_in, tokens_out, table.dollars(model_name, tokens_in, tokens_out)
+        prices = table if table is not None else engine._governing().prices
+        return tokens_in, tokens_out, prices.dollars(model_name, tokens_in, tokens_out)
 
     return meter
 

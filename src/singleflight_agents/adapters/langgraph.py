@@ -32,7 +32,6 @@ __all__ = ["wrap_langchain_tool", "wrap_langchain_tools", "wrap_langgraph_node"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T", bound=BaseTool)
-_SAFETY = ("deterministic", "bounded_read", "side_effecting")
 _LC = "__sf_langchain__"
 # The id of the tool call being run: BaseTool.run receives it, _run does not.
 _CALL_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -90,12 +89,7 @@ def _finish(inv: _Invocation, result: tuple[str | None, Any]) -> Any:
     return value
 
 
-def _options(what: str, default_name: str, options: dict[str, Any]) -> ToolExecutionOptions:
-    if not any(options.get(flag) for flag in _SAFETY):
-        raise TypeError(
-            f"{what}: say whether its results may be shared: pass deterministic=True (same "
-            f"input, same result), bounded_read=True (a read whose answer may be reused for "
-            f"ttl_seconds) or side_effecting=True (never shared: it always runs)")
+def _options(default_name: str, options: dict[str, Any]) -> ToolExecutionOptions:
     return ToolExecutionOptions().replace(**{**options, "key": _Invocation.key,
                                              "tool_name": options.get("tool_name") or default_name})
 
@@ -110,7 +104,7 @@ def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] 
     part that matters. Default ``tool_name``: ``langgraph.node.<qualname>``.
     """
     qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
-    opts = _options(f"node {qualname}", f"langgraph.node.{qualname}", options)
+    opts = _options(f"langgraph.node.{qualname}", options)
     if opts.shared and not options.get("tool_name"):
         default_tool_name(func, True)  # a closure, method or partial must be named
     params = list(inspect.signature(func).parameters)  # the first one takes the state
@@ -148,7 +142,7 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
     if getattr(type(base_tool), "__singleflight__", False):
         raise TypeError(f"tool {base_tool.name!r} is wrapped already")
     user_key = options.pop("key", None)
-    opts = _options(f"tool {base_tool.name!r}", f"langchain.tool.{base_tool.name}", options)
+    opts = _options(f"langchain.tool.{base_tool.name}", options)
     source = getattr(base_tool, "func", None) or getattr(base_tool, "coroutine", None)
     if opts.shared and not options.get("tool_name") and source is not None:
         default_tool_name(source, True)  # tools made by a factory must be named

@@ -199,7 +199,7 @@ class ReceiptModel(Model):
         options = self._turns.options
         if conversation_id is None or self._turns.user_key is not None or not options.shared:
             return True
-        if options.mode == "replay":
+        if self._turns.engine.current_mode() == "replay":
             raise SingleflightError(
                 f"{options.tool_name}: a turn with a conversation_id cannot be replayed: it depends "
                 f"on the conversation the server holds; give key= to record such turns, or run "

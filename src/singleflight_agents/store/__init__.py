@@ -13,7 +13,7 @@ from .sqlite import SQLiteStore
 DEFAULT_PATH = Path(".singleflight") / "receipts.db"
 
 __all__ = ["DEFAULT_PATH", "REDIS_SCHEMES", "Busy", "Failure", "Lease", "ReceiptStore",
-           "SQLiteStore", "open_store", "redact_url", "sqlite_path"]
+           "SQLiteStore", "is_sqlite_url", "open_store", "redact_url", "sqlite_path"]
 
 
 def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
@@ -40,6 +40,11 @@ def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+def is_sqlite_url(url: str | os.PathLike[str] | None) -> bool:
+    """Whether ``url`` names an SQLite file (a path, ``sqlite://`` or the default)."""
+    return not (isinstance(url, str) and url.startswith(REDIS_SCHEMES))
+
+
 def redact_url(url: str) -> str:
     """``url`` without its password (user info or ``password=`` query), for messages."""
     if "://" not in url:
@@ -54,7 +59,8 @@ def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:
     """The store for ``url``: ``redis://``, ``rediss://`` and ``unix://`` URLs open a
     :class:`RedisStore` (extra ``[redis]``), anything else an SQLite file (see
     :func:`sqlite_path`), created if missing."""
-    if isinstance(url, str) and url.startswith(REDIS_SCHEMES):
+    if not is_sqlite_url(url):
+        assert isinstance(url, str)
         try:
             from .redis import RedisStore
         except ImportError:

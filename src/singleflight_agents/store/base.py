@@ -114,6 +114,11 @@ class ReceiptStore(abc.ABC):
         """``(run_id, tool_name, counters)`` rows of one run (or all runs for ``None``)."""
 
     @abc.abstractmethod
+    def first_call(self, run_id: str, key: str) -> bool:
+        """Whether this is the first call of ``key`` in ``run_id`` (mode ``off`` counts the
+        others as duplicates, across every process of the run). Kept for a day."""
+
+    @abc.abstractmethod
     def latest_run(self) -> str | None:
         """The run whose statistics were written last."""
 

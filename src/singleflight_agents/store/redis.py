@@ -7,7 +7,8 @@ Every key lives under one prefix (``?prefix=`` in the URL, default ``singlefligh
   error), changed only by Lua scripts so every check-and-act is one step;
 - ``{prefix}token``: the fencing counter (INCR), so tokens only grow;
 - ``{prefix}w:{fingerprint}``: the pub/sub channel a holder publishes on when it
-  finishes, fails or gives up; ``{prefix}s:{run}`` and ``{prefix}runs``: statistics.
+  finishes, fails or gives up; ``{prefix}s:{run}`` and ``{prefix}runs``: statistics;
+  ``{prefix}seen:{run}``: the keys a run in mode ``off`` called, for a day.
 
 Waiters are woken by pub/sub; a lost message or a dead holder (who never publishes) is
 covered by re-checking the lease at most every second and when it lapses.
@@ -250,6 +251,15 @@ class RedisStore(ReceiptStore):
             for field, counters in self._redis.hgetall(f"{self.prefix}s:{run}").items():
                 rows.append((run, field.partition("\x1f")[2], json.loads(counters)))
         return rows
+
+    @translated
+    def first_call(self, run_id: str, key: str) -> bool:
+        name = f"{self.prefix}seen:{run_id}"
+        pipe = self._redis.pipeline()
+        pipe.sadd(name, key)
+        pipe.expire(name, 86400)
+        added, _ = pipe.execute()
+        return bool(added)
 
     @translated
     def latest_run(self) -> str | None:

@@ -343,6 +343,13 @@ class SQLiteStore(ReceiptStore):
         return [(run, tool, json.loads(counters)) for run, tool, counters in rows]
 
     @_translated
+    def first_call(self, run_id: str, key: str) -> bool:
+        with self._write() as conn:
+            _ensure_seen_table(conn)
+            return bool(conn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)",
+                                     (run_id, key, time.time())).rowcount)
+
+    @_translated
     def latest_run(self) -> str | None:
         row = self._conn().execute(
             "SELECT run_id FROM stats ORDER BY updated_at DESC LIMIT 1").fetchone()
@@ -370,6 +377,8 @@ class SQLiteStore(ReceiptStore):
             # whose holder has been silent for an hour.
             leases = conn.execute("DELETE FROM leases WHERE state != 'held' OR expires_at <= ?",
                                   (now - 3600,)).rowcount
+            _ensure_seen_table(conn)
+            conn.execute("DELETE FROM seen WHERE at <= ?", (now - _SEEN_SECONDS,))
         lock_files = self._locks.prune()
         conn = self._conn()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -387,6 +396,15 @@ class SQLiteStore(ReceiptStore):
         if conn is not None and self._local.pid == os.getpid():
             conn.close()
         self._local = threading.local()
+
+
+_SEEN_SECONDS = 86400
+
+
+def _ensure_seen_table(conn: sqlite3.Connection) -> None:
+    # Created on first use, so stores made before it need no migration.
+    conn.execute("CREATE TABLE IF NOT EXISTS seen (run_id TEXT NOT NULL, fingerprint TEXT "
+                 "NOT NULL, at REAL NOT NULL, PRIMARY KEY (run_id, fingerprint)) WITHOUT ROWID")
 
 
 def _receipt_row(receipt: Receipt) -> tuple[object, ...]:
