@@ -1,9 +1,13 @@
 """A small customer-support agent (OpenAI Agents SDK) and the model it runs on.
 
-The agent answers order questions with one tool, ``lookup_order``. In a real project the model
-is a paid one, ``OpenAIResponsesModel("gpt-4.1", AsyncOpenAI())``; so that this example runs
-anywhere, ``paid_model()`` is a scripted stand-in that behaves like one: it needs an API key,
-it counts every call it is paid for, and it reports token usage per turn.
+The agent answers order questions with one tool, ``lookup_order``, a read of the order system.
+The application deduplicates it itself, with its own engine (``sf``) and ``@sf.tool``: the
+agent code does not know about tests. Under pytest the plugin's session governs that engine
+(the run's store, mode and report), so the eval needs nothing more for the tool.
+
+In a real project the model is a paid one, ``OpenAIResponsesModel("gpt-4.1", AsyncOpenAI())``;
+so that this example runs anywhere, ``paid_model()`` is a scripted stand-in that behaves like
+one: it needs an API key, it logs every turn it is paid for, and it reports token usage per turn.
 """
 
 from __future__ import annotations
@@ -16,10 +20,18 @@ from agents import Agent, Model, function_tool
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
 
-API_KEY_VARIABLE = "EXAMPLE_MODEL_API_KEY"
+from singleflight_agents import Singleflight
 
-# Every turn the stand-in model was paid for, in this process (a replayed turn never gets here).
-PAID_CALLS: list[str] = []
+API_KEY_VARIABLE = "EXAMPLE_MODEL_API_KEY"
+# A file the stand-in model appends a line to for every turn it is paid for (a replayed turn
+# never gets there). A file, not a list in memory: with pytest-xdist the turns are paid for in
+# several worker processes, and the count must be the run's. Unset: nothing is logged.
+PAID_CALLS_LOG_VARIABLE = "EXAMPLE_PAID_CALLS_LOG"
+
+# The application's engine, created at import. Alone it records to .singleflight/receipts.db;
+# while a session is active (the pytest plugin starts one per test process), its calls run on
+# the session's store, in the session's mode (record, replay, ...), counted in its report.
+sf = Singleflight()
 
 ORDERS = {
     "A1001": {"status": "shipped", "carrier": "UPS", "eta": "2025-06-14", "return_by": "2025-07-14"},
@@ -33,7 +45,11 @@ INSTRUCTIONS = (
 )
 
 
+# A read of data that changes (bounded_read=True): identical lookups share one result for a
+# day (ttl), and are recorded and replayed with the model's turns. The SDK's function_tool
+# builds the tool from the decorated function as it would from the plain one.
 @function_tool
+@sf.tool(tool_name="support.lookup_order", bounded_read=True, ttl=86400)
 def lookup_order(order_id: str) -> str:
     """Look an order up by its id (like A1001): status, carrier, delivery date, return deadline."""
     order = ORDERS.get(order_id.strip().upper())
@@ -77,15 +93,31 @@ def _respond(call: ModelCall) -> ModelStep:
     if isinstance(last, dict) and last.get("type") == "function_call_output":
         order = json.loads(last["output"])
         answer = _answer(_question(items), order)
-        PAID_CALLS.append("answer")
+        _log_paid_turn("answer")
         return ModelStep(output=[assistant_message(answer, item_id=f"msg_{order['order_id']}")],
                          usage=_usage(prompt_tokens, 60), response_id=f"resp_answer_{order['order_id']}")
     match = re.search(r"\b([A-Z]\d{4})\b", _question(items).upper())
     order_id = match.group(1) if match else "unknown"
-    PAID_CALLS.append("lookup")
+    _log_paid_turn("lookup")
     return ModelStep(
         output=[function_call("lookup_order", {"order_id": order_id}, call_id=f"call_{order_id}")],
         usage=_usage(prompt_tokens, 24), response_id=f"resp_lookup_{order_id}")
+
+
+def _log_paid_turn(kind: str) -> None:
+    log = os.environ.get(PAID_CALLS_LOG_VARIABLE)
+    if log:
+        with open(log, "a", encoding="utf-8") as handle:  # one short append: atomic
+            handle.write(kind + "\n")
+
+
+def paid_turns(log: str) -> int:
+    """How many turns the stand-in model was paid for, by every process that logged to ``log``."""
+    try:
+        with open(log, encoding="utf-8") as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
 
 
 def _question(items: list[object]) -> str:

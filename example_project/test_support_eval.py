@@ -2,7 +2,10 @@
 
 Every model turn goes through ``receipt_model``: recorded once (``--singleflight-mode=record``),
 shared by every case that sends the same turn, and replayed without a model or an API key
-(``--singleflight-mode=replay``).
+(``--singleflight-mode=replay``). The agent's ``lookup_order`` tool needs nothing here: the
+application deduplicates it with its own engine (``@sf.tool`` in ``support_agent.py``), and the
+plugin's session governs that engine, so its calls are recorded and replayed the same way, in
+the mode of the run.
 """
 
 from __future__ import annotations
@@ -37,3 +40,7 @@ async def test_support_answer(singleflight, question, expected):
     result = await Runner.run(agent, question, run_config=RunConfig(tracing_disabled=True))
 
     assert expected in result.final_output
+    # The app's own tool went through the run's session too: this test's calls include the
+    # one lookup the agent made (executed, or served from a receipt).
+    lookups = [o for o in singleflight.outcomes if o.tool_name == "support.lookup_order"]
+    assert len(lookups) == 1, singleflight.outcomes

@@ -225,11 +225,14 @@ def test_a_number_rewritten_as_text_is_not_a_crash(db_path: Path, field: str,
     with Singleflight(db_path) as sf:
         _run(sf, 1)
         _set_field(sf.store, _key(1), field, repr(_get_field(sf.store, _key(1), field)))
-    with Singleflight(db_path, refresh_since=0.0) as sf, warnings.catch_warnings():
+    with Singleflight(db_path) as sf, \
+            Singleflight(db_path, refresh_since=0.0, mode="refresh") as refresher, \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _run(sf, 1)
-        _run(sf, 1, mode="refresh")
+        _run(refresher, 1)
         sf.summary()
+        refresher.summary()
     status, _, _ = _cli(capsys, "verify", "--db", str(db_path))
     assert status in (0, 1)
 
@@ -367,10 +370,15 @@ def test_the_engine_survives_a_damaged_file(pristine: Path, tmp_path: Path, dama
     path = _copy_store(pristine, tmp_path)
     DAMAGE[damage](path)
     size, inode = path.stat().st_size, path.stat().st_ino
+    engine = Singleflight(path)  # opens nothing yet
     try:
-        engine = Singleflight(path)
+        engine.store  # noqa: B018 -- the store opens on first use
     except StoreError as exc:  # refused: one line that names the file
         assert "\n" not in str(exc) and str(path) in str(exc)
+        # and a call still gets the tool's own value, run without sharing
+        with engine, pytest.warns(RuntimeWarning, match="executing without sharing") as caught:
+            assert _run(engine, 1000) is Source.EXECUTED_FALLBACK
+        assert all(str(path) in str(w.message) for w in caught)
     else:
         with engine, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

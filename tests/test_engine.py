@@ -370,8 +370,17 @@ def test_options_are_validated() -> None:
         ToolExecutionOptions(ttl_seconds=0)
     with pytest.raises(ValueError, match="estimated_cost_usd"):
         ToolExecutionOptions(estimated_cost_usd=-1)
-    with pytest.raises(TypeError, match=r"unknown tool option.*ttl"):
-        ToolExecutionOptions().replace(ttl=5)
+    with pytest.raises(TypeError, match=r"unknown tool option.*ttl_secs.*aliases: ttl, cost"):
+        ToolExecutionOptions().replace(ttl_secs=5)
+    # ttl= and cost= are aliases, never both names at once
+    aliased = ToolExecutionOptions().replace(ttl=5, cost=0.25)
+    assert (aliased.ttl_seconds, aliased.estimated_cost_usd) == (5, 0.25)
+    with pytest.raises(TypeError, match="pass ttl= or ttl_seconds=, not both"):
+        ToolExecutionOptions().replace(ttl=5, ttl_seconds=6)
+    # the mode and the record command belong to the run, not to a tool
+    for name in ("mode", "record_command"):
+        with pytest.raises(TypeError, match=rf"{name}= is not a tool option: it belongs to the run"):
+            ToolExecutionOptions().replace(**{name: "record"})
 
 
 def test_closures_and_lambdas_need_a_tool_name(sf: Singleflight) -> None:
@@ -477,6 +486,7 @@ def test_a_failing_store_falls_back_to_executing(sqlite_sf: Singleflight, db_pat
     sf = sqlite_sf
     import shutil
 
+    assert sf.execute_sync(str.upper, "b", options=SHARED).source is Source.EXECUTED  # opens it
     shutil.rmtree(f"{db_path}.locks")  # lock files can no longer be made
     with pytest.warns(RuntimeWarning, match="store failed"):
         outcome = sf.execute_sync(str.upper, "a", options=SHARED)

@@ -232,20 +232,32 @@ def search_kw(query: Any, /, limit: Any = DEFAULT_LIMIT, *, filters: Any = None,
     return [query, limit, filters, extra]
 
 
-# mode="off": the key is computed as always, the store is never read or written
-OFF = ToolExecutionOptions(tool_name="t.search", deterministic=True, mode="off")
-RECORD = ToolExecutionOptions(tool_name="t.search", deterministic=True)
+SEARCH = ToolExecutionOptions(tool_name="t.search", deterministic=True)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Singleflight]:
-    sf = Singleflight(tmp_path_factory.mktemp("fp") / "receipts.db", secret=SECRET)
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fp") / "receipts.db"
+
+
+@pytest.fixture(scope="module")
+def engine(store_path: Path) -> Iterator[Singleflight]:
+    """An engine in mode "off": the key is computed as always, no receipt is read or written."""
+    sf = Singleflight(store_path, secret=SECRET, mode="off")
+    yield sf
+    sf.close()
+
+
+@pytest.fixture(scope="module")
+def recorder(store_path: Path) -> Iterator[Singleflight]:
+    """An engine in mode "record" on the same store."""
+    sf = Singleflight(store_path, secret=SECRET)
     yield sf
     sf.close()
 
 
 def _engine_key(sf: Singleflight, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                options: ToolExecutionOptions = OFF) -> str:
+                options: ToolExecutionOptions = SEARCH) -> str:
     outcome = sf.execute_sync(func, *args, options=options, **kwargs)
     assert outcome.source is Source.EXECUTED_UNSHARED
     return outcome.fingerprint
@@ -283,7 +295,7 @@ def test_every_form_of_a_call_has_one_key(engine: Singleflight, query: Any, limi
         assert make_fingerprint("t.search", bind_arguments(search, args, kwargs)) == expected
         assert _engine_key(engine, search, args, kwargs) == expected
     # key= chooses what identifies the call
-    assert _engine_key(engine, search, (query, limit), {}, OFF.replace(
+    assert _engine_key(engine, search, (query, limit), {}, SEARCH.replace(
         key=lambda query, limit=DEFAULT_LIMIT, filters=None: query)) == _key_of("t.search", query)
 
 
@@ -329,12 +341,12 @@ def test_different_calls_have_different_keys(engine: Singleflight, query: Any, l
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_every_form_of_a_call_is_served_the_same_receipt(
-        engine: Singleflight, query: Any, limit: Any, rnd: random.Random) -> None:
+        recorder: Singleflight, query: Any, limit: Any, rnd: random.Random) -> None:
     """With the store in use: after any form ran, every other form is a cache hit."""
     results = []
     for args, kwargs in _forms(query, limit, None):
         args = tuple(_rebuild(a, rnd) for a in args)
-        results.append(engine.execute_sync(search, *args, options=RECORD, **kwargs))
+        results.append(recorder.execute_sync(search, *args, options=SEARCH, **kwargs))
     assert len({outcome.fingerprint for outcome in results}) == 1
     assert {outcome.source for outcome in results[1:]} == {Source.CACHE_HIT}
     for outcome in results:
@@ -352,8 +364,8 @@ def search(query, limit=10, filters=None):
 
 batch = pickle.load(sys.stdin.buffer)
 keys = [make_fingerprint("t", value) for value in batch]
-options = ToolExecutionOptions(tool_name="t.search", deterministic=True, mode="off")
-with Singleflight(sys.argv[1], secret=sys.argv[2]) as sf:
+options = ToolExecutionOptions(tool_name="t.search", deterministic=True)
+with Singleflight(sys.argv[1], secret=sys.argv[2], mode="off") as sf:
     keys += [sf.execute_sync(search, value, filters=value, options=options).fingerprint
              for value in batch]
 print(json.dumps(keys))
@@ -411,8 +423,8 @@ class IndexSearch:
         return f"{self.index}:{query}"
 
 
-def test_an_unhashable_callable_object_can_be_a_tool(engine: Singleflight) -> None:
-    options = OFF.replace(tool_name="t.index", mode="record")
-    outcome = engine.execute_sync(IndexSearch("docs"), "q", options=options)
+def test_an_unhashable_callable_object_can_be_a_tool(recorder: Singleflight) -> None:
+    options = SEARCH.replace(tool_name="t.index")
+    outcome = recorder.execute_sync(IndexSearch("docs"), "q", options=options)
     assert outcome.value == "docs:q"
     assert outcome.fingerprint == make_fingerprint("t.index", {"query": "q"})

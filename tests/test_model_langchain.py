@@ -34,7 +34,7 @@ from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
 from pydantic import BaseModel, Field, create_model
 
-from singleflight_agents import ReplayMissError, Singleflight
+from singleflight_agents import ReplayMissError, Session, Singleflight
 from singleflight_agents.adapters import receipt_chat_model
 
 CALLS: list[str] = []  # one entry per inner model call: the type of the last message it got
@@ -193,9 +193,8 @@ def test_replay_serves_recorded_turns_and_a_new_turn_raises(sf: Singleflight,
                                                             store_url: str) -> None:
     recorded = agent_graph(receipt_chat_model(sf, FakeChat(), deterministic=True)).invoke(
         ask("Paris"))
-    with Singleflight(store=store_url, secret=SECRET) as replayer:
-        graph = agent_graph(receipt_chat_model(replayer, FakeChat(fail=True), deterministic=True,
-                                               mode="replay"))
+    with Singleflight(store=store_url, secret=SECRET, mode="replay") as replayer:
+        graph = agent_graph(receipt_chat_model(replayer, FakeChat(fail=True), deterministic=True))
         assert answer(graph.invoke(ask("Paris"))) == answer(recorded) == "final: sunny in Paris"
         with pytest.raises(ReplayMissError) as miss:
             graph.invoke(ask("Oslo"))
@@ -203,6 +202,21 @@ def test_replay_serves_recorded_turns_and_a_new_turn_raises(sf: Singleflight,
     assert '"Oslo"' in str(miss.value)
     assert "record it with: pytest --singleflight-mode=record" in str(miss.value)
     assert CALLS == ["human", "tool"]
+
+
+def test_a_replay_session_governs_a_model_wrapped_on_a_recording_engine(
+        sf: Singleflight, store_url: str) -> None:
+    graph = agent_graph(receipt_chat_model(sf, FakeChat(), deterministic=True))
+    recorded = graph.invoke(ask("Paris"))
+    with Session(store_url, mode="replay", secret=SECRET, record_command="make evals") as run, \
+            run.scope("eval") as scope:
+        replaying = agent_graph(receipt_chat_model(sf, FakeChat(fail=True), deterministic=True))
+        assert answer(replaying.invoke(ask("Paris"))) == answer(recorded)
+        with pytest.raises(ReplayMissError, match="record it with: make evals"):
+            replaying.invoke(ask("Oslo"))
+    assert CALLS == ["human", "tool"]  # recorded once, never called in replay
+    assert [str(o.source) for o in scope.outcomes] == ["cache_hit"] * 2
+    assert [m.tool_name for m in scope.misses] == ["model:fake-1"]
 
 
 # -- 4. what is keyed -----------------------------------------------------------------------
@@ -256,9 +270,9 @@ def test_replayed_message_equals_the_original(sf: Singleflight, store_url: str,
     direct = bound(FakeChat()).invoke("Paris")
     chat = bound(receipt_chat_model(sf, FakeChat(), deterministic=True))
     executed, served = chat.invoke("Paris"), chat.invoke("Paris")
-    with Singleflight(store=store_url, secret=SECRET) as other:
-        replayed = bound(receipt_chat_model(other, FakeChat(fail=True), deterministic=True,
-                                            mode="replay")).invoke("Paris")
+    with Singleflight(store=store_url, secret=SECRET, mode="replay") as other:
+        replayed = bound(receipt_chat_model(other, FakeChat(fail=True),
+                                            deterministic=True)).invoke("Paris")
     assert _fields(executed) == _fields(served) == _fields(replayed) == _fields(direct)
     assert bool(direct.tool_calls) is with_tools
     assert direct.response_metadata["system_fingerprint"] == "fp_1"  # from llm_output
@@ -268,9 +282,28 @@ def test_replayed_message_equals_the_original(sf: Singleflight, store_url: str,
 # -- 6. errors ------------------------------------------------------------------------------
 
 
-def test_opt_in_model_name_and_model_type_are_required(sf: Singleflight) -> None:
-    with pytest.raises(TypeError, match="deterministic=True"):
-        receipt_chat_model(sf, FakeChat())
+def test_an_unflagged_model_is_called_every_time_and_stores_nothing(
+        sf: Singleflight, store_url: str) -> None:
+    # One policy everywhere: a model without a flag is accepted and never shared.
+    chat = receipt_chat_model(sf, FakeChat())
+    with Session(store_url, secret=SECRET) as run, run.scope("unflagged") as scope:
+        assert chat.invoke("hi").content == chat.invoke("hi").content == "echo: hi"
+        assert list(run.engine.store.iter_receipts()) == []
+        stats = run.engine.summary()["tools"]["model:fake-1"]
+    assert CALLS == ["human", "human"]
+    assert [str(o.source) for o in scope.outcomes] == ["executed_unshared"] * 2
+    assert all(o.receipt is None for o in scope.outcomes)
+    assert (stats["calls"], stats["unshared"], stats["executed"], stats["cache_hits"]) == (2, 2, 0, 0)
+
+
+def test_mode_is_not_an_option_of_the_wrapper(sf: Singleflight) -> None:
+    with pytest.raises(TypeError, match=r"mode= is not a tool option: it belongs to the run"):
+        receipt_chat_model(sf, FakeChat(), deterministic=True, mode="replay")
+    with pytest.raises(TypeError, match=r"record_command= .* belongs to the run"):
+        receipt_chat_model(sf, FakeChat(), deterministic=True, record_command="make evals")
+
+
+def test_model_name_and_model_type_are_required(sf: Singleflight) -> None:
     with pytest.raises(TypeError, match="model_name="):
         receipt_chat_model(sf, FakeChat(model_name=""), deterministic=True)
     with pytest.raises(TypeError, match="BaseChatModel"):

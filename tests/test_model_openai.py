@@ -39,7 +39,7 @@ from openai.types.responses import ResponseReasoningItem
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from pydantic import BaseModel
 
-from singleflight_agents import Singleflight
+from singleflight_agents import Session, Singleflight
 from singleflight_agents.adapters.openai_models import (
     ReceiptModel,
     receipt_model,
@@ -211,16 +211,18 @@ async def test_replay_serves_recorded_turns_and_a_miss_names_the_record_command(
     recorded = await Runner.run(make_agent(sf, ScriptedModel(two_turns())), QUESTION, run_config=CONFIG)
     sf.close()
 
-    replayer = Singleflight(store=store_url, secret=SECRET)
+    # The mode and the record command belong to the run: here, replaying engines on the store.
+    run_id = "replay-" + store_url[-8:]
+    replayer = Singleflight(store=store_url, secret=SECRET, mode="replay", run_id=run_id)
+    custom = Singleflight(store=store_url, secret=SECRET, mode="replay", run_id=run_id,
+                          record_command="make record-evals")
     try:
         empty = ScriptedModel([])  # any call would raise UnexpectedModelCall
-        replayed = await Runner.run(make_agent(replayer, empty, mode="replay"), QUESTION,
-                                    run_config=CONFIG)
+        replayed = await Runner.run(make_agent(replayer, empty), QUESTION, run_config=CONFIG)
         assert replayed.final_output == recorded.final_output == FINAL
         assert len(empty.calls) == 0
 
-        changed = make_agent(replayer, empty, mode="replay", instructions="Answer in French.",
-                             record_command="make record-evals")
+        changed = make_agent(custom, empty, instructions="Answer in French.")
         with pytest.raises(ReplayMissError) as raised:
             await Runner.run(changed, QUESTION, run_config=CONFIG)
         assert len(empty.calls) == 0
@@ -229,23 +231,44 @@ async def test_replay_serves_recorded_turns_and_a_miss_names_the_record_command(
         assert message.startswith(f"{TOOL}: no receipt to replay for arguments ")
         assert message.endswith("record it with: make record-evals")
 
-        default = make_agent(replayer, empty, mode="replay", instructions="Answer in German.")
+        default = make_agent(replayer, empty, instructions="Answer in German.")
         with pytest.raises(ReplayMissError, match=r"record it with: pytest --singleflight-mode=record"):
             await Runner.run(default, QUESTION, run_config=CONFIG)
-        stats = tool_stats(replayer)
+        assert len(empty.calls) == 0
+        custom.flush_stats()
+        stats = tool_stats(replayer)  # both engines count under the one run id
         assert (stats["cache_hits"], stats["executed"], stats["replay_misses"]) == (2, 0, 2)
     finally:
         replayer.close()
+        custom.close()
+
+
+async def test_a_session_in_replay_governs_a_wrapper_made_on_a_recording_engine(
+        sf: Singleflight, store_url: str) -> None:
+    recorded = await Runner.run(make_agent(sf, ScriptedModel(two_turns())), QUESTION, run_config=CONFIG)
+    assert sf.current_mode() == "record"
+    empty = ScriptedModel([])
+    with Session(store_url, mode="replay", secret=SECRET) as run, \
+            run.scope("eval") as scope:
+        assert sf.current_mode() == "replay"
+        replayed = await Runner.run(make_agent(sf, empty), QUESTION, run_config=CONFIG)
+        assert replayed.final_output == recorded.final_output == FINAL
+        with pytest.raises(ReplayMissError):
+            await Runner.run(make_agent(sf, empty, instructions="Be terse."), QUESTION,
+                             run_config=CONFIG)
+    assert len(empty.calls) == 0
+    assert [str(o.source) for o in scope.outcomes] == ["cache_hit"] * 2
+    assert [m.tool_name for m in scope.misses] == [TOOL]
 
 
 async def test_streamed_turns_replay_too(sf: Singleflight, store_url: str) -> None:
     recorded = await run_streamed(make_agent(sf, ScriptedModel(two_turns())))
     sf.close()
-    with Singleflight(store=store_url, secret=SECRET) as replayer:
+    with Singleflight(store=store_url, secret=SECRET, mode="replay") as replayer:
         empty = ScriptedModel([])
-        assert await run_streamed(make_agent(replayer, empty, mode="replay")) == recorded
+        assert await run_streamed(make_agent(replayer, empty)) == recorded
         with pytest.raises(ReplayMissError, match=rf"^{TOOL}: no receipt to replay"):
-            await run_streamed(make_agent(replayer, empty, mode="replay", instructions="Be terse."))
+            await run_streamed(make_agent(replayer, empty, instructions="Be terse."))
         assert len(empty.calls) == 0
 
 
@@ -650,14 +673,38 @@ async def test_a_wrapped_provider_keys_turns_by_the_model_name(sf: Singleflight)
     assert isinstance(wrapped, ReceiptModel) and wrapped.model == "my-model"
 
 
-# -- 8. opt-in and bad arguments ---------------------------------------------------------------
+# -- 8. unflagged models and bad arguments --------------------------------------------------------------
 
 
-def test_sharing_model_turns_is_opt_in(sqlite_sf: Singleflight) -> None:
-    with pytest.raises(TypeError, match=r"deterministic=True.*'scripted'"):
-        receipt_model(sqlite_sf, ScriptedModel([]), model_name=NAME)
-    with pytest.raises(TypeError, match=r"deterministic=True"):
-        receipt_model_provider(sqlite_sf, ScriptedProvider([]))
+async def test_an_unflagged_model_runs_every_turn_unshared_and_stores_nothing(
+        store_url: str) -> None:
+    # One policy everywhere: a model without a flag is accepted and never shared.
+    inner = ScriptedModel([[assistant_message("a")], [assistant_message("a")]])
+    provider = ScriptedProvider([NAME])
+    with Singleflight(store=store_url, secret=SECRET) as app:
+        model = receipt_model(app, inner, model_name=NAME)
+        provided = receipt_model_provider(app, provider).get_model(NAME)
+        with Session(store_url, secret=SECRET) as run, run.scope("unflagged") as scope:
+            for wrapped in (model, model, provided):
+                await wrapped.get_response(*direct_args(), **KW)
+            assert list(run.engine.store.iter_receipts()) == []
+            stats = tool_stats(run.engine)
+    assert (len(inner.calls), len(provider.models[NAME].calls)) == (2, 1)
+    assert [str(o.source) for o in scope.outcomes] == ["executed_unshared"] * 3
+    assert all(o.receipt is None for o in scope.outcomes)
+    assert (stats["calls"], stats["unshared"], stats["executed"], stats["cache_hits"]) == (3, 3, 0, 0)
+
+
+def test_mode_is_not_an_option_of_a_model_wrapper(sqlite_sf: Singleflight) -> None:
+    for wrap in (lambda **kw: receipt_model(sqlite_sf, ScriptedModel([]), model_name=NAME, **kw),
+                 lambda **kw: receipt_model_provider(sqlite_sf, ScriptedProvider([]), **kw)):
+        with pytest.raises(TypeError, match=r"mode= is not a tool option: it belongs to the run"):
+            wrap(deterministic=True, mode="replay")
+        with pytest.raises(TypeError, match=r"record_command= .* belongs to the run"):
+            wrap(deterministic=True, record_command="make record")
+
+
+def test_bad_arguments_are_refused(sqlite_sf: Singleflight) -> None:
     with pytest.raises(TypeError, match=r"model_name="):
         receipt_model(sqlite_sf, ScriptedModel([]), deterministic=True)  # it has no .model name
     with pytest.raises(TypeError, match=r"agents\.Model.*str"):

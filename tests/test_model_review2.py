@@ -29,7 +29,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from pydantic import ConfigDict, Field, SecretStr
 
-from singleflight_agents import Singleflight
+from singleflight_agents import Singleflight, SingleflightError
 from singleflight_agents.adapters import receipt_chat_model
 from singleflight_agents.adapters._turns import _key
 from singleflight_agents.adapters.openai_models import (
@@ -277,13 +277,14 @@ async def test_a_consumer_cancelled_while_its_abandoned_turn_winds_down_stays_ca
 # -- conversation_id turns --------------------------------------------------------------------------
 
 
-async def test_replay_mode_never_calls_the_model_for_a_conversation_turn(sqlite_sf: Singleflight) -> None:
+async def test_replay_mode_never_calls_the_model_for_a_conversation_turn(db_path: Path) -> None:
     inner = ScriptedModel([[assistant_message("a live answer")]])
-    model = receipt_model(sqlite_sf, inner, model_name=NAME, deterministic=True, mode="replay")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        with contextlib.suppress(Exception):
-            await model.get_response(*direct_args(), **{**KW, "conversation_id": "conv_1"})
+    with Singleflight(db_path, mode="replay") as replayer:
+        model = receipt_model(replayer, inner, model_name=NAME, deterministic=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises(SingleflightError, match="conversation_id cannot be replayed"):
+                await model.get_response(*direct_args(), **{**KW, "conversation_id": "conv_1"})
     assert len(inner.calls) == 0
 
 
@@ -332,12 +333,13 @@ def test_langgraph_messages_streaming_keeps_invalid_tool_calls_invalid(sf: Singl
 # -- LangChain: model fields in the key -----------------------------------------------------------
 
 
-def test_turns_recorded_with_an_api_key_replay_without_one(sf: Singleflight,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_turns_recorded_with_an_api_key_replay_without_one(
+        sf: Singleflight, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "sk-recording-key")
     recorded = receipt_chat_model(sf, OpenAILike(), deterministic=True).invoke("hi")
     monkeypatch.delenv(KEY_ENV)  # CI: no key, receipts only
-    replayed = receipt_chat_model(sf, OpenAILike(), deterministic=True, mode="replay").invoke("hi")
+    with Singleflight(store=store_url, secret=SECRET, mode="replay") as replayer:
+        replayed = receipt_chat_model(replayer, OpenAILike(), deterministic=True).invoke("hi")
     assert replayed.content == recorded.content and len(CALLS) == 1
 
 

@@ -149,11 +149,12 @@ def test_a_failing_meter_warns_once_and_never_fails_the_call(sf: Singleflight) -
     assert row["tokens_in"] == row["tokens_in_saved"] == 0
 
 
-def test_mode_off_counts_duplicate_dollars_from_the_meter(sf: Singleflight) -> None:
-    options = turn_options("gpt-4.1", mode="off")
-    for _ in range(3):
-        sf.execute_sync(answer, "hi", options=options)
-    summary = sf.summary()
+def test_mode_off_counts_duplicate_dollars_from_the_meter(store_url: str) -> None:
+    options = turn_options("gpt-4.1")
+    with Singleflight(store=store_url, secret=SECRET, mode="off") as engine:
+        for _ in range(3):
+            engine.execute_sync(answer, "hi", options=options)
+        summary = engine.summary()
     assert summary["duplicates"] == 2
     assert summary["duplicate_dollars"] == pytest.approx(2 * (1000 * 2.0 + 200 * 8.0) / 1e6)
     assert summary["tokens_in"] == 3000 and summary["tokens_in_saved"] == 0

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from singleflight_agents import Singleflight
 from singleflight_agents.codec import canonical_json
 from singleflight_agents.models import Receipt
 from singleflight_agents.store import open_store
@@ -133,7 +134,7 @@ THREE_CASES = """
 
     @pytest.mark.parametrize("case", range(3))
     def test_lookup(singleflight, case):
-        lookup = singleflight.wrap(sftools.lookup, tool_name="crm.lookup", estimated_cost_usd=0.25)
+        lookup = singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup", cost=0.25)
         assert lookup("ada") == {"x": "ada", "upper": "ADA"}
         [outcome] = singleflight.outcomes
         sftools.note(case, str(outcome.source), outcome.tool_name)
@@ -186,7 +187,7 @@ def test_xdist_workers_share_executions_and_controller_reports_once(
 
         @pytest.mark.parametrize("i", range(6))
         def test_shared(singleflight, i):
-            lookup = singleflight.wrap(sftools.lookup, tool_name="crm.lookup",
+            lookup = singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup",
                                        estimated_cost_usd=0.1)
             key = "ab"[i % 2]
             assert lookup(key)["upper"] == key.upper()
@@ -238,10 +239,10 @@ def test_replay_miss_fails_the_test_naming_tool_arguments_and_record_command(
         import sftools
 
         def test_known(singleflight):
-            assert singleflight.wrap(sftools.lookup, tool_name="crm.lookup")("ada")
+            assert singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup")("ada")
 
         def test_new_argument(singleflight):
-            assert singleflight.wrap(sftools.lookup, tool_name="crm.lookup")({ARG})
+            assert singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup")({ARG})
             sftools.note("not reached in replay")
     """
     _write(project, "test_replay_miss", source.replace("{ARG}", '"ada"'))
@@ -277,7 +278,7 @@ def test_replay_ignores_receipt_expiry(project: Project) -> None:
         import pytest
         import sftools
 
-        @pytest.mark.singleflight(ttl=0.001)
+        @pytest.mark.singleflight(ttl=0.001, bounded_read=True)
         def test_short_lived(singleflight):
             out = singleflight.execute_sync(sftools.lookup, "ada")
             sftools.note(str(out.source))
@@ -308,6 +309,7 @@ def test_refresh_runs_each_distinct_call_once_and_overwrites_receipts(project: P
         import sftools
 
         @pytest.mark.parametrize("key", ["a", "a", "b"])
+        @pytest.mark.singleflight(bounded_read=True)
         def test_lookup(singleflight, key):
             out = singleflight.execute_sync(sftools.lookup, key)
             sftools.note(key, str(out.source))
@@ -345,7 +347,7 @@ def test_off_executes_every_call_and_reports_avoidable_duplicates(project: Proje
 
         @pytest.mark.parametrize("key", ["a", "a", "a", "b"])
         def test_lookup(singleflight, key):
-            lookup = singleflight.wrap(sftools.lookup, tool_name="crm.lookup",
+            lookup = singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup",
                                        estimated_cost_usd=0.5)
             lookup(key)
             sftools.note(str(singleflight.outcomes[0].source))
@@ -380,6 +382,8 @@ def test_side_effecting_tools_execute_in_every_mode(project: Project, mode: str)
             assert send("ada@example.com") == send("ada@example.com") == "sent to ada@example.com"
             assert [str(o.source) for o in singleflight.outcomes] == ["executed_unshared"] * 2
     """)
+    if mode == "replay":  # replay needs a recorded store to start
+        Singleflight(project.db).summary()
     project.run(f"--singleflight-mode={mode}").assert_outcomes(passed=2)
     assert project.executions() == [["send_email", "ada@example.com"]] * 4
     project.run(f"--singleflight-mode={mode}").assert_outcomes(passed=2)
@@ -394,7 +398,7 @@ def test_marker_on_module_class_and_function_closest_wins(project: Project) -> N
         import pytest
         import sftools
 
-        pytestmark = pytest.mark.singleflight(ttl=111, cost=0.5, scope="suite")
+        pytestmark = pytest.mark.singleflight(ttl=111, cost=0.5, scope="suite", bounded_read=True)
 
         def _note(name, out):
             r = out.receipt
@@ -415,7 +419,7 @@ def test_marker_on_module_class_and_function_closest_wins(project: Project) -> N
 
             @pytest.mark.singleflight(ttl=333)
             def test_wrap_overrides_marker(self, singleflight):
-                lookup = singleflight.wrap(sftools.lookup, ttl=444, cost=1.5)
+                lookup = singleflight.wrap(sftools.lookup, bounded_read=True, ttl=444, cost=1.5)
                 lookup("w")
                 _note("wrap", singleflight.outcomes[0])
     """)
@@ -423,7 +427,8 @@ def test_marker_on_module_class_and_function_closest_wins(project: Project) -> N
         import sftools
 
         def test_unmarked(singleflight):
-            r = singleflight.execute_sync(sftools.lookup, "u").receipt
+            options = singleflight.options(sftools.lookup, bounded_read=True)
+            r = singleflight.execute_sync(sftools.lookup, "u", options=options).receipt
             sftools.note("unmarked", round(r.expires_at - r.created_at, 6), r.cost_usd, r.scope)
     """)
     result = project.run("--strict-markers", "--singleflight-ttl=55")
@@ -448,7 +453,7 @@ def test_marker_unknown_keyword_is_a_usage_error_at_collection(project: Project)
     result = project.run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: test_typo.py::test_typo: @pytest.mark.singleflight got "
-                                 "unknown keyword 'tll'; known: patch, *ttl*"])
+                                 "unknown keyword 'tll'; known: mode, patch, *ttl*"])
     assert not project.db.exists()
 
 
@@ -515,7 +520,7 @@ def test_patch_marker_deduplicates_for_that_test_only(project: Project) -> None:
 
         ORIGINAL = weather.forecast
 
-        @pytest.mark.singleflight(patch=["pkg.weather.forecast"])
+        @pytest.mark.singleflight(patch=["pkg.weather.forecast"], bounded_read=True)
         def test_patched(singleflight):
             assert weather.forecast is not ORIGINAL
             assert agent.plan("oslo") == agent.plan("oslo") == "take sunglasses"
@@ -558,7 +563,7 @@ def test_patch_target_named_at_two_marker_levels_is_wrapped_once(project: Projec
         from pkg import agent
 
         pytestmark = pytest.mark.singleflight(patch=["pkg.weather.forecast"],
-                                              wait_timeout_seconds=0.5)
+                                              wait_timeout_seconds=0.5, bounded_read=True)
 
         @pytest.mark.singleflight(patch=["pkg.weather.forecast"], ttl=60)
         def test_patched(singleflight):
@@ -579,13 +584,15 @@ FIXTURE_API = """
     import pytest
     import sftools
 
+    pytestmark = pytest.mark.singleflight(bounded_read=True)
+
     def test_sync_api(singleflight):
-        lookup = singleflight.wrap(sftools.lookup, tool_name="crm.lookup", cost=0.5)
+        lookup = singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup", cost=0.5)
         assert not inspect.iscoroutinefunction(lookup)
         assert lookup.__name__ == "lookup"
         assert lookup("ada") == lookup("ada") == {"x": "ada", "upper": "ADA"}
 
-        @singleflight.tool(tool_name="crm.shout", cost=0.25)
+        @singleflight.tool(bounded_read=True, tool_name="crm.shout", cost=0.25)
         def shout(x):
             return sftools.lookup(x)["upper"] + "!"
         assert shout("bob") == shout("bob") == "BOB!"
@@ -602,17 +609,17 @@ FIXTURE_API = """
 
     ASYNC_MARK
     async def test_async_api(singleflight):
-        alookup = singleflight.wrap(sftools.alookup, tool_name="crm.alookup", cost=1.0)
+        alookup = singleflight.wrap(sftools.alookup, bounded_read=True, tool_name="crm.alookup", cost=1.0)
         assert inspect.iscoroutinefunction(alookup)
         assert await alookup("ada") == await alookup("ada") == {"x": "ada", "upper": "ADA"}
 
-        @singleflight.tool(tool_name="crm.ashout")
+        @singleflight.tool(bounded_read=True, tool_name="crm.ashout")
         async def ashout(x):
             return (await sftools.alookup(x))["upper"] + "!"
         assert inspect.iscoroutinefunction(ashout)
         assert await ashout("bob") == await ashout("bob") == "BOB!"
 
-        sync_in_async = singleflight.wrap(sftools.lookup, tool_name="crm.lookup")
+        sync_in_async = singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup")
         assert not inspect.iscoroutinefunction(sync_in_async)
         assert sync_in_async("dee")["upper"] == "DEE"  # a sync tool called on the loop
 
@@ -665,12 +672,12 @@ def test_hooks_adjust_tool_options_and_see_every_outcome(project: Project) -> No
 
         @pytest.mark.parametrize("i", range(2))
         def test_lookup(singleflight, i):
-            lookup = singleflight.wrap(sftools.lookup, tool_name="crm.lookup")
+            lookup = singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup")
             lookup("ada"), lookup("ada")
             r = singleflight.outcomes[0].receipt
             sftools.note(round(r.expires_at - r.created_at, 6))
 
-        @pytest.mark.singleflight(patch=["pkg.weather.forecast"])
+        @pytest.mark.singleflight(patch=["pkg.weather.forecast"], bounded_read=True)
         def test_patched():
             agent.plan("oslo")
     """)
@@ -771,7 +778,7 @@ FLAKY = """
     import sftools
 
     def test_flaky(singleflight):
-        lookup = singleflight.wrap(sftools.lookup, tool_name="crm.lookup", cost=0.5)
+        lookup = singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="crm.lookup", cost=0.5)
         assert lookup("ada")["upper"] == "ADA"
         sftools.note([str(o.source) for o in singleflight.outcomes])
         first_try = Path(__file__).with_name("first_try_done")
@@ -813,10 +820,10 @@ def test_ini_options(project: Project) -> None:
         import sftools
 
         def test_options(singleflight):
-            options = singleflight.options(sftools.lookup)
-            sftools.note(options.mode, options.ttl_seconds)
-            singleflight.execute_sync(sftools.lookup, "a")
-            singleflight.execute_sync(sftools.lookup, "a")
+            options = singleflight.options(sftools.lookup, bounded_read=True)
+            sftools.note(singleflight.engine.current_mode(), options.ttl_seconds)
+            singleflight.execute_sync(sftools.lookup, "a", options=options)
+            singleflight.execute_sync(sftools.lookup, "a", options=options)
     """)
     result = project.run(db=False)
     result.assert_outcomes(passed=1)
@@ -879,8 +886,9 @@ def test_a_replay_session_wins_over_a_markers_mode(project: Project) -> None:
 
         @pytest.mark.singleflight(mode="record")
         def test_pinned(singleflight):
-            singleflight.wrap(sftools.lookup, tool_name="t.lookup")("new")
+            singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="t.lookup")("new")
         """)
+    Singleflight(project.db).summary()  # a store, with nothing recorded in it
     result = project.run("--singleflight-mode=replay")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*no receipt to replay*"])
@@ -911,10 +919,10 @@ def test_a_crashed_xdist_worker_does_not_break_the_report(project: Project) -> N
 
         @pytest.mark.parametrize("n", range(4))
         def test_calls(singleflight, n):
-            singleflight.wrap(sftools.lookup, tool_name="t.lookup")("shared")
+            singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="t.lookup")("shared")
 
         def test_crash(singleflight):
-            singleflight.wrap(sftools.lookup, tool_name="t.lookup")("shared")
+            singleflight.wrap(sftools.lookup, bounded_read=True, tool_name="t.lookup")("shared")
             os._exit(3)  # the worker dies mid-session
         """)
     result = project.run_subprocess("-n", "2")

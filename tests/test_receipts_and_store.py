@@ -11,6 +11,7 @@ import pytest
 from _backdoor import edit_receipts, swap_receipts
 
 from singleflight_agents import Singleflight, Source, StoreError, ToolExecutionOptions
+from singleflight_agents.signing import Signer
 from singleflight_agents.store import SQLiteStore, open_store, sqlite_path
 
 SHARED = ToolExecutionOptions(tool_name="t.read", deterministic=True, estimated_cost_usd=0.1)
@@ -84,9 +85,10 @@ def test_files_are_private_and_the_key_is_not_in_the_store(sqlite_sf: Singleflig
     key_file = Path(f"{db_path}.key")
     for path in (db_path, key_file, Path(f"{db_path}-wal")):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    key = key_file.read_text().strip()
+    key = key_file.read_text().strip()  # the secret, as text: what $SINGLEFLIGHT_SECRET holds
     assert key.encode() not in db_path.read_bytes()
-    assert bytes.fromhex(key) not in db_path.read_bytes()
+    outcome = sf.execute_sync(_tool, 1, options=SHARED)
+    assert outcome.receipt is not None and outcome.receipt.key_id == Signer(key.encode()).key_id
 
 
 def test_given_a_path_nothing_is_created_elsewhere(tmp_path: Path,
@@ -96,7 +98,9 @@ def test_given_a_path_nothing_is_created_elsewhere(tmp_path: Path,
     monkeypatch.chdir(cwd)
     target = tmp_path / "elsewhere" / "r.db"
     with Singleflight(target) as sf:
+        assert not target.parent.exists()  # the store is opened on first use
         sf.execute_sync(_tool, 1, options=SHARED)
+    assert target.is_file()
     assert list(cwd.iterdir()) == []
     assert {p.name for p in target.parent.iterdir()} <= {
         "r.db", "r.db-wal", "r.db-shm", "r.db.key", "r.db.locks"}
@@ -105,6 +109,7 @@ def test_given_a_path_nothing_is_created_elsewhere(tmp_path: Path,
 def test_default_store_is_under_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with Singleflight() as sf:
+        assert list(tmp_path.iterdir()) == []  # the store is opened on first use
         sf.execute_sync(_tool, 1, options=SHARED)
     assert (tmp_path / ".singleflight" / "receipts.db").is_file()
 
@@ -112,8 +117,9 @@ def test_default_store_is_under_the_cwd(tmp_path: Path, monkeypatch: pytest.Monk
 def test_a_non_sqlite_file_gives_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "notes.db"
     path.write_bytes(b"this is not a database" * 100)
+    engine = Singleflight(path)  # opens nothing yet
     with pytest.raises(StoreError, match=r"notes\.db is not a usable singleflight store") as info:
-        Singleflight(path)
+        engine.store  # noqa: B018 -- the first use opens the store
     assert "\n" not in str(info.value)
     assert path.read_bytes() == b"this is not a database" * 100  # nothing was destroyed
 
@@ -154,30 +160,46 @@ def test_store_urls(tmp_path: Path) -> None:
         open_store("sqlite://")
 
 
+def _make_key_file(db_path: Path) -> None:
+    with Singleflight(db_path) as sf:
+        sf.execute_sync(_tool, 1, options=SHARED)
+    assert Path(f"{db_path}.key").is_file()
+
+
 def test_a_world_writable_key_file_is_refused(db_path: Path) -> None:
-    Singleflight(db_path).close()
+    _make_key_file(db_path)
     os.chmod(f"{db_path}.key", 0o666)
-    with pytest.raises(StoreError, match=r"writable by group or others.*chmod 600"):
-        Singleflight(db_path)
+    with pytest.raises(StoreError, match=r"writable by group or others.*chmod 600") as info:
+        Singleflight(db_path).store  # noqa: B018 -- the first use opens the store and its key
+    assert "\n" not in str(info.value)
+    # a call is not served from a store whose key anyone could have changed: it runs unshared
+    with Singleflight(db_path) as sf, \
+            pytest.warns(RuntimeWarning, match=r"store failed: signing key file .* writable"):
+        assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.EXECUTED_FALLBACK
+    with Singleflight(db_path, mode="replay") as replayer, \
+            pytest.raises(StoreError, match="writable by group or others"):
+        replayer.execute_sync(_tool, 1, options=SHARED)  # replay never runs it
 
 
 def test_a_key_file_of_another_user_is_refused(db_path: Path) -> None:
-    Singleflight(db_path).close()
+    _make_key_file(db_path)
     try:
         os.chown(f"{db_path}.key", 65534, -1)
     except PermissionError:
         pytest.skip("changing a file's owner needs root")
-    with pytest.raises(StoreError, match="belongs to another user"):
-        Singleflight(db_path)
+    with pytest.raises(StoreError, match="belongs to another user") as info:
+        Singleflight(db_path).store  # noqa: B018 -- the first use opens the store and its key
+    assert "\n" not in str(info.value)
 
 
 def test_a_symlinked_key_file_is_refused(db_path: Path, tmp_path: Path) -> None:
     real = tmp_path / "elsewhere.key"
-    real.write_text("ab" * 32)
+    real.write_text("a secret of more than sixteen bytes\n")
     real.chmod(0o600)
     Path(f"{db_path}.key").symlink_to(real)
-    with pytest.raises(StoreError, match="symlink is refused"):
-        Singleflight(db_path)
+    with pytest.raises(StoreError, match="symlink is refused") as info:
+        Singleflight(db_path).store  # noqa: B018 -- the first use opens the store and its key
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(("column", "value"), [
@@ -216,3 +238,21 @@ def test_a_signed_pickle_that_no_longer_loads_is_run_again(
     with pytest.warns(RuntimeWarning, match="could not be decoded"):
         assert sf.execute_sync(tool, options=options).source is Source.EXECUTED
     assert len(runs) == 2
+
+
+def test_a_key_file_holds_the_secret_as_text(db_path: Path) -> None:
+    """Any text of 16 bytes or more is a key (the file's content, stripped, as for
+    $SINGLEFLIGHT_SECRET); a shorter one is refused in one line."""
+    key_file = Path(f"{db_path}.key")
+    key_file.write_text("  a passphrase chosen by hand  \n")
+    key_file.chmod(0o600)
+    with Singleflight(db_path) as sf:
+        outcome = sf.execute_sync(_tool, 1, options=SHARED)
+    with Singleflight(db_path, secret="a passphrase chosen by hand") as sf:
+        assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT
+    assert outcome.receipt is not None
+    assert outcome.receipt.key_id == Signer(b"a passphrase chosen by hand").key_id
+    key_file.write_text("too short\n")
+    with pytest.raises(StoreError, match="shorter than 16 bytes") as info:
+        Singleflight(db_path).store  # noqa: B018 -- the first use opens the store and its key
+    assert "\n" not in str(info.value)

@@ -73,8 +73,9 @@ def test_export_and_replay_misses_never_show_redacted_values(
     assert main(["export", "--db", str(db_path)]) == 0
     exported = capsys.readouterr().out
     assert API_KEY not in exported and EMAIL not in exported and "[redacted]" in exported
-    with pytest.raises(ReplayMissError) as info:
-        sqlite_sf.execute_sync(fetch, "v", API_KEY, HEADERS, options=REDACTED.replace(mode="replay"))
+    with Singleflight(db_path, mode="replay") as replayer, \
+            pytest.raises(ReplayMissError) as info:
+        replayer.execute_sync(fetch, "v", API_KEY, HEADERS, options=REDACTED)
     assert API_KEY not in str(info.value) and "[redacted]" in str(info.value)
 
 

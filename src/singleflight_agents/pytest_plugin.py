@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .session import Scope, Session
 
 MODES = ("record", "replay", "refresh", "off")  # models.MODES, without importing it here
-_ALIASES = {"ttl": "ttl_seconds", "cost": "estimated_cost_usd"}
 _NOT_MARKER = {"tool_name", "key", "meter"}  # per tool, never per test
 _STATE = pytest.StashKey["_Run"]()
 _TEST = pytest.StashKey["SingleflightFixture"]()
@@ -107,6 +106,15 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             return (yield)
         finally:
             del item.stash[_SCOPE]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A rerun (pytest-rerunfailures) starts with no outcomes and no misses."""
+    scope = item.stash.get(_SCOPE, None)
+    if scope is not None:
+        scope.outcomes.clear()
+        scope.misses.clear()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -239,7 +247,7 @@ def _for_test(item: pytest.Item) -> SingleflightFixture:
 
 
 def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    from .models import ToolExecutionOptions
+    from .models import OPTION_ALIASES, ToolExecutionOptions
 
     known = {f.name for f in dataclasses.fields(ToolExecutionOptions)} - _NOT_MARKER
     options = {}
@@ -254,11 +262,11 @@ def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, A
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight(mode="
                                         f"{value!r}): use one of {', '.join(MODES)}")
             continue
-        field = _ALIASES.get(name, name)
+        field = OPTION_ALIASES.get(name, name)
         if field not in known:
             raise pytest.UsageError(
                 f"{item.nodeid}: @pytest.mark.singleflight got unknown keyword {name!r}; "
-                f"known: mode, patch, {', '.join(sorted(known | set(_ALIASES)))}")
+                f"known: mode, patch, {', '.join(sorted(known | set(OPTION_ALIASES)))}")
         options[field] = value
     return options
 
@@ -376,8 +384,9 @@ class SingleflightFixture:
 
     def options(self, func: Callable[..., Any], **overrides: Any) -> ToolExecutionOptions:
         """The options a tool wrapped here gets, after the plugin's hooks."""
-        from .models import ToolExecutionOptions
+        from .models import OPTION_ALIASES, ToolExecutionOptions
 
+        overrides = {OPTION_ALIASES.get(name, name): value for name, value in overrides.items()}
         options = ToolExecutionOptions().replace(**{**self._defaults, **overrides})
         hooked = self._item.config.hook.pytest_singleflight_tool_options(
             item=self._item, func=func, options=options)

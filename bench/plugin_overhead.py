@@ -1,0 +1,281 @@
+#!/usr/bin/env python
+"""The pytest plugin's overhead per test: generated projects run by pytest in subprocesses.
+
+    python bench/plugin_overhead.py              # about two minutes: 200 tests, 5 repetitions
+    python bench/plugin_overhead.py --quick      # smoke run, about 30 s
+
+A generated project of --tests parametrized tests, each making one call of a
+``bounded_read=True`` tool of an app engine created at import (test i calls it with i // 2,
+so half the calls repeat an argument), is run by ``python -m pytest -q -p no:cacheprovider``
+in a temporary directory, as:
+
+    baseline        -p no:singleflight, the tool left undecorated and called directly
+    record          the plugin in record mode on a fresh SQLite store
+    from receipts   a second serial run on that store: every call served from a receipt
+    replay          --singleflight-mode=replay on that store
+    -n 2 ...        pytest-xdist with 2 workers: baseline, record (fresh store), from receipts
+
+and a project of as many trivial tests that never call a tool, with ``-p no:singleflight``
+and with the plugin (the cost of the plugin being loaded: a session per process, a scope per
+test). Each session's wall time and CPU time (user + system of pytest and its xdist
+workers, from getrusage) are measured, every variant once per repetition, their order
+rotating between repetitions (a record run always precedes the runs on its store). The
+overhead per test of a variant is the median, over repetitions, of (its time minus the same
+repetition's baseline) / tests; serial variants are compared with the serial baseline, xdist
+variants with the xdist baseline, the trivial project with itself without the plugin. On a
+shared machine the CPU time is the steadier figure: other processes' load stretches wall
+time far more than it does the CPU time a session uses.
+
+Checks (the exit status is 1 if one fails): every session passes every test; the tool runs
+once per test in the baseline, once per distinct argument in a record run (serial or across
+the xdist workers), never from receipts or in replay; the app engine's own store is never
+created (the plugin's session governs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import report
+from common import ms
+
+APP = '''\
+"""The app: one engine created at import, one bounded-read tool."""
+
+import os
+
+EXECUTIONS = []
+
+
+def lookup(x):
+    EXECUTIONS.append(x)
+    return {"query": x, "rows": [x, x * 2, x * 3], "ok": True}
+
+
+if os.environ.get("SF_BENCH_UNDECORATED") != "1":
+    from singleflight_agents import Singleflight
+
+    sf = Singleflight(os.path.join(os.environ["SF_BENCH_OUT"], "app-own.db"))
+    lookup = sf.tool(bounded_read=True, tool_name="app.lookup")(lookup)
+'''
+
+TOOL_TESTS = '''\
+import pytest
+
+import app
+
+
+@pytest.mark.parametrize("i", range({tests}))
+def test_lookup(i):
+    assert app.lookup(i // 2)["query"] == i // 2
+'''
+
+CONFTEST = '''\
+import os
+
+import app
+
+
+def pytest_sessionfinish(session):
+    """How many times the tool ran in this process (the xdist controller writes 0)."""
+    name = f"executions-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}"
+    with open(os.path.join(os.environ["SF_BENCH_OUT"], name), "w") as handle:
+        handle.write(str(len(app.EXECUTIONS)))
+'''
+
+TRIVIAL_TESTS = '''\
+import pytest
+
+
+@pytest.mark.parametrize("i", range({tests}))
+def test_trivial(i):
+    assert i >= 0
+'''
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    project: str  # "tools" or "trivial"
+    args: tuple[str, ...]
+    store: str = ""  # the store's chain: "serial" or "xdist"; "" for no plugin store
+    executions: str = ""  # expected tool executions: "all", "distinct", "none"; "" unchecked
+    baseline: str = ""  # the variant it is compared with
+
+
+NO_PLUGIN = ("-p", "no:singleflight")
+XDIST = ("-n", "2")
+VARIANTS = [
+    Variant("baseline", "tools", NO_PLUGIN, executions="all"),
+    Variant("record, fresh store", "tools", (), "serial", "distinct", "baseline"),
+    Variant("from receipts", "tools", (), "serial", "none", "baseline"),
+    Variant("replay", "tools", ("--singleflight-mode=replay",), "serial", "none", "baseline"),
+    Variant("-n 2 baseline", "tools", (*NO_PLUGIN, *XDIST), executions="all"),
+    Variant("-n 2 record, fresh store", "tools", XDIST, "xdist", "distinct", "-n 2 baseline"),
+    Variant("-n 2 from receipts", "tools", XDIST, "xdist", "none", "-n 2 baseline"),
+    Variant("trivial, no plugin", "trivial", NO_PLUGIN),
+    Variant("trivial, plugin loaded", "trivial", (), baseline="trivial, no plugin"),
+]
+BY_NAME = {v.name: v for v in VARIANTS}
+# What runs in one repetition, in groups whose order rotates; within a group the order is
+# fixed, because the runs after a record run use its store.
+GROUPS = [["baseline"], ["record, fresh store", "from receipts", "replay"], ["-n 2 baseline"],
+          ["-n 2 record, fresh store", "-n 2 from receipts"], ["trivial, no plugin"],
+          ["trivial, plugin loaded"]]
+
+
+@dataclass
+class Bench:
+    root: Path
+    tests: int
+    env: dict[str, str]
+    times: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (wall, CPU)
+    failures: list[str] = field(default_factory=list)
+
+    def project(self, kind: str) -> Path:
+        return self.root / kind
+
+    def run(self, variant: Variant, store: Path | None, label: str) -> tuple[float, float]:
+        """One pytest session of ``variant``: its wall time and CPU time (user + system, the
+        xdist workers' included); checks its outcome."""
+        out = Path(tempfile.mkdtemp(prefix="out-", dir=self.root))
+        env = {**self.env, "SF_BENCH_OUT": str(out)}
+        if variant.project == "tools" and "no:singleflight" in variant.args:
+            env["SF_BENCH_UNDECORATED"] = "1"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   *variant.args]
+        if store is not None:
+            command.append(f"--singleflight-db={store}")
+        cpu_before = _children_cpu()
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=self.project(variant.project), env=env, text=True,
+                              capture_output=True)
+        elapsed = time.perf_counter() - start, _children_cpu() - cpu_before
+        self.check(variant, done, out, label)
+        shutil.rmtree(out)
+        return elapsed
+
+    def check(self, variant: Variant, done: subprocess.CompletedProcess[str], out: Path,
+              label: str) -> None:
+        where = f"{label}, {variant.name}"
+        if done.returncode != 0 or not re.search(rf"\b{self.tests} passed\b", done.stdout):
+            tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+            self.failures.append(f"{where}: not all {self.tests} tests passed "
+                                 f"(exit {done.returncode}):\n{textwrap.indent(tail, '    ')}")
+        if (out / "app-own.db").exists():
+            self.failures.append(f"{where}: the app engine opened its own store")
+        if variant.executions:
+            ran = sum(int(p.read_text()) for p in out.glob("executions-*"))
+            expected = {"all": self.tests, "distinct": (self.tests + 1) // 2,
+                        "none": 0}[variant.executions]
+            if ran != expected:
+                self.failures.append(f"{where}: the tool ran {ran} times, expected {expected}")
+
+
+def _children_cpu() -> float:
+    """User + system time of this process's finished children, theirs included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def setup(root: Path, tests: int) -> None:
+    for kind, files in {"tools": {"app.py": APP, "conftest.py": CONFTEST,
+                                  "test_tools.py": TOOL_TESTS.format(tests=tests)},
+                        "trivial": {"test_trivial.py": TRIVIAL_TESTS.format(tests=tests)}}.items():
+        directory = root / kind
+        directory.mkdir()
+        # An ini file of the project's own: its rootdir, and no addopts from elsewhere.
+        (directory / "pytest.ini").write_text("[pytest]\n")
+        for name, text in files.items():
+            (directory / name).write_text(text)
+
+
+def repetition(bench: Bench, rep: int, record: bool = True) -> None:
+    stores = {chain: bench.root / f"store-{rep}-{chain}" / "receipts.db"
+              for chain in ("serial", "xdist")}
+    groups = GROUPS[rep % len(GROUPS):] + GROUPS[:rep % len(GROUPS)]
+    for group in groups:
+        for name in group:
+            variant = BY_NAME[name]
+            store = stores[variant.store] if variant.store else None
+            elapsed = bench.run(variant, store, f"repetition {rep}")
+            if record:
+                bench.times.setdefault(name, []).append(elapsed)
+    for path in stores.values():
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def table(bench: Bench) -> str:
+    """The results as a Markdown table, one row per variant."""
+    rows = [("Session", "Wall time: median (min-max)", "CPU time: median",
+             "Overhead per test: wall / CPU", "Same-run ratio: wall / CPU")]
+    for variant in VARIANTS:
+        runs = bench.times[variant.name]
+        walls, cpus = [w for w, _ in runs], [c for _, c in runs]
+        wall = f"{ms(statistics.median(walls))} ({ms(min(walls))}-{ms(max(walls))})"
+        overhead = ratio = ""
+        if variant.baseline:
+            base = bench.times[variant.baseline]
+            per_test = [[(t[i] - b[i]) / bench.tests * 1000 for t, b in zip(runs, base, strict=True)]
+                        for i in (0, 1)]
+            ratios = [[t[i] / b[i] for t, b in zip(runs, base, strict=True)] for i in (0, 1)]
+            overhead = " / ".join(f"{statistics.median(x):+.2f} ms" for x in per_test)
+            ratio = " / ".join(f"{statistics.median(x):.2f}x" for x in ratios)
+        rows.append((variant.name, wall, ms(statistics.median(cpus)), overhead, ratio))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--tests", type=int, default=200, help="tests per project (default 200)")
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions (default 5)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions")
+    args = parser.parse_args(argv)
+    repeats = 2 if args.quick else args.repeats
+    print(f"pytest plugin overhead: {args.tests} tests per project, {repeats} repetitions "
+          f"after a warm-up, {report.cores()} cores usable, load average {report.loadavg()}",
+          flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sf-bench-plugin-") as tmp:
+        root = Path(tmp)
+        setup(root, args.tests)
+        # Bytecode cached, as installed, in a prefix of the run's own: nothing is written
+        # into the checkout. No key in the environment: the store keeps a key file.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PYTHONDONTWRITEBYTECODE", "SINGLEFLIGHT_SECRET", "PYTEST_ADDOPTS")}
+        env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
+        bench = Bench(root, args.tests, env)
+        repetition(bench, -1, record=False)  # warm-up: caches filled, checks run once more
+        for rep in range(repeats):
+            began = time.perf_counter()
+            repetition(bench, rep)
+            print(f"  repetition {rep + 1}/{repeats}: {time.perf_counter() - began:.1f} s",
+                  flush=True)
+    print(f"\n{table(bench)}\n\ntook {time.perf_counter() - started:.0f} s; "
+          f"load average at the end {report.loadavg()}")
+    for failure in bench.failures:
+        print(f"CHECK FAILED: {failure}")
+    print("CHECKS FAILED" if bench.failures else "all checks passed")
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
