@@ -375,10 +375,10 @@ def test_the_engine_survives_a_damaged_file(pristine: Path, tmp_path: Path, dama
         engine.store  # noqa: B018 -- the store opens on first use
     except StoreError as exc:  # refused: one line that names the file
         assert "\n" not in str(exc) and str(path) in str(exc)
-        # and a call still gets the tool's own value, run without sharing
-        with engine, pytest.warns(RuntimeWarning, match="executing without sharing") as caught:
-            assert _run(engine, 1000) is Source.EXECUTED_FALLBACK
-        assert all(str(path) in str(w.message) for w in caught)
+        # and so is a call, with the same line, never a traceback from deep in sqlite
+        with engine, pytest.raises(StoreError) as refused:
+            _run(engine, 1000)
+        assert str(refused.value) == str(exc)
     else:
         with engine, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

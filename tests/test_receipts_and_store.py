@@ -172,10 +172,9 @@ def test_a_world_writable_key_file_is_refused(db_path: Path) -> None:
     with pytest.raises(StoreError, match=r"writable by group or others.*chmod 600") as info:
         Singleflight(db_path).store  # noqa: B018 -- the first use opens the store and its key
     assert "\n" not in str(info.value)
-    # a call is not served from a store whose key anyone could have changed: it runs unshared
-    with Singleflight(db_path) as sf, \
-            pytest.warns(RuntimeWarning, match=r"store failed: signing key file .* writable"):
-        assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.EXECUTED_FALLBACK
+    # a shared call on a store whose key anyone could have changed is refused, not run around
+    with Singleflight(db_path) as sf, pytest.raises(StoreError, match="writable by group"):
+        sf.execute_sync(_tool, 1, options=SHARED)
     with Singleflight(db_path, mode="replay") as replayer, \
             pytest.raises(StoreError, match="writable by group or others"):
         replayer.execute_sync(_tool, 1, options=SHARED)  # replay never runs it

@@ -4,8 +4,9 @@ Each test starts a private ``redis-server`` (no persistence: ``--save '' --appen
 no``) on a free port in its temp dir, and stops it with SIGKILL (or pauses it with
 SIGSTOP) to simulate the failure. What the engine does, as observed:
 
-- unreachable at start: ``StoreError`` at once (well under a second for a refused
-  connection), one line naming the URL without its password;
+- unreachable at start: ``StoreError`` at the first use of the store (well under a
+  second for a refused connection), one line naming the URL without its password; a
+  call then runs its tool without sharing (in replay, the ``StoreError`` is raised);
 - lost (connection refused): every store call raises ``StoreError``; the engine runs the
   tool without sharing, ``executed_fallback``, with one ``RuntimeWarning`` per tool and
   engine ("executing without sharing because the store failed: store <url>: Error 111
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -237,14 +239,25 @@ def test_unreachable_at_start_is_one_error_naming_the_url() -> None:
     port = _free_port()  # nothing listens there
     shown = f"redis://127.0.0.1:{port}/0?prefix=p"
     started = time.monotonic()
+    url = f"redis://agent:hunter2@127.0.0.1:{port}/0?prefix=p"
+    sf = Singleflight(store=url, secret=SECRET)
     with pytest.raises(StoreError) as info:
-        Singleflight(store=f"redis://agent:hunter2@127.0.0.1:{port}/0?prefix=p", secret=SECRET)
+        sf.store  # noqa: B018 -- the store is opened (and the server reached) on first use
     elapsed = time.monotonic() - started
     message = str(info.value)
     print(f"\n{message}\n(after {elapsed * 1000:.1f} ms)")
     assert "\n" not in message and shown in message, message
     assert "hunter2" not in message  # the password is not shown
     assert elapsed < 5.0
+    # a first call says the same (redacted) line: a store never reached is a setting to fix
+    with pytest.raises(StoreError, match=re.escape(shown)) as first_call:
+        _call(sf, "a")
+    assert "hunter2" not in str(first_call.value)
+    with Singleflight(store=url, secret=SECRET, mode="replay") as replayer, \
+            pytest.raises(StoreError, match=re.escape(shown)) as refused:
+        _call(replayer, "a")  # replay never runs a shared tool
+    assert "hunter2" not in str(refused.value)
+    assert RUNS == []
 
 
 # -- (b) lost mid-run ----------------------------------------------------------------------

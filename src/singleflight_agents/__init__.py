@@ -20,10 +20,10 @@ if TYPE_CHECKING:  # "X as X": re-exported for type checkers
     from .models import Source as Source
     from .models import StoreError as StoreError
     from .models import ToolExecutionOptions as ToolExecutionOptions
-    from .session import Scope as Scope
-    from .session import Session as Session
-    from .session import active_session as active_session
-    from .session import session as session
+    from .sessions import Scope as Scope
+    from .sessions import Session as Session
+    from .sessions import active_session as active_session
+    from .sessions import session as session
     from .store import ReceiptStore as ReceiptStore
     from .store import open_store as open_store
 
@@ -39,10 +39,10 @@ _HOMES = {
     "Source": ".models",
     "StoreError": ".models",
     "ToolExecutionOptions": ".models",
-    "Scope": ".session",
-    "Session": ".session",
-    "active_session": ".session",
-    "session": ".session",
+    "Scope": ".sessions",
+    "Session": ".sessions",
+    "active_session": ".sessions",
+    "session": ".sessions",
     "ReceiptStore": ".store",
     "open_store": ".store",
 }

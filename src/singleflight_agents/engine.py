@@ -37,7 +37,7 @@ from .models import (
     check_mode,
 )
 from .pricing import PriceSource, PriceTable
-from .session import DEFAULT_RECORD_COMMAND, ENV_RUN_ID, Session, active_session, new_run_id
+from .sessions import DEFAULT_RECORD_COMMAND, ENV_RUN_ID, Session, active_session, new_run_id
 from .signing import Signer, key_path_for, load_key
 from .stats import Stats, summarize
 from .store import ReceiptStore, SQLiteStore, is_sqlite_url, open_store, sqlite_path
@@ -638,7 +638,13 @@ class Singleflight:
     def _start(self, call: _Call) -> _Result | Source | None:
         """Before any flight: a result to return, the source to run the tool under without
         sharing, or ``None`` to join the flight."""
-        if not call.options.shared or self._off(call):
+        if not call.options.shared:
+            return Source.EXECUTED_UNSHARED
+        if self._backend is None:
+            # A store or key that cannot be opened is a setting to fix, not a passing failure
+            # to run through: it raises, as it did when stores were opened at construction.
+            self._open()
+        if self._off(call):
             return Source.EXECUTED_UNSHARED
         try:
             return self._fast_lookup(call)

@@ -31,7 +31,7 @@ from . import hookspecs
 if TYPE_CHECKING:
     from .engine import Singleflight
     from .models import ExecutionOutcome, ToolExecutionOptions
-    from .session import Scope, Session
+    from .sessions import Scope, Session
 
 MODES = ("record", "replay", "refresh", "off")  # models.MODES, without importing it here
 _NOT_MARKER = {"tool_name", "key", "meter"}  # per tool, never per test
@@ -284,7 +284,7 @@ class _Run:
 
     def __init__(self, config: pytest.Config) -> None:
         from .pricing import PriceTable
-        from .session import Session, new_run_id
+        from .sessions import Session, new_run_id
 
         worker = getattr(config, "workerinput", {}).get("singleflight", {})
         self.db = config.getoption("singleflight_db") or _from_rootdir(

@@ -69,7 +69,9 @@ def load_key(secret: str | bytes | None, key_path: Path | None, create: bool = T
     if secret is None:
         secret, source = os.environ.get(ENV_SECRET) or None, f"${ENV_SECRET}"
     if secret is not None:
-        key = secret.encode() if isinstance(secret, str) else secret
+        # Stripped as the key file is: `export SINGLEFLIGHT_SECRET="$(cat x.key)"` or a secret
+        # pasted with its newline is the same key.
+        key = secret.strip().encode() if isinstance(secret, str) else secret
         if len(key) < 16:
             raise StoreError(f"the signing secret from {source} is shorter than 16 bytes; "
                              f"use a long random one")

@@ -1,0 +1,313 @@
+"""One session governs every engine: the library session, and the plugin's session over an app
+engine created at import (real pytest runs through ``pytester``, serial and under xdist)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SECRET
+
+from singleflight_agents import (
+    ReplayMissError,
+    Singleflight,
+    StoreError,
+    ToolExecutionOptions,
+    active_session,
+    session,
+)
+from singleflight_agents.store import open_store
+
+# -- the library session ------------------------------------------------------------------
+
+
+def _counting_tool() -> tuple[list[str], Any]:
+    ran: list[str] = []
+
+    def search(query: str) -> dict[str, str]:
+        ran.append(query)
+        return {"query": query}
+
+    return ran, search
+
+
+def test_engines_created_before_and_after_the_session_use_its_store(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+    before = Singleflight(tmp_path / "app.db")  # like an app engine made at import
+    tool = before.tool(search, tool_name="app.search", deterministic=True)
+    with session(tmp_path / "run.db", run_id="run-1") as run:
+        after = Singleflight(tmp_path / "other.db")
+        assert tool("a") == {"query": "a"}
+        assert after.execute_sync(search, "a", options=ToolExecutionOptions(
+            tool_name="app.search", deterministic=True)).source == "cache_hit"
+        assert run.engine.summary()["tools"]["app.search"]["calls"] == 2
+    assert ran == ["a"]
+    assert not (tmp_path / "app.db").exists() and not (tmp_path / "other.db").exists()
+    [receipt] = list(open_store(tmp_path / "run.db").iter_receipts())
+    assert receipt.tool_name == "app.search"
+    assert active_session() is None
+
+
+def test_calls_from_threads_and_tasks_count_in_the_open_scope(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+    sf = Singleflight(tmp_path / "app.db")
+    tool = sf.tool(search, tool_name="app.search", bounded_read=True)
+
+    async def from_tasks() -> None:
+        await asyncio.gather(*(asyncio.to_thread(tool, "t") for _ in range(4)))
+
+    with session(tmp_path / "run.db") as run, run.scope("test_one") as scope:
+        threads = [threading.Thread(target=tool, args=("t",)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        asyncio.run(from_tasks())
+    assert len(scope.outcomes) == 8
+    assert ran == ["t"]
+
+
+def test_replay_never_runs_a_shared_call_from_any_entry(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+
+    async def asearch(query: str) -> dict[str, str]:
+        ran.append(query)
+        return {"query": query}
+
+    db = tmp_path / "run.db"
+    Singleflight(db).summary()  # an empty store with its key
+    app = Singleflight(tmp_path / "app.db", mode="record")  # its own mode says record
+    options = ToolExecutionOptions(tool_name="app.search", bounded_read=True)
+    sync_tool = app.tool(search, tool_name="app.search", deterministic=True)
+    async_tool = app.tool(asearch, tool_name="app.asearch", deterministic=True)
+    own = Singleflight(tmp_path / "own.db", own_store=True)
+    with session(db, mode="replay") as run, run.scope("t") as scope:
+        entries = [
+            lambda: sync_tool("x"),
+            lambda: asyncio.run(async_tool("x")),
+            lambda: app.execute_sync(search, "x", options=options),
+            lambda: asyncio.run(app.execute(search, "x", options=options)),
+            lambda: own.execute_sync(search, "x", options=options),  # keeps its store, not the mode
+            lambda: run.engine.execute_sync(search, "x", options=options),
+        ]
+        for entry in entries:
+            with pytest.raises(ReplayMissError, match="no receipt to replay"):
+                entry()
+    assert ran == []
+    assert len(scope.misses) == len(entries)
+
+
+def test_a_scope_may_ask_for_record_but_replay_and_off_win(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+    options = ToolExecutionOptions(tool_name="app.search", bounded_read=True)
+    Singleflight(tmp_path / "run.db").summary()
+    with session(tmp_path / "run.db", mode="replay") as run, run.scope("t", mode="record"), \
+            pytest.raises(ReplayMissError):
+        run.engine.execute_sync(search, "x", options=options)
+    with session(tmp_path / "run.db", mode="off") as run, run.scope("t", mode="record"):
+        run.engine.execute_sync(search, "x", options=options)
+        run.engine.execute_sync(search, "x", options=options)
+    with session(tmp_path / "run.db") as run, run.scope("t", mode="refresh"):
+        assert run.mode_now() == "refresh"
+    assert ran == ["x", "x"]
+
+
+def test_sessions_nest_and_the_innermost_governs(tmp_path: Path) -> None:
+    with session(tmp_path / "outer.db") as outer:
+        with session(tmp_path / "inner.db") as inner:
+            assert active_session() is inner
+        assert active_session() is outer
+    assert active_session() is None
+
+
+def test_replay_without_a_store_or_key_fails_fast_and_creates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
+    missing = tmp_path / "ci" / "receipts.db"
+    with pytest.raises(StoreError, match=r"receipts\.db does not exist; record it first"):
+        session(missing, mode="replay").start()
+    assert not (tmp_path / "ci").exists()
+
+    Singleflight(tmp_path / "receipts.db").summary()
+    (tmp_path / "receipts.db.key").unlink()
+    with pytest.raises(StoreError, match=r"key of .*receipts\.db is missing .*SINGLEFLIGHT_SECRET"):
+        session(tmp_path / "receipts.db", mode="replay").start()
+    assert not (tmp_path / "receipts.db.key").exists()
+    assert active_session() is None
+
+
+def test_the_key_files_content_is_the_secret(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+    options = ToolExecutionOptions(tool_name="app.search", deterministic=True)
+    with Singleflight(tmp_path / "receipts.db") as recorder:
+        recorder.execute_sync(search, "x", options=options)
+    secret = (tmp_path / "receipts.db.key").read_text().strip()
+    moved = tmp_path / "ci"
+    moved.mkdir()
+    (moved / "receipts.db").write_bytes((tmp_path / "receipts.db").read_bytes())
+    with session(moved / "receipts.db", mode="replay", secret=secret) as run:
+        assert run.engine.execute_sync(search, "x", options=options).source == "cache_hit"
+    assert ran == ["x"]
+    assert not (moved / "receipts.db.key").exists()
+
+
+def test_mode_is_the_runs_not_a_tools() -> None:
+    with pytest.raises(TypeError, match=r"mode= is not a tool option: it belongs to the run"):
+        ToolExecutionOptions().replace(mode="replay")
+    with pytest.raises(TypeError, match="mode= is not a tool option"):
+        Singleflight(store="unused.db").tool(tool_name="t", mode="replay")
+    with pytest.raises(ValueError, match="session mode must be one of record, replay"):
+        session(mode="replay-all")
+    assert ToolExecutionOptions().replace(ttl=5, cost=0.5).ttl_seconds == 5
+    assert Singleflight(store="unused.db").tool(tool_name="t", ttl=60)(len).singleflight_options \
+        .ttl_seconds == 60
+    assert not Path("unused.db").exists()
+
+
+# -- the plugin's session over an app engine made at import --------------------------------
+
+APP = '''
+import json
+from pathlib import Path
+
+from singleflight_agents import Singleflight
+
+HERE = Path(__file__).parent
+sf = Singleflight()  # the app's own engine, created at import, on its default store
+
+
+@sf.tool(tool_name="app.search", deterministic=True, cost=0.25)
+def search(query):
+    with open(HERE / "executions.log", "a") as handle:
+        handle.write(json.dumps(query) + "\\n")
+    return {"query": query, "hits": len(query)}
+'''
+
+SUITE = '''
+import pytest
+import app
+
+QUERIES = {queries!r}
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_search(query):
+    assert app.search(query) == {{"query": query, "hits": len(query)}}
+'''
+
+
+class AppProject:
+    def __init__(self, pytester: pytest.Pytester, store: str) -> None:
+        self.pytester, self.store = pytester, store
+        pytester.makepyfile(app=APP)
+        pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+
+    def suite(self, *queries: str) -> None:
+        self.pytester.makepyfile(test_app=textwrap.dedent(SUITE.format(queries=list(queries))))
+
+    def run(self, *args: str) -> pytest.RunResult:
+        return self.pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", f"--singleflight-db={self.store}",
+            "--singleflight-report=report.json", *args, timeout=120)
+
+    def executions(self) -> list[str]:
+        log = self.pytester.path / "executions.log"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def report(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.pytester.path / "report.json").read_text())
+        return data
+
+
+@pytest.fixture
+def app_project(pytester: pytest.Pytester, store_url: str,
+                monkeypatch: pytest.MonkeyPatch) -> AppProject:
+    for name in ("GITHUB_STEP_SUMMARY", "SINGLEFLIGHT_RUN_ID", "SINGLEFLIGHT_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    if "://" in store_url:  # a server store has no key file: the secret comes from the env
+        monkeypatch.setenv("SINGLEFLIGHT_SECRET", SECRET)
+    return AppProject(pytester, store_url)
+
+
+@pytest.mark.slow
+def test_the_plugin_governs_an_app_engine_made_at_import(app_project: AppProject) -> None:
+    project = app_project
+    project.suite("refund", "refund", "hours", "refund", "hours", "shipping")
+    result = project.run("-n", "2")
+    result.assert_outcomes(passed=6)
+    assert sorted(project.executions()) == ["hours", "refund", "shipping"]
+    report = project.report()
+    assert (report["mode"], report["calls"], report["executed"]) == ("record", 6, 3)
+    assert report["cache_hits"] + report["shared_waits"] == 3
+    assert "app.search" in report["tools"]
+    result.stdout.fnmatch_lines(["*singleflight summary - mode record*", "*app.search*"])
+    assert not (project.pytester.path / ".singleflight").exists()  # the session's store only
+    if "://" not in project.store:
+        assert len(list(open_store(project.store).iter_receipts())) == 3
+
+    # A second run executes nothing.
+    project.run("-n", "2").assert_outcomes(passed=6)
+    assert len(project.executions()) == 3
+    assert project.report()["cache_hits"] == 6
+
+    # Replay with a new argument: nothing runs, that test fails with the replay message.
+    project.suite("refund", "hours", "warranty")
+    replay = project.run("-n", "2", "--singleflight-mode=replay")
+    replay.assert_outcomes(passed=2, failed=1)
+    replay.stdout.fnmatch_lines([
+        "*app.search: no receipt to replay for arguments {*warranty*}; record it with: "
+        "pytest --singleflight-mode=record --singleflight-db=* ?test_app.py::test_search?warranty??"])
+    assert len(project.executions()) == 3
+    assert project.report()["replay_misses"] == 1
+
+    # off runs every call, and counts the duplicates across both workers.
+    project.suite("refund", "refund", "hours", "refund", "hours", "shipping")
+    project.run("-n", "2", "--singleflight-mode=off").assert_outcomes(passed=6)
+    assert len(project.executions()) == 3 + 6
+    report = project.report()
+    assert (report["mode"], report["calls"], report["duplicates"]) == ("off", 6, 3)
+
+
+@pytest.mark.slow
+def test_a_swallowed_replay_miss_still_fails_its_test(pytester: pytest.Pytester,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
+    pytester.makepyfile(app=APP)
+    pytester.makepyfile(test_swallow='''
+        import app
+
+        def answer(query):
+            try:  # agent frameworks turn a tool's error into a message to the model
+                return app.search(query)
+            except Exception as exc:
+                return {"error": str(exc)}
+
+        def test_made_up_answer():
+            assert answer("never recorded")  # passes on its own
+    ''')
+    db = pytester.path / "receipts.db"
+    Singleflight(db).summary()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--singleflight-db={db}",
+                                           "--singleflight-mode=replay", timeout=120)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*calls with no receipt to replay, so they did not run:*",
+                                 "*app.search: no receipt to replay for arguments*never recorded*"])
+    assert not (pytester.path / "executions.log").exists()
+
+
+def test_plugin_replay_without_a_store_stops_at_start(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    db = pytester.path / "ci" / "receipts.db"
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--singleflight-db={db}",
+                                "--singleflight-mode=replay")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: singleflight: replay: receipt store *receipts.db does not "
+                                 "exist; record it first*"])
+    assert not (pytester.path / "ci").exists()
+    assert os.listdir(pytester.path) == ["test_nothing.py"]
