@@ -32,7 +32,7 @@ from langgraph.store.memory import InMemoryStore
 from langgraph.types import Command, Send
 from pydantic import BaseModel
 
-from singleflight_agents import Singleflight
+from singleflight_agents import Session, Singleflight
 from singleflight_agents.adapters import (
     wrap_langchain_tool,
     wrap_langchain_tools,
@@ -286,18 +286,38 @@ def test_key_selects_what_matters(sqlite_sf: Singleflight) -> None:
     assert RUNS["fetch"] == 1
 
 
-def test_a_node_or_tool_without_a_safety_flag_is_refused(sqlite_sf: Singleflight) -> None:
-    for wrap, target in ((wrap_langgraph_node, fetch_sync), (wrap_langchain_tool, search_docs)):
-        with pytest.raises(TypeError, match=r"deterministic=True.*bounded_read=True"):
-            wrap(sqlite_sf, target)
-        with pytest.raises(TypeError, match="deterministic=True"):
-            wrap(sqlite_sf, target, deterministic=False, ttl_seconds=60)
+def test_a_node_or_tool_without_a_safety_flag_runs_every_call_unshared(
+        sqlite_sf: Singleflight, db_path: Path) -> None:
+    # One policy everywhere: unflagged is accepted, never shared, never stored.
+    node = wrap_langgraph_node(sqlite_sf, fetch_sync)
+    plain = wrap_langchain_tool(sqlite_sf, search_docs, deterministic=False, ttl_seconds=60)
+    graph = _fan_out_graph(node)
+    with Session(db_path) as run, run.scope("unflagged") as scope:
+        assert graph.invoke({"url": "u", "pages": []})["pages"] == ["U"] * 6
+        assert plain.invoke({"query": "q"}) == plain.invoke({"query": "q"})
+        assert list(run.engine.store.iter_receipts()) == []
+    assert (RUNS["fetch"], RUNS["search_docs"]) == (6, 2)
+    assert Counter(str(o.source) for o in scope.outcomes) == {"executed_unshared": 8}
+    assert all(o.receipt is None for o in scope.outcomes)
+
+
+def test_bad_wrapper_arguments_are_refused(sqlite_sf: Singleflight) -> None:
+    for wrap, target in ((wrap_langgraph_node, fetch_sync), (wrap_langchain_tool, search_docs),
+                         (wrap_langchain_tools, [search_docs])):
+        with pytest.raises(TypeError, match=r"mode= is not a tool option: it belongs to the run"):
+            wrap(sqlite_sf, target, bounded_read=True, mode="replay")
+        with pytest.raises(TypeError, match=r"record_command= .* belongs to the run"):
+            wrap(sqlite_sf, target, bounded_read=True, record_command="make record")
     with pytest.raises(TypeError, match="tool_name="):
         wrap_langgraph_node(sqlite_sf, lambda s: s, deterministic=True)
     with pytest.raises(TypeError, match="same name"):
         wrap_langchain_tools(sqlite_sf, [search_docs], tool_name="x", deterministic=True)
-    with pytest.raises(TypeError, match="unknown tool option"):
-        wrap_langgraph_node(sqlite_sf, fetch_sync, deterministic=True, ttl=5)
+    with pytest.raises(TypeError, match=r"unknown tool option.*colour"):
+        wrap_langgraph_node(sqlite_sf, fetch_sync, deterministic=True, colour="red")
+    # ttl= is an alias of ttl_seconds
+    wrap_langgraph_node(sqlite_sf, fetch_sync, deterministic=True, ttl=5)({"url": "u"})
+    receipt = sqlite_sf.store.get(make_fingerprint("langgraph.node.fetch_sync", {"url": "u"}))
+    assert receipt is not None and receipt.expires_at - receipt.created_at == pytest.approx(5)
 
 
 def test_side_effecting_always_runs(sqlite_sf: Singleflight) -> None:

@@ -14,9 +14,10 @@ from agents import function_tool as sdk_function_tool
 from agents.items import ToolCallOutputItem
 from agents.testing import ScriptedModel, assistant_message, function_call
 from agents.tool_context import ToolContext
+from conftest import SECRET
 from pydantic import BaseModel
 
-from singleflight_agents import Singleflight, adapters, make_fingerprint
+from singleflight_agents import Session, Singleflight, adapters, make_fingerprint
 from singleflight_agents.adapters import function_tool, wrap_function_tool
 
 CONFIG = RunConfig(tracing_disabled=True)
@@ -223,6 +224,50 @@ def test_unknown_keywords_are_named(sqlite_sf: Singleflight) -> None:
         wrap_function_tool(sqlite_sf, sdk_function_tool(f_google), name_override="x")
     with pytest.raises(TypeError, match="FunctionTool"):
         wrap_function_tool(sqlite_sf, f_google)  # type: ignore[arg-type]
+
+
+async def test_an_unflagged_tool_runs_every_call_unshared_and_stores_nothing(
+        sf: Singleflight, store_url: str) -> None:
+    # One policy everywhere: a tool without a flag is accepted and never shared.
+    runs: list[str] = []
+
+    def search(query: str) -> str:
+        runs.append(query)
+        return f"found {query}"
+
+    steps = [[function_call("search", {"query": "q"}, call_id="c1"),
+              function_call("search", {"query": "q"}, call_id="c2")], [assistant_message("done")]]
+    plain = function_tool(sf, search, tool_name="search")
+    wrapped = wrap_function_tool(sf, sdk_function_tool(search, name_override="search"))
+    with Session(store_url, secret=SECRET) as run, run.scope("unflagged") as scope:
+        for tool in (plain, wrapped):
+            assert _outputs(await _run(tool, steps)) == ["found q"] * 2
+        assert list(run.engine.store.iter_receipts()) == []
+    assert runs == ["q"] * 4
+    assert [str(o.source) for o in scope.outcomes] == ["executed_unshared"] * 4
+    assert all(o.receipt is None for o in scope.outcomes)
+
+
+def test_mode_is_not_an_option_of_wrap_function_tool(sqlite_sf: Singleflight) -> None:
+    tool = sdk_function_tool(f_google)
+    with pytest.raises(TypeError, match=r"mode= is not a tool option: it belongs to the run"):
+        wrap_function_tool(sqlite_sf, tool, bounded_read=True, mode="replay")
+    with pytest.raises(TypeError, match=r"record_command= .* belongs to the run"):
+        wrap_function_tool(sqlite_sf, tool, bounded_read=True, record_command="make record")
+
+
+def test_mode_is_not_an_option_of_function_tool(sqlite_sf: Singleflight) -> None:
+    with pytest.raises(TypeError, match=r"mode= is not a tool option: it belongs to the run"):
+        function_tool(sqlite_sf, f_google, bounded_read=True, mode="replay")
+
+
+async def test_function_tool_takes_the_option_aliases(sqlite_sf: Singleflight) -> None:
+    tool = function_tool(sqlite_sf, f_google, bounded_read=True, ttl=60, cost=0.5)
+    await _run(tool, [[function_call("f_google", {"city": "Oslo"}, call_id="c")],
+                      [assistant_message("")]])
+    [receipt] = list(sqlite_sf.store.iter_receipts())
+    assert receipt.expires_at - receipt.created_at == pytest.approx(60)
+    assert receipt.cost_usd == 0.5
 
 
 def test_a_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

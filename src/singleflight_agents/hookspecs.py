@@ -29,5 +29,5 @@ def pytest_singleflight_tool_options(
 
 @hookspec
 def pytest_singleflight_outcome(item: pytest.Item, outcome: ExecutionOutcome) -> None:
-    """Called with every outcome of a call made through the plugin during ``item``: for
-    custom reports, budgets or assertions across tests."""
+    """Called with every outcome of a call made while ``item`` runs, by any engine in the
+    process (its threads and tasks too): for custom reports, budgets or assertions."""

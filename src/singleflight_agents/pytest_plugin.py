@@ -284,7 +284,7 @@ class _Run:
 
     def __init__(self, config: pytest.Config) -> None:
         from .pricing import PriceTable
-        from .sessions import Session, new_run_id
+        from .sessions import ENV_RUN_ID, Session, new_run_id
 
         worker = getattr(config, "workerinput", {}).get("singleflight", {})
         self.db = config.getoption("singleflight_db") or _from_rootdir(
@@ -307,7 +307,8 @@ class _Run:
         self.reports = [*config.getini("singleflight_report"),
                         *config.getoption("singleflight_report")]
         self.session: Session = Session(
-            self.db, mode=self.mode, run_id=worker.get("run_id") or new_run_id("pytest-"),
+            self.db, mode=self.mode, run_id=worker.get("run_id") or os.environ.get(ENV_RUN_ID)
+            or new_run_id("pytest-"),
             prices=table, started=worker.get("started"), record_command=self.record_command())
         self.run_id, self.started = self.session.run_id, self.session.started
         self.worker_used = False  # on the xdist controller: a worker used the plugin

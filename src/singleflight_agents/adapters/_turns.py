@@ -42,7 +42,7 @@ class Turns:
                             f"keyed, reported and priced by (got {model_name!r})")
         options = dict(options)
         prices = options.pop("prices", None)
-        for fixed in ("tool_name", "meter", "estimated_cost_usd"):
+        for fixed in ("tool_name", "meter", "estimated_cost_usd", "cost"):
             if fixed in options:
                 raise TypeError(f"{wrapper}() sets {fixed} itself (turns are priced from the price "
                                 f"table); it cannot be given")

@@ -149,11 +149,12 @@ def receipt_chat_model(sf: Executor, llm: BaseChatModel, /, *, model_name: str |
     """``llm`` with each turn run through ``sf`` (a :class:`Singleflight` or the pytest
     ``singleflight`` fixture), keyed on the request and reported as ``model:<model_name>``.
 
-    Needs ``deterministic=True`` (record, share and replay turns) or ``side_effecting=True``
-    (always call the model, still counting tokens). ``model_name`` defaults to the model's
-    ``model_name`` or ``model``; ``prices`` (dollars per million tokens, see
-    :class:`~singleflight_agents.pricing.PriceTable`) overrides the engine's table. Other
-    keywords are :class:`ToolExecutionOptions` fields (``ttl_seconds``, ``mode``, ``scope``,
+    ``deterministic=True`` records, shares and replays turns; without it (or with
+    ``side_effecting=True``) the model is called every time, its tokens still counted.
+    ``model_name`` defaults to the model's ``model_name`` or ``model``; ``prices`` (dollars
+    per million tokens, see :class:`~singleflight_agents.pricing.PriceTable`) overrides the
+    run's table. Other
+    keywords are :class:`ToolExecutionOptions` fields (``ttl_seconds``, ``scope``,
     ``version``, ``redact``, ``store_inputs``, ...).
     """
     if isinstance(llm, ReceiptChatModel):  # wrapped again: the new engine and options win

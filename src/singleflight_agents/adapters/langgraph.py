@@ -98,7 +98,7 @@ def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] 
                         **options: Any) -> F:
     """A ``StateGraph`` node whose runs go through ``sf``; pass it to ``add_node``.
 
-    Needs ``deterministic=True``, ``bounded_read=True`` or ``side_effecting=True``; other
+    Shared with ``deterministic=True`` or ``bounded_read=True``, else run every time; the
     keywords are :class:`ToolExecutionOptions` fields. Calls are keyed on the state, never on
     ``config``, ``store``, ``runtime`` or ``writer``; ``key`` takes the state and returns the
     part that matters. Default ``tool_name``: ``langgraph.node.<qualname>``.
@@ -133,7 +133,7 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
     """A copy of ``tool`` (same class, name, description and schemas) whose calls, sync and
     async, go through ``sf``.
 
-    Needs ``deterministic=True``, ``bounded_read=True`` or ``side_effecting=True``; other
+    Shared with ``deterministic=True`` or ``bounded_read=True``, else run every time; the
     keywords are :class:`ToolExecutionOptions` fields. ``key`` takes the model-supplied
     arguments as keywords and returns what identifies the call. Default
     ``tool_name``: ``langchain.tool.<tool.name>``. A plain function is made a tool first.

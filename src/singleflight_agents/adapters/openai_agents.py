@@ -27,12 +27,14 @@ from agents.tool_context import ToolContext
 
 from ..engine import Singleflight, default_tool_name
 from ..fingerprint import bind_arguments
-from ..models import ToolExecutionOptions
+from ..models import OPTION_ALIASES, RUN_SETTINGS, ToolExecutionOptions
 
 __all__ = ["function_tool", "wrap_function_tool"]
 
 SDK_KEYWORDS = frozenset(inspect.signature(sdk_function_tool).parameters) - {"func"}
-ENGINE_KEYWORDS = frozenset(f.name for f in dataclasses.fields(ToolExecutionOptions))
+# Fields, their aliases, and the run's settings (which ToolExecutionOptions then refuses by name).
+ENGINE_KEYWORDS = frozenset(f.name for f in dataclasses.fields(ToolExecutionOptions)) \
+    | OPTION_ALIASES.keys() | RUN_SETTINGS
 
 # Attributes by which the SDK (0.24) recognises its own function-tool invokers. A tool built by
 # ``agents.function_tool`` turns errors into a message for the model (``failure_error_function``)

@@ -59,8 +59,9 @@ def receipt_model(sf: Executor, model: Model, /, *, model_name: str | None = Non
     """``model`` with its turns recorded, shared in flight and replayed through ``sf``.
 
     ``sf`` is a :class:`~singleflight_agents.Singleflight` or the pytest ``singleflight``
-    fixture (whose mode and marker then apply). Turns are shared only with an explicit
-    ``deterministic=True`` (``side_effecting=True`` calls the model every time).
+    fixture (whose marker then applies); the run's session decides the mode. Turns are
+    shared only with an explicit ``deterministic=True``; otherwise the model is called every
+    time.
     ``model_name`` names the model in keys, reports and the price table (default: the
     model's ``model`` attribute). ``prices`` overrides the engine's price table. Other
     keywords are :class:`~singleflight_agents.ToolExecutionOptions` fields; ``key=``
