@@ -35,5 +35,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 def pytest_unconfigure(config: pytest.Config) -> None:
     log = config.stash.get(_LOG, None)
     if log is not None:
+        os.environ.pop(support_agent.PAID_CALLS_LOG_VARIABLE, None)
         Path(log).unlink(missing_ok=True)
 

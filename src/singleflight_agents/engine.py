@@ -385,7 +385,7 @@ class Singleflight:
                 if result is not ABANDONED:
                     return self._finish(call, self._as_waiter(result), started)
         except BaseException:
-            self._stats.add(call.tool_name, calls=1, tampered=int(call.tampered))
+            self._stats.add(call.tool_name, calls=1, raised=1, tampered=int(call.tampered))
             raise
 
     def _execute_sync(self, call: _Call) -> ExecutionOutcome:
@@ -417,7 +417,7 @@ class Singleflight:
                 if result is not ABANDONED:
                     return self._finish(call, self._as_waiter(result), started)
         except BaseException:
-            self._stats.add(call.tool_name, calls=1, tampered=int(call.tampered))
+            self._stats.add(call.tool_name, calls=1, raised=1, tampered=int(call.tampered))
             raise
 
     # -- owning a flight ------------------------------------------------------------

@@ -100,6 +100,13 @@ def format_summary(summary: dict[str, Any], mode: str | None = None) -> str:
         f"flight, {summary['unshared']} unshared; saved {_usd(summary['dollars_saved'])} and "
         f"{summary['latency_saved_ms'] / 1000:.1f} s",
     ]
+    if summary.get("fallbacks") or summary.get("raised"):  # the rest of the calls, so they add up
+        lines.append(f"  and {summary.get('fallbacks', 0)} run without sharing after a failed "
+                     f"store or wait, {summary.get('raised', 0)} raised (tool errors, replay "
+                     f"misses, cancellations)")
+    if summary["latency_saved_ms"]:
+        lines.append("  (saved s: the recorded run time of the executions avoided, added up; "
+                     "not wall-clock time)")
     tools = summary.get("tools", {})
     if tools:
         name_width = max(4, *(len(name) for name in tools))

@@ -16,7 +16,7 @@ COUNTERS = (
     "calls", "executed", "cache_hits", "shared_waits", "unshared", "fallbacks", "takeovers",
     "failures", "tampered", "not_persisted", "fenced_out", "replay_misses", "dollars_saved",
     "latency_saved_ms", "duplicates", "duplicate_dollars", "tokens_in", "tokens_out",
-    "tokens_in_saved", "tokens_out_saved", "dollars_spent", "unpriced",
+    "tokens_in_saved", "tokens_out_saved", "dollars_spent", "unpriced", "raised",
 )
 _AMOUNTS = ("dollars_saved", "latency_saved_ms", "duplicate_dollars", "dollars_spent")
 
