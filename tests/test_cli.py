@@ -169,3 +169,29 @@ def test_a_short_secret_is_one_line(filled: Path, capsys: pytest.CaptureFixture[
     monkeypatch.setenv("SINGLEFLIGHT_SECRET", "short")
     assert main(["verify", "--db", str(filled)]) == 2
     assert "shorter than 16 bytes" in capsys.readouterr().err
+
+
+def test_import_says_the_key_must_travel(filled: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
+    out = tmp_path / "receipts.jsonl"
+    assert main(["export", "--db", str(filled), "-o", str(out)]) == 0
+    capsys.readouterr()
+    # A new store with no key: refused before anything is created.
+    fresh = tmp_path / "fresh" / "copy.db"
+    assert main(["import", "--db", str(fresh), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "must travel" in err and "SINGLEFLIGHT_SECRET" in err and err.count("\n") == 1
+    assert not (tmp_path / "fresh").exists()
+    # A store with another key: each receipt says why, and the last line says how to fix it.
+    other = tmp_path / "other.db"
+    Singleflight(other).summary()
+    assert main(["import", "--db", str(other), str(out)]) == 1
+    text = capsys.readouterr().out
+    assert text.count("signed with another key; not imported") == 2
+    assert "the key must travel with them: set SINGLEFLIGHT_SECRET" in text
+    # The key file's content, set as the secret, is the fix.
+    monkeypatch.setenv("SINGLEFLIGHT_SECRET", Path(f"{filled}.key").read_text())
+    assert main(["import", "--db", str(fresh), str(out)]) == 0
+    assert "imported 2 of 2 receipts" in capsys.readouterr().out

@@ -24,7 +24,7 @@ from .demo import run_demo
 from .engine import Singleflight
 from .models import Receipt, SingleflightError
 from .reporting import format_json, format_markdown, format_summary
-from .signing import Signer, key_path_for, load_key
+from .signing import ENV_SECRET, Signer, key_path_for, load_key
 from .stats import summarize
 from .store import DEFAULT_PATH, REDIS_SCHEMES, ReceiptStore, SQLiteStore, open_store, sqlite_path
 
@@ -244,18 +244,32 @@ def _import(args: argparse.Namespace, db: str | None) -> int:
         with open(args.file) as handle:
             receipts = _read_receipts(handle, args.file)
     existing = _is_redis(db) or sqlite_path(db).exists()
+    if not existing and not os.environ.get(ENV_SECRET) \
+            and not key_path_for(sqlite_path(db)).exists() and receipts:
+        # A new key could check none of them: say how the key travels, and create nothing.
+        raise UsageError(f"{sqlite_path(db)} is a new store with no key; the key that signed "
+                         f"the receipts must travel with them: {_KEY_TRAVELS}")
     with _existing_store(db) if existing else _new_store(db) as store:
         signer = _signer(store)
-        rejected = 0
+        rejected = other_key = 0
         for receipt in receipts:
             if receipt.key_id == signer.key_id and _verifies(signer, receipt):
                 store.import_receipt(receipt)
-            else:
-                rejected += 1
-                print(f"FAIL {receipt.tool_name} {receipt.fingerprint[:16]}: signature does not "
-                      f"verify with this store's key; not imported")
+                continue
+            rejected += 1
+            other_key += receipt.key_id != signer.key_id
+            why = "signed with another key" if receipt.key_id != signer.key_id else \
+                "signature does not verify (edited)"
+            print(f"FAIL {receipt.tool_name} {receipt.fingerprint[:16]}: {why}; not imported")
     print(f"imported {len(receipts) - rejected} of {len(receipts)} receipts")
+    if other_key:
+        print(f"{other_key} receipt(s) were signed with another key than this store's (key id "
+              f"{signer.key_id}); the key must travel with them: {_KEY_TRAVELS}")
     return 1 if rejected else 0
+
+
+_KEY_TRAVELS = (f"set {ENV_SECRET} to the content of the key file of the store they came from "
+                f"(<store>.key), or copy that file beside this store as <this store>.key")
 
 
 @contextmanager
