@@ -89,9 +89,9 @@ async def test_send_fan_out_of_identical_calls_executes_once(
     assert final["pages"] == ["HTTPS://EXAMPLE.COM"] * 6
     assert RUNS["fetch"] == 1
     tools = sqlite_sf.summary()["tools"]
-    assert tools[f"langgraph.node.{node.__qualname__}"]["calls"] == 6
+    assert tools[f"{node.__module__}.{node.__qualname__}"]["calls"] == 6
     # keyed on the state the node received: the Send payload
-    key = make_fingerprint(f"langgraph.node.{node.__qualname__}", {"url": "https://example.com"})
+    key = make_fingerprint(f"{node.__module__}.{node.__qualname__}", {"url": "https://example.com"})
     assert sqlite_sf.store.get(key) is not None
 
 
@@ -219,7 +219,7 @@ async def test_injected_arguments_are_not_in_the_key(sqlite_sf: Singleflight) ->
         assert final["messages"][-1].tool_call_id == f"id-{i}"
         assert final["messages"][-1].content == "q: found"
     assert RUNS["lookup"] == 1
-    receipt = sqlite_sf.store.get(make_fingerprint("langchain.tool.lookup", {"query": "q"}))
+    receipt = sqlite_sf.store.get(make_fingerprint(f"{__name__}.lookup", {"query": "q"}))
     assert receipt is not None and receipt.inputs == '{"query":"q"}'
 
 
@@ -316,7 +316,7 @@ def test_bad_wrapper_arguments_are_refused(sqlite_sf: Singleflight) -> None:
         wrap_langgraph_node(sqlite_sf, fetch_sync, deterministic=True, colour="red")
     # ttl= is an alias of ttl_seconds
     wrap_langgraph_node(sqlite_sf, fetch_sync, deterministic=True, ttl=5)({"url": "u"})
-    receipt = sqlite_sf.store.get(make_fingerprint("langgraph.node.fetch_sync", {"url": "u"}))
+    receipt = sqlite_sf.store.get(make_fingerprint(f"{__name__}.fetch_sync", {"url": "u"}))
     assert receipt is not None and receipt.expires_at - receipt.created_at == pytest.approx(5)
 
 

@@ -186,9 +186,9 @@ async def test_wrap_function_tool_keys_on_canonical_json(sqlite_sf: Singleflight
     ])
     assert _outputs(result) == ["tax/3", "tax/3", "tax/3", "tax/4"]
     assert runs == ["c1", "c4"]  # the ToolContext (its call id) is not keyed
-    stats = sqlite_sf.summary()["tools"]["kb_search"]
+    stats = sqlite_sf.summary()["tools"]["openai.tool.kb_search"]
     assert (stats["calls"], stats["executed"]) == (4, 2)
-    assert sqlite_sf.store.get(make_fingerprint("kb_search", {"query": "tax", "top_k": 4}))
+    assert sqlite_sf.store.get(make_fingerprint("openai.tool.kb_search", {"query": "tax", "top_k": 4}))
 
 
 async def test_wrap_function_tool_on_a_hand_built_tool_and_its_errors(sqlite_sf: Singleflight) -> None:

@@ -147,7 +147,7 @@ def test_a_langgraph_node_miss_never_runs_and_lands_in_the_scope(
             graph.invoke({"url": "b", "pages": []})
     assert RUNS == {"a": 1}
     assert [str(o.source) for o in scope.outcomes] == ["cache_hit"]
-    assert [m.tool_name for m in scope.misses] == ["langgraph.node.fetch"]
+    assert [m.tool_name for m in scope.misses] == [f"{__name__}.fetch"]
 
 
 class AgentState(TypedDict):
@@ -188,7 +188,7 @@ def test_a_langchain_tool_miss_never_runs_and_is_caught_though_the_tool_node_swa
     # ... but the tool never ran, and the scope holds the miss.
     assert RUNS == {"refunds": 1}
     assert [str(o.source) for o in scope.outcomes] == ["cache_hit"]
-    assert [m.tool_name for m in scope.misses] == ["langchain.tool.search"]
+    assert [m.tool_name for m in scope.misses] == [f"{__name__}.search"]
 
 
 # -- the package's name for it -----------------------------------------------------------------

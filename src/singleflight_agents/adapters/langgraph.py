@@ -89,9 +89,9 @@ def _finish(inv: _Invocation, result: tuple[str | None, Any]) -> Any:
     return value
 
 
-def _options(default_name: str, options: dict[str, Any]) -> ToolExecutionOptions:
-    return ToolExecutionOptions().replace(**{**options, "key": _Invocation.key,
-                                             "tool_name": options.get("tool_name") or default_name})
+def _options(options: dict[str, Any], default_name: Callable[[bool], str]) -> ToolExecutionOptions:
+    base = ToolExecutionOptions().replace(**{**options, "key": _Invocation.key})
+    return base if base.tool_name else base.replace(tool_name=default_name(base.shared))
 
 
 def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] | None = None,
@@ -101,12 +101,10 @@ def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] 
     Shared with ``deterministic=True`` or ``bounded_read=True``, else run every time; the
     keywords are :class:`ToolExecutionOptions` fields. Calls are keyed on the state, never on
     ``config``, ``store``, ``runtime`` or ``writer``; ``key`` takes the state and returns the
-    part that matters. Default ``tool_name``: ``langgraph.node.<qualname>``.
+    part that matters. Default ``tool_name``: the function's ``module.qualname``, as for
+    every Python function (a closure, method or partial must be named).
     """
-    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
-    opts = _options(f"langgraph.node.{qualname}", options)
-    if opts.shared and not options.get("tool_name"):
-        default_tool_name(func, True)  # a closure, method or partial must be named
+    opts = _options(options, lambda shared: default_tool_name(func, shared))
     params = list(inspect.signature(func).parameters)  # the first one takes the state
 
     def ident(inv: _Invocation) -> Any:
@@ -135,17 +133,17 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
 
     Shared with ``deterministic=True`` or ``bounded_read=True``, else run every time; the
     keywords are :class:`ToolExecutionOptions` fields. ``key`` takes the model-supplied
-    arguments as keywords and returns what identifies the call. Default
-    ``tool_name``: ``langchain.tool.<tool.name>``. A plain function is made a tool first.
+    arguments as keywords and returns what identifies the call. Default ``tool_name``: the
+    ``module.qualname`` of the function the tool runs, as for every Python function, else
+    ``langchain.tool.<tool.name>``. A plain function is made a tool first.
     """
     base_tool: BaseTool = tool if isinstance(tool, BaseTool) else as_tool(tool)
     if getattr(type(base_tool), "__singleflight__", False):
         raise TypeError(f"tool {base_tool.name!r} is wrapped already")
     user_key = options.pop("key", None)
-    opts = _options(f"langchain.tool.{base_tool.name}", options)
     source = getattr(base_tool, "func", None) or getattr(base_tool, "coroutine", None)
-    if opts.shared and not options.get("tool_name") and source is not None:
-        default_tool_name(source, True)  # tools made by a factory must be named
+    opts = _options(options, lambda shared: f"langchain.tool.{base_tool.name}" if source is None
+                    else default_tool_name(source, shared))  # a factory's tools must be named
     # The key: what the model supplies (the tool-call schema, defaults applied); injected
     # state, store, runtime, call id, config and callbacks are not part of it.
     schema = base_tool.tool_call_schema
@@ -212,7 +210,7 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
 def wrap_langchain_tools(sf: Singleflight, tools: Iterable[BaseTool | Callable[..., Any]],
                          **options: Any) -> list[BaseTool]:
     """:func:`wrap_langchain_tool` for each tool (e.g. for ``ToolNode``); each keeps its own
-    ``tool_name``, ``langchain.tool.<name>``."""
+    default ``tool_name``."""
     if options.get("tool_name"):
         raise TypeError("wrap_langchain_tools: tool_name= would give every tool the same "
                         "name; wrap tools one by one to name them")

@@ -114,12 +114,10 @@ def function_tool(
             raise TypeError(f"function_tool() expected a function, got {type(f).__name__}")
         if not (inspect.isfunction(f) or inspect.ismethod(f)):
             return wrap_function_tool(sf, sdk_function_tool(f, **sdk), **engine)
-        # The engine's name: the SDK tool's name (name_override or __name__) in the function's
-        # module, so same-named tools of two modules never share; a closure, lambda or bound
-        # method must be named, since its name cannot tell apart what it holds.
-        if not base.tool_name:
-            default_tool_name(f, base.shared)
-        name = base.tool_name or f"{f.__module__}.{sdk.get('name_override') or f.__name__}"
+        # The engine's rule for a Python function (module.qualname, whatever the SDK calls the
+        # tool); a closure, lambda or bound method must be named: its name cannot tell apart
+        # what it holds.
+        name = base.tool_name or default_tool_name(f, base.shared)
         # sf.tool keeps the function's name, docstring, signature and sync/async nature
         # (functools.wraps), so the SDK derives the very schema it would from ``f``.
         routed = sf.tool(f, **{**engine, "tool_name": name, "key": _context_free_key(f, base.key)})
@@ -133,7 +131,8 @@ def function_tool(
 def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) -> FunctionTool:
     """A copy of ``tool`` whose identical calls execute once through ``sf``.
 
-    Calls are keyed on the engine's ``tool_name`` (default: ``tool.name``) and the JSON
+    Calls are keyed on the engine's ``tool_name`` (default: ``openai.tool.<tool.name>``, the
+    rule for a framework tool with no Python function of ours) and the JSON
     arguments, parsed, so key order and whitespace do not matter; the ``ToolContext`` is not
     keyed. ``options`` are :class:`ToolExecutionOptions` fields (``key=`` receives the parsed
     arguments as keywords). The SDK's failure handling, approvals and ``__wrapped__`` keep
@@ -148,7 +147,7 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
     def key(invoker: Invoker, ctx: ToolContext[Any], arguments: str, parsed: dict[str, Any]) -> Any:
         return user_key(**parsed) if user_key is not None else parsed
 
-    opts = base.replace(tool_name=base.tool_name or tool.name, key=key)
+    opts = base.replace(tool_name=base.tool_name or f"openai.tool.{tool.name}", key=key)
     original = tool.on_invoke_tool
     handles_failures = callable(getattr(original, _BINDS_TO_TOOL, None))
     raw = copy.copy(tool)  # the SDK's invoker, rebound to this copy
