@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The pytest plugin's overhead per test: generated projects run by pytest in subprocesses.
 
-    python bench/plugin_overhead.py              # about two minutes: 200 tests, 5 repetitions
-    python bench/plugin_overhead.py --quick      # smoke run, about 30 s
+    python bench/plugin_overhead.py              # about two minutes: 500 tests, 5 repetitions
+    python bench/plugin_overhead.py --quick      # smoke run (2 repetitions), about a minute
 
 A generated project of --tests parametrized tests, each making one call of a
 ``bounded_read=True`` tool of an app engine created at import (test i calls it with i // 2,
@@ -17,14 +17,16 @@ in a temporary directory, as:
 
 and a project of as many trivial tests that never call a tool, with ``-p no:singleflight``
 and with the plugin (the cost of the plugin being loaded: a session per process, a scope per
-test). Each session's wall time and CPU time (user + system of pytest and its xdist
-workers, from getrusage) are measured, every variant once per repetition, their order
-rotating between repetitions (a record run always precedes the runs on its store). The
-overhead per test of a variant is the median, over repetitions, of (its time minus the same
-repetition's baseline) / tests; serial variants are compared with the serial baseline, xdist
-variants with the xdist baseline, the trivial project with itself without the plugin. On a
-shared machine the CPU time is the steadier figure: other processes' load stretches wall
-time far more than it does the CPU time a session uses.
+test), and the same for a project of one trivial test (the part of that cost paid once per
+session). Each session's wall time and CPU time (user + system of pytest and its xdist
+workers, from getrusage) are measured, every variant once per repetition (the short
+one-test sessions three times, in pairs), their order rotating between repetitions (a record
+run always precedes the runs on its store). The overhead per test of a variant is the
+median, over repetitions, of (its time minus the same repetition's baseline) / tests; serial
+variants are compared with the serial baseline, xdist variants with the xdist baseline, the
+trivial projects with themselves without the plugin (the one-test project per session). On
+a shared machine the CPU time is the steadier figure: other processes' load stretches wall
+time far more than the CPU time a session uses.
 
 Checks (the exit status is 1 if one fails): every session passes every test; the tool runs
 once per test in the baseline, once per distinct argument in a record run (serial or across
@@ -35,6 +37,7 @@ created (the plugin's session governs it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -50,6 +53,8 @@ from pathlib import Path
 
 import report
 from common import ms
+
+import singleflight_agents
 
 APP = '''\
 """The app: one engine created at import, one bounded-read tool."""
@@ -108,7 +113,7 @@ def test_trivial(i):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    project: str  # "tools" or "trivial"
+    project: str  # "tools", "trivial" or "single" (one trivial test)
     args: tuple[str, ...]
     store: str = ""  # the store's chain: "serial" or "xdist"; "" for no plugin store
     executions: str = ""  # expected tool executions: "all", "distinct", "none"; "" unchecked
@@ -127,13 +132,18 @@ VARIANTS = [
     Variant("-n 2 from receipts", "tools", XDIST, "xdist", "none", "-n 2 baseline"),
     Variant("trivial, no plugin", "trivial", NO_PLUGIN),
     Variant("trivial, plugin loaded", "trivial", (), baseline="trivial, no plugin"),
+    Variant("1 trivial test, no plugin", "single", NO_PLUGIN),
+    Variant("1 trivial test, plugin loaded", "single", (), baseline="1 trivial test, no plugin"),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 # What runs in one repetition, in groups whose order rotates; within a group the order is
-# fixed, because the runs after a record run use its store.
+# fixed, because the runs after a record run use its store. The one-test sessions are short
+# and their difference small: they run in SINGLE_PAIRS pairs per repetition.
+SINGLE_PAIRS = 3
 GROUPS = [["baseline"], ["record, fresh store", "from receipts", "replay"], ["-n 2 baseline"],
           ["-n 2 record, fresh store", "-n 2 from receipts"], ["trivial, no plugin"],
-          ["trivial, plugin loaded"]]
+          ["trivial, plugin loaded"],
+          ["1 trivial test, no plugin", "1 trivial test, plugin loaded"] * SINGLE_PAIRS]
 
 
 @dataclass
@@ -146,6 +156,10 @@ class Bench:
 
     def project(self, kind: str) -> Path:
         return self.root / kind
+
+    def count(self, variant: Variant) -> int:
+        """How many tests the variant's project has."""
+        return 1 if variant.project == "single" else self.tests
 
     def run(self, variant: Variant, store: Path | None, label: str) -> tuple[float, float]:
         """One pytest session of ``variant``: its wall time and CPU time (user + system, the
@@ -169,10 +183,10 @@ class Bench:
 
     def check(self, variant: Variant, done: subprocess.CompletedProcess[str], out: Path,
               label: str) -> None:
-        where = f"{label}, {variant.name}"
-        if done.returncode != 0 or not re.search(rf"\b{self.tests} passed\b", done.stdout):
+        where, tests = f"{label}, {variant.name}", self.count(variant)
+        if done.returncode != 0 or not re.search(rf"\b{tests} passed\b", done.stdout):
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-            self.failures.append(f"{where}: not all {self.tests} tests passed "
+            self.failures.append(f"{where}: not all {tests} tests passed "
                                  f"(exit {done.returncode}):\n{textwrap.indent(tail, '    ')}")
         if (out / "app-own.db").exists():
             self.failures.append(f"{where}: the app engine opened its own store")
@@ -193,7 +207,8 @@ def _children_cpu() -> float:
 def setup(root: Path, tests: int) -> None:
     for kind, files in {"tools": {"app.py": APP, "conftest.py": CONFTEST,
                                   "test_tools.py": TOOL_TESTS.format(tests=tests)},
-                        "trivial": {"test_trivial.py": TRIVIAL_TESTS.format(tests=tests)}}.items():
+                        "trivial": {"test_trivial.py": TRIVIAL_TESTS.format(tests=tests)},
+                        "single": {"test_trivial.py": TRIVIAL_TESTS.format(tests=1)}}.items():
         directory = root / kind
         directory.mkdir()
         # An ini file of the project's own: its rootdir, and no addopts from elsewhere.
@@ -202,15 +217,19 @@ def setup(root: Path, tests: int) -> None:
             (directory / name).write_text(text)
 
 
-def repetition(bench: Bench, rep: int, record: bool = True) -> None:
-    stores = {chain: bench.root / f"store-{rep}-{chain}" / "receipts.db"
-              for chain in ("serial", "xdist")}
-    groups = GROUPS[rep % len(GROUPS):] + GROUPS[:rep % len(GROUPS)]
+def repetition(bench: Bench, rep: int) -> None:
+    """Every variant once, the groups in an order rotated by ``rep``."""
+    run_groups(bench, GROUPS[rep % len(GROUPS):] + GROUPS[:rep % len(GROUPS)],
+               f"repetition {rep + 1}", record=True)
+
+
+def run_groups(bench: Bench, groups: list[list[str]], label: str, record: bool) -> None:
+    stores = {chain: bench.root / f"store-{chain}" / "receipts.db" for chain in ("serial", "xdist")}
     for group in groups:
         for name in group:
             variant = BY_NAME[name]
             store = stores[variant.store] if variant.store else None
-            elapsed = bench.run(variant, store, f"repetition {rep}")
+            elapsed = bench.run(variant, store, label)
             if record:
                 bench.times.setdefault(name, []).append(elapsed)
     for path in stores.values():
@@ -228,10 +247,12 @@ def table(bench: Bench) -> str:
         overhead = ratio = ""
         if variant.baseline:
             base = bench.times[variant.baseline]
-            per_test = [[(t[i] - b[i]) / bench.tests * 1000 for t, b in zip(runs, base, strict=True)]
+            tests = bench.count(variant)
+            per_test = [[(t[i] - b[i]) / tests * 1000 for t, b in zip(runs, base, strict=True)]
                         for i in (0, 1)]
             ratios = [[t[i] / b[i] for t, b in zip(runs, base, strict=True)] for i in (0, 1)]
             overhead = " / ".join(f"{statistics.median(x):+.2f} ms" for x in per_test)
+            overhead += " per session" if tests == 1 else ""
             ratio = " / ".join(f"{statistics.median(x):.2f}x" for x in ratios)
         rows.append((variant.name, wall, ms(statistics.median(cpus)), overhead, ratio))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -243,27 +264,39 @@ def table(bench: Bench) -> str:
     return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
 
 
+def pytest_version() -> str:
+    import pytest
+    import xdist
+
+    return f"{pytest.__version__}, pytest-xdist {xdist.__version__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--tests", type=int, default=200, help="tests per project (default 200)")
+    parser.add_argument("--tests", type=int, default=500, help="tests per project (default 500)")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions")
+    parser.add_argument("--json", type=Path, help="also write every session's times as JSON")
     args = parser.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
     print(f"pytest plugin overhead: {args.tests} tests per project, {repeats} repetitions "
-          f"after a warm-up, {report.cores()} cores usable, load average {report.loadavg()}",
-          flush=True)
+          f"after a warm-up, {report.cores()} cores usable, load average {report.loadavg()}; "
+          f"{sys.executable} -m pytest {pytest_version()}; singleflight_agents from "
+          f"{Path(singleflight_agents.__file__).parent}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sf-bench-plugin-") as tmp:
         root = Path(tmp)
         setup(root, args.tests)
         # Bytecode cached, as installed, in a prefix of the run's own: nothing is written
-        # into the checkout. No key in the environment: the store keeps a key file.
+        # into the checkout. No key or run id from the environment: the store keeps a key
+        # file, each session is a run of its own.
         env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONDONTWRITEBYTECODE", "SINGLEFLIGHT_SECRET", "PYTEST_ADDOPTS")}
+               if k not in ("PYTHONDONTWRITEBYTECODE", "PYTEST_ADDOPTS", "SINGLEFLIGHT_SECRET",
+                             "SINGLEFLIGHT_RUN_ID")}
         env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
         bench = Bench(root, args.tests, env)
-        repetition(bench, -1, record=False)  # warm-up: caches filled, checks run once more
+        # Warm-up, not timed: the bytecode cache filled, xdist and the plugin's modules read.
+        run_groups(bench, [GROUPS[1], GROUPS[3], GROUPS[4]], "warm-up", record=False)
         for rep in range(repeats):
             began = time.perf_counter()
             repetition(bench, rep)
@@ -271,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     print(f"\n{table(bench)}\n\ntook {time.perf_counter() - started:.0f} s; "
           f"load average at the end {report.loadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps({"tests": args.tests, "repeats": repeats,
+                                         "seconds_wall_cpu": bench.times,
+                                         "failures": bench.failures}, indent=2))
     for failure in bench.failures:
         print(f"CHECK FAILED: {failure}")
     print("CHECKS FAILED" if bench.failures else "all checks passed")

@@ -553,8 +553,10 @@ def test_an_import_with_forged_lines_rejects_them(
 
     status, out, _ = _cli(capsys, "import", "--db", sf.db_path, path)
     assert status == 1
-    assert len(_fail_lines(out)) == 3 and all("not imported" in line for line in out[:-1])
-    assert out[-1] == "imported 1 of 4 receipts"
+    assert len(_fail_lines(out)) == 3 and all("not imported" in line for line in out[:-2])
+    assert "does not verify (edited)" in out[0] and "another key" in out[1] and "edited" in out[2]
+    assert out[-2] == "imported 1 of 4 receipts"
+    assert out[-1].startswith("1 receipt(s) were signed with another key than this store's")
     assert [_run(sf, 1), _run(sf, 2), _run(sf, 3)] == [
         Source.CACHE_HIT, Source.EXECUTED, Source.EXECUTED]
 

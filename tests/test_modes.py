@@ -41,6 +41,7 @@ def test_replay_serves_recorded_calls_and_never_runs_shared_tools(
 
 
 async def test_replay_miss_from_async_code(store_url: str) -> None:
+    Singleflight(store=store_url, secret=SECRET).summary()  # a store, nothing recorded
     with Singleflight(store=store_url, secret=SECRET, mode="replay") as replayer, \
             pytest.raises(ReplayMissError, match=r"search\.web"):
         await replayer.execute(_search, "nothing", options=RECORD)

@@ -86,6 +86,7 @@ def test_replay_never_runs_a_shared_call_from_any_entry(tmp_path: Path) -> None:
     options = ToolExecutionOptions(tool_name="app.search", bounded_read=True)
     sync_tool = app.tool(search, tool_name="app.search", deterministic=True)
     async_tool = app.tool(asearch, tool_name="app.asearch", deterministic=True)
+    Singleflight(tmp_path / "own.db").summary()
     own = Singleflight(tmp_path / "own.db", own_store=True)
     with session(db, mode="replay") as run, run.scope("t") as scope:
         entries = [

@@ -37,7 +37,14 @@ from .models import (
     check_mode,
 )
 from .pricing import PriceSource, PriceTable
-from .sessions import DEFAULT_RECORD_COMMAND, ENV_RUN_ID, Session, active_session, new_run_id
+from .sessions import (
+    DEFAULT_RECORD_COMMAND,
+    ENV_RUN_ID,
+    Session,
+    active_session,
+    check_replayable,
+    new_run_id,
+)
 from .signing import Signer, key_path_for, load_key
 from .stats import Stats, summarize
 from .store import ReceiptStore, SQLiteStore, is_sqlite_url, open_store, sqlite_path
@@ -198,14 +205,27 @@ class Singleflight:
         self._backend: _Backend | None = None
         self._open_lock = threading.Lock()
 
-    def _open(self) -> _Backend:
+    @property
+    def opened(self) -> bool:
+        """Whether this engine has opened its store."""
+        return self._backend is not None
+
+    def open_for_replay(self) -> None:
+        """Open the store now for a replay: a missing store or key raises
+        :class:`StoreError`, and nothing is created."""
+        if self._backend is None:
+            self._open(replay=True)
+
+    def _open(self, replay: bool = False) -> _Backend:
+        if replay:  # checked before anything is opened: a replay creates no file
+            check_replayable(self._where, self._secret, self.record_command)
         with self._open_lock:
             if self._backend is None:
                 where = self._where
                 store = where if isinstance(where, ReceiptStore) else open_store(where)
                 key_path = key_path_for(store.path) if isinstance(store, SQLiteStore) else None
                 try:
-                    signer = Signer(load_key(self._secret, key_path))
+                    signer = Signer(load_key(self._secret, key_path, create=not replay))
                 except BaseException:
                     if store is not where:
                         store.close()
@@ -639,11 +659,13 @@ class Singleflight:
         """Before any flight: a result to return, the source to run the tool under without
         sharing, or ``None`` to join the flight."""
         if not call.options.shared:
+            if call.mode == "replay" and not call.options.side_effecting:
+                raise self._miss(call)  # undeclared: replay neither serves nor runs it
             return Source.EXECUTED_UNSHARED
         if self._backend is None:
             # A store or key that cannot be opened is a setting to fix, not a passing failure
             # to run through: it raises, as it did when stores were opened at construction.
-            self._open()
+            self._open(replay=call.mode == "replay")
         if self._off(call):
             return Source.EXECUTED_UNSHARED
         try:
@@ -659,17 +681,22 @@ class Singleflight:
         if call.mode == "replay":
             hit = self._lookup(call)
             if hit is None:
-                self._stats.add(call.tool_name, replay_misses=1)
-                session = call.session
-                error = ReplayMissError(call.tool_name, call.shown_inputs, self.record_command
-                                        if session is None else session.record_command_now())
-                if session is not None:
-                    session.missed(error)  # fails its test even if the agent swallows it
-                raise error
+                raise self._miss(call)
             return hit
         if FLIGHTS.peek((self.store.identity, call.key)) is not None:
             return None
         return self._lookup(call)
+
+    def _miss(self, call: _Call) -> ReplayMissError:
+        self._stats.add(call.tool_name, replay_misses=1)
+        session = call.session
+        error = ReplayMissError(
+            call.tool_name, call.shown_inputs,
+            self.record_command if session is None else session.record_command_now(),
+            undeclared=not call.options.shared, tampered=call.tampered)
+        if session is not None:
+            session.missed(error)  # fails its test even if the agent swallows it
+        return error
 
     def _off(self, call: _Call) -> bool:
         """In mode="off", count the call if an earlier one had the same key."""

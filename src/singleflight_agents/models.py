@@ -32,10 +32,20 @@ class ReplayMissError(SingleflightError):
     """Replay mode found no receipt for a call; the message names the tool, its arguments as
     they would be stored, and the command that records them."""
 
-    def __init__(self, tool_name: str, inputs: str, record_command: str) -> None:
+    def __init__(self, tool_name: str, inputs: str, record_command: str, *,
+                 undeclared: bool = False, tampered: bool = False) -> None:
         shown = inputs if len(inputs) <= 300 else inputs[:297] + "..."
-        super().__init__(f"{tool_name}: no receipt to replay for arguments {shown}; record it "
-                         f"with: {record_command}")
+        if undeclared:
+            message = (f"{tool_name}: declares no safety flag, so replay neither serves nor runs "
+                       f"it; declare deterministic=True or bounded_read=True and record it "
+                       f"with: {record_command}; or side_effecting=True to run it every time")
+        else:
+            message = (f"{tool_name}: no receipt to replay for arguments {shown}; record it "
+                       f"with: {record_command}")
+            if tampered:
+                message += (" (a stored receipt failed its signature check: signed with another "
+                            "key, or edited; check SINGLEFLIGHT_SECRET or the key file)")
+        super().__init__(message)
         self.tool_name = tool_name
         self.inputs = inputs
 

@@ -17,10 +17,11 @@ import functools
 import importlib
 import inspect
 import json
+import math
 import os
 import shlex
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +31,16 @@ from . import hookspecs
 
 if TYPE_CHECKING:
     from .engine import Singleflight
-    from .models import ExecutionOutcome, ToolExecutionOptions
+    from .models import ExecutionOutcome, ReplayMissError, ToolExecutionOptions
     from .sessions import Scope, Session
 
 MODES = ("record", "replay", "refresh", "off")  # models.MODES, without importing it here
 _NOT_MARKER = {"tool_name", "key", "meter"}  # per tool, never per test
 _STATE = pytest.StashKey["_Run"]()
 _TEST = pytest.StashKey["SingleflightFixture"]()
-_SCOPE = pytest.StashKey["Scope"]()
+_SCOPE: pytest.StashKey[Scope] = pytest.StashKey()
+_REPORTED = pytest.StashKey[int]()  # the test's misses already failed it
+_UNDO = pytest.StashKey[list[tuple[Any, str, Any]]]()  # patch= targets to restore
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -70,19 +73,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("singleflight_report", "report files (.json, .md)", type="args", default=[])
 
 
+@pytest.hookimpl(tryfirst=True)  # before conftests' own pytest_configure make calls
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", (
         "singleflight(ttl=..., mode=..., patch=[...], **options): defaults for this test's "
         "deduplicated tools; patch= replaces the named import paths by deduplicated wrappers"))
-    state = config.stash[_STATE] = _Run(config)
     from .models import StoreError
 
     try:
+        state = config.stash[_STATE] = _Run(config)
         state.session.start()
     except StoreError as exc:  # e.g. replay without a store: one line, before any test runs
         raise pytest.UsageError(f"singleflight: {exc}") from None
 
 
+@pytest.hookimpl(trylast=True)  # after conftests' own pytest_unconfigure made their calls
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is not None:
@@ -115,16 +120,33 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if scope is not None:
         scope.outcomes.clear()
         scope.misses.clear()
+    item.stash[_REPORTED] = 0
+    _patch(item)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
     """A replay miss fails its test even when agent code caught the error (the Agents SDK,
     for one, hands a failing tool's error to the model as a message)."""
-    result = yield
+    return _failing_on_misses(item, (yield))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Also a miss swallowed in a fixture's teardown."""
+    try:
+        result = yield
+    finally:
+        _unpatch(item)
+    return _failing_on_misses(item, result)
+
+
+def _failing_on_misses(item: pytest.Item, result: Any) -> Any:
     scope = item.stash.get(_SCOPE, None)
-    if scope is not None and scope.misses:
-        pytest.fail(_misses_text(scope), pytrace=False)
+    seen = item.stash.get(_REPORTED, 0)
+    if scope is not None and len(scope.misses) > seen:
+        item.stash[_REPORTED] = len(scope.misses)
+        pytest.fail(_misses_text(scope.misses[seen:]), pytrace=False)
     return result
 
 
@@ -133,13 +155,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     scope = item.stash.get(_SCOPE, None)
     if call.when == "call" and scope is not None and scope.misses:
-        report.sections.append(("singleflight replay misses", _misses_text(scope)))
+        # Shown even when the test failed on something else (an answer a model made up).
+        report.sections.append(("singleflight replay misses", _misses_text(scope.misses)))
+        item.stash[_REPORTED] = len(scope.misses)
     return report
 
 
-def _misses_text(scope: Scope) -> str:
+def _misses_text(misses: list[ReplayMissError]) -> str:
     return "\n".join(["singleflight: calls with no receipt to replay, so they did not run:",
-                      *(f"  {miss}" for miss in scope.misses)])
+                      *(f"  {miss}" for miss in misses)])
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -159,7 +183,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash[_STATE]
-    state.close()  # workers write their counts before the report
+    state.flush()  # workers write their counts before the report
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["singleflight_used"] = state.used
@@ -208,35 +232,31 @@ def singleflight(request: pytest.FixtureRequest) -> SingleflightFixture:
     return _for_test(request.node)
 
 
-@pytest.fixture(autouse=True)
-def _singleflight_patch(request: pytest.FixtureRequest,
-                        monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Apply the marker's ``patch=`` targets for this test (restored afterwards), and
-    forget the test's outcomes when it ends (a rerun starts afresh)."""
+def _patch(item: pytest.Item) -> None:
+    """Replace the marker's ``patch=`` targets by deduplicated wrappers; :func:`_unpatch`
+    restores them. Hooks, not an autouse fixture: an unmarked test pays nothing."""
     targets = dict.fromkeys(  # one wrapper per target, however many markers name it
-        t for m in request.node.iter_markers("singleflight") for t in m.kwargs.get("patch", ()))
-    try:
-        _patch(request, monkeypatch, list(targets))
-        yield
-    finally:
-        if _TEST in request.node.stash:
-            del request.node.stash[_TEST]
-
-
-def _patch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
-           targets: list[str]) -> None:
-    if not targets:
-        return
-    fixture = _for_test(request.node)
+        t for m in item.iter_markers("singleflight") for t in m.kwargs.get("patch", ()))
+    undo = item.stash[_UNDO] = []
     for target in targets:
         module_name, _, name = target.rpartition(".")
         try:
             module = importlib.import_module(module_name)
             original = getattr(module, name)
         except (ImportError, AttributeError, ValueError):
-            raise pytest.UsageError(f"{request.node.nodeid}: singleflight patch target "
+            raise pytest.UsageError(f"{item.nodeid}: singleflight patch target "
                                     f"{target!r} is not an importable module attribute") from None
-        monkeypatch.setattr(module, name, fixture.wrap(original, tool_name=target))
+        undo.append((module, name, original))
+        setattr(module, name, _for_test(item).wrap(original, tool_name=target))
+
+
+def _unpatch(item: pytest.Item) -> None:
+    undo = item.stash.get(_UNDO, [])
+    for module, name, original in reversed(undo):
+        setattr(module, name, original)
+    item.stash[_UNDO] = []
+    if _TEST in item.stash:  # a rerun gets a fixture of its own
+        del item.stash[_TEST]
 
 
 def _for_test(item: pytest.Item) -> SingleflightFixture:
@@ -293,11 +313,15 @@ class _Run:
         if self.mode not in MODES:
             raise pytest.UsageError(f"singleflight_mode = {self.mode!r}; use one of "
                                     f"{', '.join(MODES)}")
-        ttl = config.getoption("singleflight_ttl") or config.getini("singleflight_ttl")
+        ttl = config.getoption("singleflight_ttl")
+        ttl = config.getini("singleflight_ttl") if ttl is None else ttl
         try:
             self.ttl = float(ttl)
         except ValueError:
-            raise pytest.UsageError(f"singleflight_ttl = {ttl!r} is not a number of seconds") from None
+            self.ttl = math.nan
+        if not math.isfinite(self.ttl) or self.ttl <= 0:
+            raise pytest.UsageError(f"singleflight_ttl = {ttl!r}: give a positive number of "
+                                    f"seconds")
         prices = config.getoption("singleflight_prices") or _from_rootdir(
             config, config.getini("singleflight_prices"))
         try:
@@ -306,6 +330,10 @@ class _Run:
             raise pytest.UsageError(f"singleflight prices: {exc}") from None
         self.reports = [*config.getini("singleflight_report"),
                         *config.getoption("singleflight_report")]
+        for target in self.reports:
+            if not target.endswith((".json", ".md")):
+                raise pytest.UsageError(f"singleflight report {target!r}: name a .json or .md "
+                                        f"file")
         self.session: Session = Session(
             self.db, mode=self.mode, run_id=worker.get("run_id") or os.environ.get(ENV_RUN_ID)
             or new_run_id("pytest-"),
@@ -331,8 +359,10 @@ class _Run:
             return None
         from .models import StoreError
         from .stats import summarize
-        from .store import open_store, redact_url
+        from .store import is_sqlite_url, open_store, redact_url, sqlite_path
 
+        if is_sqlite_url(self.db) and not sqlite_path(self.db).exists():
+            return None  # a report never creates the store
         try:
             store = open_store(self.db)
             try:
@@ -343,6 +373,14 @@ class _Run:
             self.problems.append(f"no report: {exc}")
             return None
         return summarize(rows, db_path=redact_url(store.url), run_id=self.run_id) if rows else None
+
+    def flush(self) -> None:
+        from .models import StoreError
+
+        try:
+            self.session.flush_stats()
+        except StoreError as exc:
+            self.problems.append(f"statistics not written: {exc}")
 
     def close(self) -> None:
         import warnings

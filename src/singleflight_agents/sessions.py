@@ -14,11 +14,11 @@ only; a session in ``replay`` or ``off`` always wins).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .models import ExecutionOutcome, ReplayMissError, StoreError, check_mode
@@ -29,15 +29,64 @@ if TYPE_CHECKING:
     from .store import ReceiptStore
 
 ENV_RUN_ID = "SINGLEFLIGHT_RUN_ID"
+ENV_SESSION = "SINGLEFLIGHT_SESSION"  # an active session, for the processes it starts
 DEFAULT_RECORD_COMMAND = "pytest --singleflight-mode=record"
 _STACK: list[Session] = []  # active sessions, innermost last
 _STACK_LOCK = threading.Lock()
+_INHERITED: dict[str, Session] = {}  # the session this process took from its environment
 
 
 def active_session() -> Session | None:
-    """The session that governs calls in this process now, if any."""
+    """The session that governs calls in this process now, if any: the innermost one
+    started here, else the one a parent process exported to this one's environment."""
     stack = _STACK
-    return stack[-1] if stack else None
+    if stack:
+        return stack[-1]
+    exported = os.environ.get(ENV_SESSION)
+    return _inherit(exported) if exported else None
+
+
+def _inherit(exported: str) -> Session:
+    with _STACK_LOCK:
+        inherited = _INHERITED.get(exported)
+        if inherited is None:
+            _INHERITED.clear()
+            settings = json.loads(exported)
+            inherited = _INHERITED[exported] = Session(
+                settings["store"], mode=settings["mode"], run_id=settings["run_id"],
+                started=settings["started"], record_command=settings["record_command"])
+        return inherited
+
+
+def check_replayable(store: str | os.PathLike[str] | ReceiptStore | None,
+                     secret: str | bytes | None, record_command: str) -> None:
+    """A :class:`StoreError` naming the fix if replay on ``store`` cannot work: no store
+    file, or no key to check its receipts with. Creates nothing."""
+    from .signing import ENV_SECRET, key_path_for
+    from .store import ReceiptStore, is_sqlite_url, sqlite_path
+
+    if secret is not None or os.environ.get(ENV_SECRET):
+        path = None if isinstance(store, ReceiptStore) or not is_sqlite_url(store) \
+            else sqlite_path(store)
+    elif isinstance(store, ReceiptStore):
+        if not hasattr(store, "path"):
+            raise StoreError(f"replay needs the key that signed the receipts: set {ENV_SECRET} "
+                             f"(a server store has no key file)")
+        path = store.path
+    elif not is_sqlite_url(store):
+        raise StoreError(f"replay needs the key that signed the receipts: set {ENV_SECRET} "
+                         f"(a server store has no key file)")
+    else:
+        path = sqlite_path(store)
+    if path is None:
+        return
+    if not path.is_file():
+        raise StoreError(f"replay: receipt store {path} does not exist; record it first "
+                         f"({record_command}) or copy it here with its key file "
+                         f"{key_path_for(path).name}")
+    if secret is None and not os.environ.get(ENV_SECRET) and not key_path_for(path).is_file():
+        raise StoreError(f"replay: the key of {path} is missing ({key_path_for(path)}); copy "
+                         f"the key file beside the store, or set {ENV_SECRET} to its content")
 
 
 def new_run_id(prefix: str = "") -> str:
@@ -77,6 +126,10 @@ class Session:
         from .pricing import PriceTable
 
         self.mode = check_mode(mode, "session mode")
+        from .store import ReceiptStore, is_sqlite_url, sqlite_path
+
+        if not isinstance(store, ReceiptStore) and is_sqlite_url(store):
+            sqlite_path(store)  # a bad URL fails here, in every mode
         self.store = store
         self.run_id = run_id or os.environ.get(ENV_RUN_ID) or new_run_id()
         self.started = time.time() if started is None else started
@@ -85,18 +138,32 @@ class Session:
         self.record_command = record_command or DEFAULT_RECORD_COMMAND
         self._engine: Singleflight | None = None
         self._lock = threading.Lock()
-        self.used = False  # whether any call went through this session's engine
+        self._used = False
         self._scopes: list[Scope] = []
+        self.held_to: str | None = None  # an outer session's replay or off, which wins
+        self._exported: str | None = None
 
     # -- lifetime ---------------------------------------------------------------------
 
     def start(self) -> Session:
-        """Govern every engine in this process from now on. In replay, a store or key that
-        does not exist stops here with a :class:`StoreError`, and no file is created."""
-        if self.mode == "replay":
-            self.check_replayable()
+        """Govern every engine in this process, and the processes it starts, from now on.
+
+        Inside a session in ``replay`` or ``off``, this one runs in that mode too. In replay,
+        a store or key that cannot be used stops here with a :class:`StoreError`, and no
+        file is created. Starting a started session does nothing.
+        """
+        outer = active_session()
+        if outer is self:
+            return self
+        if outer is not None and outer.mode_now() in ("replay", "off"):
+            self.held_to = outer.mode_now()
+        if self.run_mode == "replay":
+            check_replayable(self.store, self.secret, self.record_command)
+            self.engine.open_for_replay()  # a bad key or file says so now, once
         with _STACK_LOCK:
             _STACK.append(self)
+            self._exported = os.environ.get(ENV_SESSION)
+            os.environ[ENV_SESSION] = self._export()
         return self
 
     def stop(self) -> None:
@@ -104,10 +171,43 @@ class Session:
         with _STACK_LOCK:
             if self in _STACK:
                 _STACK.remove(self)
+                if self._exported is None:
+                    os.environ.pop(ENV_SESSION, None)
+                else:
+                    os.environ[ENV_SESSION] = self._exported
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None:
+            self._used = self._used or engine.opened
             engine.close()
+
+    def flush_stats(self) -> None:
+        """Write the statistics of this process's calls to the store now."""
+        engine = self._engine
+        if engine is not None and engine.opened:
+            engine.flush_stats()
+
+    @property
+    def run_mode(self) -> str:
+        """The session's mode, or the outer session's replay or off that holds it."""
+        return self.held_to or self.mode
+
+    @property
+    def used(self) -> bool:
+        """Whether a call of this session opened its store."""
+        engine = self._engine
+        return self._used or (engine is not None and engine.opened)
+
+    def _export(self) -> str:
+        from .store import ReceiptStore
+
+        # A URL's password goes along: the environment is the user's own, like the command
+        # line the parent was started with.
+        store = self.store
+        where = store.url if isinstance(store, ReceiptStore) else store
+        return json.dumps({"store": None if where is None else os.fspath(where),
+                           "mode": self.run_mode, "run_id": self.run_id,
+                           "started": self.started, "record_command": self.record_command})
 
     def __enter__(self) -> Session:
         return self.start()
@@ -126,35 +226,10 @@ class Session:
 
                     self._engine = Singleflight(
                         store=self.store, secret=self.secret, run_id=self.run_id,
-                        refresh_since=self.started, prices=self.prices, mode=self.mode,
+                        refresh_since=self.started, prices=self.prices, mode=self.run_mode,
                         record_command=self.record_command, own_store=True)
-                    self.used = True
                 engine = self._engine
         return engine
-
-    def check_replayable(self) -> None:
-        """A :class:`StoreError` naming the fix if replay cannot work: no store file, or no
-        key to check its receipts with. Creates nothing."""
-        from .signing import ENV_SECRET, key_path_for
-        from .store import ReceiptStore, is_sqlite_url, sqlite_path
-
-        if isinstance(self.store, ReceiptStore) or not is_sqlite_url(self.store):
-            if self.secret is None and not os.environ.get(ENV_SECRET):
-                if isinstance(self.store, ReceiptStore) and hasattr(self.store, "path"):
-                    return  # an open SQLite store: its key file is checked on first use
-                raise StoreError(f"replay needs the key that signed the receipts: set "
-                                 f"{ENV_SECRET} (a server store has no key file)")
-            return
-        path: Path = sqlite_path(self.store)
-        if not path.is_file():
-            raise StoreError(f"replay: receipt store {path} does not exist; record it first "
-                             f"({self.record_command}) or copy it here with its key file "
-                             f"{key_path_for(path).name}")
-        if self.secret is None and not os.environ.get(ENV_SECRET) \
-                and not key_path_for(path).is_file():
-            raise StoreError(f"replay: the key of {path} is missing ({key_path_for(path)}); "
-                             f"copy the key file beside the store, or set {ENV_SECRET} to "
-                             f"its content")
 
     # -- attribution --------------------------------------------------------------------
 
@@ -178,8 +253,9 @@ class Session:
         """The mode of a call made now: the session's, unless it records or refreshes and
         the open scope asks for another."""
         scope = self.current
-        if scope is None or scope.mode is None or self.mode in ("replay", "off"):
-            return self.mode
+        mode = self.run_mode
+        if scope is None or scope.mode is None or mode in ("replay", "off"):
+            return mode
         return scope.mode
 
     def record_command_now(self) -> str:
