@@ -312,3 +312,137 @@ def test_plugin_replay_without_a_store_stops_at_start(pytester: pytest.Pytester)
                                  "exist; record it first*"])
     assert not (pytester.path / "ci").exists()
     assert os.listdir(pytester.path) == ["test_nothing.py"]
+
+
+# -- what a hostile review found: every way around replay is closed -----------------------
+
+
+def test_a_session_inside_a_replay_session_is_held_to_replay(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+    Singleflight(tmp_path / "run.db").summary()
+    options = ToolExecutionOptions(tool_name="app.search", bounded_read=True)
+    with session(tmp_path / "run.db", mode="replay"):
+        inner = session(tmp_path / "eval.db")  # app code starting its own, in record mode
+        assert inner.mode == "record"
+        with pytest.raises(StoreError, match=r"eval\.db does not exist"):
+            inner.start()  # held to replay, which needs the recorded store
+    Singleflight(tmp_path / "eval.db").summary()
+    with session(tmp_path / "run.db", mode="replay"), session(tmp_path / "eval.db") as inner:
+        assert inner.mode_now() == "replay"
+        with pytest.raises(ReplayMissError):
+            Singleflight().execute_sync(search, "x", options=options)
+    with session(tmp_path / "run.db", mode="off"), session(tmp_path / "eval.db") as inner:
+        assert inner.mode_now() == "off"
+    assert ran == []
+
+
+def test_starting_a_session_twice_is_one_start(tmp_path: Path) -> None:
+    run = session(tmp_path / "run.db")
+    run.start()
+    run.start()
+    run.stop()
+    assert active_session() is None
+    assert "SINGLEFLIGHT_SESSION" not in os.environ
+
+
+CHILD = '''
+import json, sys
+from singleflight_agents import ReplayMissError, Singleflight
+
+sf = Singleflight(sys.argv[1] + "/child-own.db", mode="record")  # the child's own engine
+
+@sf.tool(tool_name="app.search", bounded_read=True)
+def search(query):
+    print("RAN", query)
+    return {"query": query}
+
+try:
+    print(json.dumps(search(sys.argv[2])))
+except ReplayMissError as exc:
+    print("MISS", exc)
+'''
+
+
+def test_processes_a_session_starts_are_governed_by_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    ran, search = _counting_tool()
+    db = tmp_path / "run.db"
+    with Singleflight(db) as recorder:
+        recorder.execute_sync(search, "known", options=ToolExecutionOptions(
+            tool_name="app.search", bounded_read=True))
+
+    def child(query: str) -> str:
+        done = subprocess.run([sys.executable, str(script), str(tmp_path), query],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    with session(db, mode="replay"):
+        assert child("known") == '{"query": "known"}\n'  # served from the session's store
+        out = child("new")
+        assert out.startswith("MISS app.search: no receipt to replay") and "RAN" not in out
+    assert "RAN new" in child("new")  # no session: the child's own engine, in record mode
+    assert ran == ["known"]
+
+
+def test_an_undeclared_tool_is_refused_in_replay(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+    Singleflight(tmp_path / "run.db").summary()
+    sf = Singleflight(tmp_path / "app.db")
+    undeclared = sf.tool(search, tool_name="app.search")
+    declared = sf.tool(search, tool_name="app.send", side_effecting=True)
+    with session(tmp_path / "run.db", mode="replay") as run, run.scope("t") as scope:
+        with pytest.raises(ReplayMissError, match=r"app\.search: declares no safety flag, so "
+                                                   r"replay neither serves nor runs it"):
+            undeclared("x")
+        assert declared("x") == {"query": "x"}  # side_effecting: declared to run every time
+    assert ran == ["x"] and len(scope.misses) == 1
+    assert undeclared("y") == {"query": "y"}  # outside replay it runs, unshared
+
+
+def test_replay_creates_nothing_with_or_without_a_session(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
+    ran, search = _counting_tool()
+    options = ToolExecutionOptions(tool_name="app.search", bounded_read=True)
+    engine = Singleflight(tmp_path / "sub" / "none.db", mode="replay")
+    with pytest.raises(StoreError, match="does not exist; record it first"):
+        engine.execute_sync(search, "x", options=options)
+    assert not (tmp_path / "sub").exists()
+
+    Singleflight(tmp_path / "rec.db").summary()
+    (tmp_path / "rec.db.key").unlink()
+    from singleflight_agents.store import SQLiteStore
+
+    with pytest.raises(StoreError, match=r"key of .*rec\.db is missing"):
+        session(SQLiteStore(tmp_path / "rec.db"), mode="replay").start()
+    with pytest.raises(StoreError, match=r"key of .*rec\.db is missing"):
+        Singleflight(tmp_path / "rec.db", mode="replay").execute_sync(search, "x", options=options)
+    assert not (tmp_path / "rec.db.key").exists()  # never a new key beside recorded receipts
+    assert ran == []
+
+
+def test_a_bad_key_file_stops_a_replay_at_start(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
+    Singleflight(tmp_path / "rec.db").summary()
+    (tmp_path / "rec.db.key").chmod(0o664)  # checked out under umask 002
+    with pytest.raises(StoreError, match="writable by group or others") as info:
+        session(tmp_path / "rec.db", mode="replay").start()
+    assert "\n" not in str(info.value) and active_session() is None
+    monkeypatch.setenv("SINGLEFLIGHT_SECRET", "short")
+    with pytest.raises(StoreError, match="shorter than 16 bytes"):
+        session(tmp_path / "rec.db", mode="replay").start()
+    with pytest.raises(StoreError, match="has no path"):
+        session("sqlite://", mode="record")  # a bad URL, in every mode
+
+
+def test_reading_the_engine_opens_no_store(tmp_path: Path) -> None:
+    with session(tmp_path / "run.db") as run:
+        assert run.engine.current_mode() == "record"
+        assert not run.used
+    assert not (tmp_path / "run.db").exists()

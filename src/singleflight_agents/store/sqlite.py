@@ -138,7 +138,11 @@ class SQLiteStore(ReceiptStore):
         self._open_file()
         self.identity = f"sqlite:{os.path.realpath(self.path)}"
         self._locks = _KeyLocks(self.path.with_name(self.path.name + ".locks"))
-        self._locks.directory.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self._locks.directory.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:  # e.g. a file of that name
+            raise StoreError(f"cannot make the lock directory {self._locks.directory}: "
+                             f"{exc.strerror}; move that file away") from None
 
     # -- connection and schema ------------------------------------------------------
 
