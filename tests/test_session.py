@@ -446,3 +446,72 @@ def test_reading_the_engine_opens_no_store(tmp_path: Path) -> None:
         assert run.engine.current_mode() == "record"
         assert not run.used
     assert not (tmp_path / "run.db").exists()
+
+
+def _inline(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    return pytester.runpytest("-p", "no:cacheprovider", "-p", "no:hypothesispytest", *args)
+
+
+def test_plugin_misses_in_fixture_teardown_and_in_conftest_hooks_are_governed(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
+    pytester.makepyfile(app=APP)
+    pytester.makeconftest('''
+        import app
+
+        def pytest_configure(config):  # runs after the plugin's: already governed
+            try:
+                app.search("at configure")
+            except Exception as exc:
+                print("CONFIGURE", type(exc).__name__)
+    ''')
+    pytester.makepyfile(test_teardown='''
+        import pytest
+        import app
+
+        @pytest.fixture
+        def agent():
+            yield
+            try:  # a miss swallowed while the fixture tears down
+                app.search("in teardown")
+            except Exception:
+                pass
+
+        def test_passes_itself(agent):
+            pass
+    ''')
+    db = pytester.path / "receipts.db"
+    Singleflight(db).summary()
+    result = _inline(pytester, f"--singleflight-db={db}", "--singleflight-mode=replay", "-s")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["CONFIGURE ReplayMissError",
+                                 "*app.search: no receipt to replay*in teardown*"])
+    assert not (pytester.path / "executions.log").exists()
+    assert not (pytester.path / ".singleflight").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--singleflight-ttl=0"], "singleflight_ttl = 0.0: give a positive number of seconds"),
+    (["--singleflight-ttl=-5"], "singleflight_ttl = -5.0: give a positive*"),
+    (["--singleflight-ttl=nan"], "singleflight_ttl = nan: give a positive*"),
+    (["--singleflight-report=out.txt"], "singleflight report 'out.txt': name a .json or .md file"),
+    (["--singleflight-db=sqlite://"], "singleflight: store URL 'sqlite://' has no path*"),
+])
+def test_plugin_bad_settings_are_one_line(pytester: pytest.Pytester, args: list[str],
+                                          message: str) -> None:
+    pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    result = _inline(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+def test_plugin_a_run_that_makes_no_call_creates_nothing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_engine='''
+        def test_reads_the_engine(singleflight):
+            assert singleflight.engine.current_mode() == "record"
+    ''')
+    result = _inline(pytester)
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / ".singleflight").exists()
+    assert "singleflight summary" not in result.stdout.str()
