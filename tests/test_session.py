@@ -507,7 +507,7 @@ def test_plugin_bad_settings_are_one_line(pytester: pytest.Pytester, args: list[
 
 
 def test_plugin_a_run_that_makes_no_call_creates_nothing(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_engine='''
+    pytester.makepyfile(test_reads_engine_only='''
         def test_reads_the_engine(singleflight):
             assert singleflight.engine.current_mode() == "record"
     ''')

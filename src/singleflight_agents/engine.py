@@ -187,7 +187,7 @@ class Singleflight:
         where = store if store is not None else db_path
         if not isinstance(where, ReceiptStore) and is_sqlite_url(where):
             sqlite_path(where)  # a bad URL fails here, not at the first call
-        if secret is not None and len(secret) < 16:
+        if secret is not None and len(secret.strip() if isinstance(secret, str) else secret) < 16:
             raise StoreError("the signing secret from secret= is shorter than 16 bytes; use "
                              "a long random one")
         self._where, self._secret = where, secret
