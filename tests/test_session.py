@@ -515,3 +515,17 @@ def test_plugin_a_run_that_makes_no_call_creates_nothing(pytester: pytest.Pytest
     result.assert_outcomes(passed=1)
     assert not (pytester.path / ".singleflight").exists()
     assert "singleflight summary" not in result.stdout.str()
+
+
+def test_a_garbled_exported_session_is_one_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = ("from singleflight_agents import Singleflight\n"
+             "sf = Singleflight('child.db')\n"
+             "sf.tool(len, tool_name='t.len', bounded_read=True)('x')\n")
+    done = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "SINGLEFLIGHT_SESSION": "{oops"})
+    assert done.returncode == 1
+    assert "$SINGLEFLIGHT_SESSION does not hold a session this library exported" in done.stderr
+    assert not (tmp_path / "child.db").exists()

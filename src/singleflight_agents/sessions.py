@@ -4,7 +4,10 @@ While a session is active, every engine in the process runs its shared calls thr
 session's engine (one per store per process), in the session's mode, counted under the
 session's run id, whoever created the engine and whenever. It is process-wide on purpose:
 calls from threads and tasks a test started belong to that test too. Sessions nest (the
-innermost wins), so a pytest run inside a pytest run governs its own calls.
+innermost governs, so a pytest run inside a pytest run has its own store and report), but an
+outer session in ``replay`` or ``off`` holds every inner one to that mode. A started session
+is exported to the processes started after it (``$SINGLEFLIGHT_SESSION``): a child that
+imports the library is governed by the same store, mode and run id.
 
 A *scope* is the unit calls are attributed to while it is open (the plugin opens one per
 test): its outcomes, its replay misses, and a mode it asks for (``record`` or ``refresh``
@@ -21,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from .models import ExecutionOutcome, ReplayMissError, StoreError, check_mode
+from .models import ExecutionOutcome, ReplayMissError, SingleflightError, StoreError, check_mode
 
 if TYPE_CHECKING:
     from .engine import Singleflight
@@ -52,11 +55,16 @@ def _inherit(exported: str) -> Session:
     with _STACK_LOCK:
         inherited = _INHERITED.get(exported)
         if inherited is None:
-            _INHERITED.clear()
-            settings = json.loads(exported)
-            inherited = _INHERITED[exported] = Session(
-                settings["store"], mode=settings["mode"], run_id=settings["run_id"],
-                started=settings["started"], record_command=settings["record_command"])
+            try:
+                settings = json.loads(exported)
+                inherited = Session(
+                    settings["store"], mode=settings["mode"], run_id=settings["run_id"],
+                    started=settings["started"], record_command=settings["record_command"])
+            except (ValueError, KeyError, TypeError) as exc:  # never run a call ungoverned
+                raise SingleflightError(
+                    f"${ENV_SESSION} does not hold a session this library exported ({exc!r}); "
+                    f"unset it, or start the session in this process") from None
+            _INHERITED[exported] = inherited
         return inherited
 
 
