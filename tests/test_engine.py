@@ -487,8 +487,10 @@ def test_a_failing_store_falls_back_to_executing(sqlite_sf: Singleflight, db_pat
     import shutil
 
     assert sf.execute_sync(str.upper, "b", options=SHARED).source is Source.EXECUTED  # opens it
-    shutil.rmtree(f"{db_path}.locks")  # lock files can no longer be made
-    with pytest.warns(RuntimeWarning, match="store failed"):
+    shutil.rmtree(f"{db_path}.locks")
+    Path(f"{db_path}.locks").write_text("")  # a file where the lock directory goes
+    with pytest.warns(RuntimeWarning, match=r"store failed: cannot make the lock directory .*"
+                                            r"move that file away"):
         outcome = sf.execute_sync(str.upper, "a", options=SHARED)
     assert (outcome.value, outcome.source) == ("A", Source.EXECUTED_FALLBACK)
     assert sf.summary()["fallbacks"] == 1

@@ -529,3 +529,139 @@ def test_a_garbled_exported_session_is_one_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "$SINGLEFLIGHT_SESSION does not hold a session this library exported" in done.stderr
     assert not (tmp_path / "child.db").exists()
+
+
+# -- a second hostile review ---------------------------------------------------------------
+
+
+def test_replay_is_never_weakened_by_an_outer_off_session(tmp_path: Path) -> None:
+    Singleflight(tmp_path / "run.db").summary()
+    with session(tmp_path / "run.db", mode="off"):
+        with session(tmp_path / "run.db", mode="replay") as inner:
+            assert inner.run_mode == "replay"
+        with session(tmp_path / "run.db", mode="record") as inner:
+            assert inner.run_mode == "off"
+
+
+def test_the_exported_session_is_always_the_innermost_running_one(tmp_path: Path) -> None:
+    Singleflight(tmp_path / "run.db").summary()
+    before = os.environ.get("SINGLEFLIGHT_SESSION")
+    outer = session(tmp_path / "run.db", mode="replay").start()
+    inner = session(tmp_path / "run.db").start()  # held to replay
+    outer.stop()  # out of order: inner still governs, and is what children inherit
+    assert active_session() is inner
+    assert json.loads(os.environ["SINGLEFLIGHT_SESSION"])["mode"] == "replay"
+    outer.start()
+    outer.start()  # once on the stack, however often started
+    outer.stop()
+    inner.stop()
+    assert active_session() is None and os.environ.get("SINGLEFLIGHT_SESSION") == before
+    with session(tmp_path / "run.db") as run:
+        assert run.run_mode == "record"  # held_to is decided afresh at each start
+        with run.scope("t", mode="refresh"):  # a test's own mode reaches its children
+            assert json.loads(os.environ["SINGLEFLIGHT_SESSION"])["mode"] == "refresh"
+        assert json.loads(os.environ["SINGLEFLIGHT_SESSION"])["mode"] == "record"
+
+
+def test_replay_leaves_no_lock_directory(tmp_path: Path) -> None:
+    ran, search = _counting_tool()
+    options = ToolExecutionOptions(tool_name="app.search", bounded_read=True)
+    with Singleflight(tmp_path / "rec.db") as recorder:
+        recorder.execute_sync(search, "x", options=options)
+    import shutil
+
+    shutil.rmtree(tmp_path / "rec.db.locks")
+    with session(tmp_path / "rec.db", mode="replay") as run:
+        assert run.engine.execute_sync(search, "x", options=options).source == "cache_hit"
+    assert not (tmp_path / "rec.db.locks").exists()
+    assert ran == ["x"]
+
+
+def test_an_observer_that_raises_fails_the_scope_not_the_call(tmp_path: Path) -> None:
+    def budget(outcome: Any) -> None:
+        raise AssertionError("over budget")
+
+    _, search = _counting_tool()
+    with session(tmp_path / "run.db") as run, run.scope("t", on_outcome=budget) as scope:
+        outcome = run.engine.execute_sync(search, "x", options=ToolExecutionOptions(
+            tool_name="app.search", bounded_read=True))
+    assert outcome.source == "executed" and [str(e) for e in scope.errors] == ["over budget"]
+    assert run.engine.summary()["calls"] == 1
+
+
+def test_the_command_line_is_not_governed_by_an_inherited_session(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    Singleflight(tmp_path / "run.db").summary()
+    with session(tmp_path / "run.db", mode="replay"):
+        done = subprocess.run([sys.executable, "-m", "singleflight_agents", "demo", "--db",
+                               str(tmp_path / "demo.db")], capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "with singleflight:    3 executions" in done.stdout
+    assert Singleflight(tmp_path / "run.db").summary()["calls"] == 0
+
+
+def test_plugin_replay_holds_calls_made_while_conftest_is_imported(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
+    pytester.makepyfile(app=APP)
+    pytester.makeconftest('''
+        import app
+
+        try:
+            GOLDEN = app.search("at import")
+        except Exception as exc:
+            GOLDEN = type(exc).__name__
+    ''')
+    pytester.makepyfile(test_golden='''
+        import conftest
+
+        def test_golden():
+            assert conftest.GOLDEN == "ReplayMissError"
+    ''')
+    db = pytester.path / "receipts.db"
+    Singleflight(db).summary()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--singleflight-db={db}",
+                                           "--singleflight-mode=replay", timeout=120)
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "executions.log").exists()
+    assert not (pytester.path / ".singleflight").exists()
+
+
+def test_plugin_hook_errors_fail_the_test_and_patch_mistakes_are_one_line(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(app=APP)
+    pytester.makeconftest('''
+        def pytest_singleflight_outcome(item, outcome):
+            if item.name == "test_swallows_everything":
+                assert outcome.source != "executed", "a budget: nothing may execute"
+    ''')
+    pytester.makepyfile(test_budget='''
+        import pytest
+        import app
+
+        def test_swallows_everything():
+            try:
+                app.search("paid")
+            except Exception:
+                pass
+
+        @pytest.mark.singleflight(patch=["app.nope"])
+        def test_bad_target():
+            pass
+
+        @pytest.mark.singleflight(patch=["app.search"])
+        def test_patching_an_engine_tool_keeps_its_flags():
+            assert app.search("x")["query"] == "x"
+    ''')
+    result = _inline(pytester, f"--singleflight-db={pytester.path / 'r.db'}")
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at setup of test_bad_target*",
+        "test_budget.py::test_bad_target: singleflight patch target 'app.nope' is not an "
+        "importable module attribute",
+        "*= FAILURES =*",
+        "*pytest_singleflight_outcome raised AssertionError: a budget: nothing may execute*"])
+    assert "During handling" not in result.stdout.str()  # one line, no chained traceback

@@ -24,6 +24,7 @@ from .demo import run_demo
 from .engine import Singleflight
 from .models import Receipt, SingleflightError
 from .reporting import format_json, format_markdown, format_summary
+from .sessions import ignore_inherited_session
 from .signing import ENV_SECRET, Signer, key_path_for, load_key
 from .stats import summarize
 from .store import DEFAULT_PATH, REDIS_SCHEMES, ReceiptStore, SQLiteStore, open_store, sqlite_path
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     db = getattr(args, "db", None)
+    ignore_inherited_session()  # --db is this command's store, whoever started it
     try:
         return int(_COMMANDS[args.command](args, db))
     except (UsageError, SingleflightError) as exc:

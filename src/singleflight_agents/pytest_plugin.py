@@ -40,6 +40,7 @@ _STATE = pytest.StashKey["_Run"]()
 _TEST = pytest.StashKey["SingleflightFixture"]()
 _SCOPE: pytest.StashKey[Scope] = pytest.StashKey()
 _REPORTED = pytest.StashKey[int]()  # the test's misses already failed it
+_EARLY = pytest.StashKey["Session"]()  # replay while conftest.py files are imported
 _UNDO = pytest.StashKey[list[tuple[Any, str, Any]]]()  # patch= targets to restore
 
 
@@ -73,6 +74,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("singleflight_report", "report files (.json, .md)", type="args", default=[])
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser,
+                                  args: list[str]) -> None:
+    """A replay run holds the calls made while conftest.py files are imported, before
+    pytest_configure, to replay too: a session of the command line's store and mode until
+    the run's own starts."""
+    known = early_config.known_args_namespace
+    mode = getattr(known, "singleflight_mode", None) or early_config.getini("singleflight_mode")
+    if mode != "replay":
+        return
+    from .models import StoreError
+    from .sessions import Session
+
+    db = getattr(known, "singleflight_db", None) or _from_rootdir(
+        early_config, early_config.getini("singleflight_db") or ".singleflight/receipts.db")
+    try:
+        early_config.stash[_EARLY] = Session(db, mode="replay").start()
+    except StoreError as exc:
+        raise pytest.UsageError(f"singleflight: {exc}") from None
+
+
 @pytest.hookimpl(tryfirst=True)  # before conftests' own pytest_configure make calls
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", (
@@ -80,6 +102,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "deduplicated tools; patch= replaces the named import paths by deduplicated wrappers"))
     from .models import StoreError
 
+    early = config.stash.get(_EARLY, None)
+    if early is not None:
+        early.stop()
     try:
         state = config.stash[_STATE] = _Run(config)
         state.session.start()
@@ -120,6 +145,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if scope is not None:
         scope.outcomes.clear()
         scope.misses.clear()
+        scope.errors.clear()
     item.stash[_REPORTED] = 0
     _patch(item)
 
@@ -147,6 +173,10 @@ def _failing_on_misses(item: pytest.Item, result: Any) -> Any:
     if scope is not None and len(scope.misses) > seen:
         item.stash[_REPORTED] = len(scope.misses)
         pytest.fail(_misses_text(scope.misses[seen:]), pytrace=False)
+    if scope is not None and scope.errors:  # a pytest_singleflight_outcome hook raised
+        errors, scope.errors = scope.errors, []
+        pytest.fail("\n".join(f"pytest_singleflight_outcome raised {type(e).__name__}: {e}"
+                              for e in errors), pytrace=False)
     return result
 
 
@@ -208,22 +238,24 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         return
     from .reporting import format_line, format_markdown, format_summary
 
+    mode = state.session.run_mode  # the mode the run had (an outer replay session holds it)
+
     if config.get_verbosity() < 0:
-        terminalreporter.write_line(format_line(summary, state.mode))
+        terminalreporter.write_line(format_line(summary, mode))
     else:
         terminalreporter.write_sep("=", "singleflight")
-        terminalreporter.write_line(format_summary(summary, state.mode))
+        terminalreporter.write_line(format_summary(summary, mode))
     for target in state.reports:
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".json":
-            path.write_text(json.dumps({"mode": state.mode, **summary}, indent=2, sort_keys=True))
+            path.write_text(json.dumps({"mode": mode, **summary}, indent=2, sort_keys=True))
         else:
-            path.write_text(format_markdown(summary, state.mode))
+            path.write_text(format_markdown(summary, mode))
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
         with open(step_summary, "a") as handle:
-            handle.write(format_markdown(summary, state.mode))
+            handle.write(format_markdown(summary, mode))
 
 
 @pytest.fixture
@@ -244,8 +276,12 @@ def _patch(item: pytest.Item) -> None:
             module = importlib.import_module(module_name)
             original = getattr(module, name)
         except (ImportError, AttributeError, ValueError):
-            raise pytest.UsageError(f"{item.nodeid}: singleflight patch target "
-                                    f"{target!r} is not an importable module attribute") from None
+            original = module = None
+        if module is None:  # outside the except: one line, no chained traceback
+            pytest.fail(f"{item.nodeid}: singleflight patch target {target!r} is not an "
+                        f"importable module attribute", pytrace=False)
+        if hasattr(original, "singleflight_options"):
+            continue  # an engine's tool already: the session governs it with its own flags
         undo.append((module, name, original))
         setattr(module, name, _for_test(item).wrap(original, tool_name=target))
 

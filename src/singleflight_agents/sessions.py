@@ -40,6 +40,29 @@ _INHERITED: dict[str, Session] = {}  # the session this process took from its en
 # Read once: a parent exports its session before it starts a process; sessions this process
 # starts itself are on the stack. (Looking the variable up per call costs a hit ~5%.)
 _FROM_PARENT = os.environ.get(ENV_SESSION)
+_ENV_BEFORE: str | None = None  # the variable before this process's first session started
+
+
+def ignore_inherited_session() -> None:
+    """For a program of its own (the command line): a parent's session does not govern it."""
+    global _FROM_PARENT
+    _FROM_PARENT = None
+
+
+def _publish() -> None:
+    """Export the innermost session, as a call would see it now (under ``_STACK_LOCK``)."""
+    if _STACK:
+        os.environ[ENV_SESSION] = _STACK[-1]._export()
+    elif _ENV_BEFORE is None:
+        os.environ.pop(ENV_SESSION, None)
+    else:
+        os.environ[ENV_SESSION] = _ENV_BEFORE
+
+
+def _held_by(outer: Session | None, mode: str) -> str | None:
+    """The mode an outer session imposes: replay always; off unless this one replays."""
+    held = outer.mode_now() if outer is not None else None
+    return held if held == "replay" or (held == "off" and mode != "replay") else None
 
 
 def active_session() -> Session | None:
@@ -58,8 +81,9 @@ def _inherit(exported: str) -> Session:
             try:
                 settings = json.loads(exported)
                 inherited = Session(
-                    settings["store"], mode=settings["mode"], run_id=settings["run_id"],
-                    started=settings["started"], record_command=settings["record_command"])
+                    settings["store"], mode=settings["mode"], run_id=str(settings["run_id"]),
+                    started=float(settings["started"]),
+                    record_command=str(settings["record_command"]))
             except (ValueError, KeyError, TypeError) as exc:  # never run a call ungoverned
                 raise SingleflightError(
                     f"${ENV_SESSION} does not hold a session this library exported ({exc!r}); "
@@ -114,6 +138,7 @@ class Scope:
         self.on_outcome = on_outcome
         self.outcomes: list[ExecutionOutcome] = []
         self.misses: list[ReplayMissError] = []
+        self.errors: list[Exception] = []  # raised by on_outcome
 
 
 class Session:
@@ -151,29 +176,28 @@ class Session:
         self._used = False
         self._scopes: list[Scope] = []
         self.held_to: str | None = None  # an outer session's replay or off, which wins
-        self._exported: str | None = None
 
     # -- lifetime ---------------------------------------------------------------------
 
     def start(self) -> Session:
         """Govern every engine in this process, and the processes it starts, from now on.
 
-        Inside a session in ``replay`` or ``off``, this one runs in that mode too. In replay,
-        a store or key that cannot be used stops here with a :class:`StoreError`, and no
-        file is created. Starting a started session does nothing.
+        Inside a session in ``replay`` (or ``off``, unless this one replays), this one runs
+        in that mode too. In replay, a store or key that cannot be used stops here with a
+        :class:`StoreError`, and no file is created. Starting a started session does nothing.
         """
-        outer = active_session()
-        if outer is self:
+        global _ENV_BEFORE
+        if self in _STACK:
             return self
-        if outer is not None and outer.mode_now() in ("replay", "off"):
-            self.held_to = outer.mode_now()
+        self.held_to = _held_by(active_session(), self.mode)
         if self.run_mode == "replay":
             check_replayable(self.store, self.secret, self.record_command)
             self.engine.open_for_replay()  # a bad key or file says so now, once
         with _STACK_LOCK:
+            if not _STACK:
+                _ENV_BEFORE = os.environ.get(ENV_SESSION)
             _STACK.append(self)
-            self._exported = os.environ.get(ENV_SESSION)
-            os.environ[ENV_SESSION] = self._export()
+            _publish()
         return self
 
     def stop(self) -> None:
@@ -181,10 +205,7 @@ class Session:
         with _STACK_LOCK:
             if self in _STACK:
                 _STACK.remove(self)
-                if self._exported is None:
-                    os.environ.pop(ENV_SESSION, None)
-                else:
-                    os.environ[ENV_SESSION] = self._exported
+                _publish()  # whichever session was stopped, the innermost left is exported
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None:
@@ -216,7 +237,7 @@ class Session:
         store = self.store
         where = store.url if isinstance(store, ReceiptStore) else store
         return json.dumps({"store": None if where is None else os.fspath(where),
-                           "mode": self.run_mode, "run_id": self.run_id,
+                           "mode": self.mode_now(), "run_id": self.run_id,
                            "started": self.started, "record_command": self.record_command})
 
     def __enter__(self) -> Session:
@@ -249,10 +270,17 @@ class Session:
         """Attribute every call in the process to ``name`` until the block ends."""
         opened = Scope(name, mode, record_command, on_outcome)
         self._scopes.append(opened)
+        self._republish()  # a scope's own mode reaches the processes it starts
         try:
             yield opened
         finally:
             self._scopes.remove(opened)
+            self._republish()
+
+    def _republish(self) -> None:
+        with _STACK_LOCK:
+            if _STACK and _STACK[-1] is self:
+                _publish()
 
     @property
     def current(self) -> Scope | None:
@@ -278,7 +306,10 @@ class Session:
         if scope is not None:
             scope.outcomes.append(outcome)
             if scope.on_outcome is not None:
-                scope.on_outcome(outcome)
+                try:
+                    scope.on_outcome(outcome)
+                except Exception as exc:  # the call succeeded: the observer's error is the scope's
+                    scope.errors.append(exc)
 
     def missed(self, error: ReplayMissError) -> None:
         scope = self.current

@@ -70,7 +70,11 @@ class _KeyLocks:
     def try_lock(self, key: str) -> int | None:
         path = self._path(key)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except (FileNotFoundError, NotADirectoryError):  # made on the first lease, not before
+                self._make_directory()
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -115,8 +119,17 @@ class _KeyLocks:
         threading.Thread(target=block, name="singleflight-wait", daemon=True).start()
         released.wait(timeout)
 
+    def _make_directory(self) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:  # e.g. a file of that name
+            raise StoreError(f"cannot make the lock directory {self.directory}: "
+                             f"{exc.strerror}; move that file away") from None
+
     def prune(self) -> int:
         removed = 0
+        if not self.directory.is_dir():
+            return 0
         for name in os.listdir(self.directory):
             fd = self.try_lock(name)
             if fd is not None:
@@ -138,11 +151,6 @@ class SQLiteStore(ReceiptStore):
         self._open_file()
         self.identity = f"sqlite:{os.path.realpath(self.path)}"
         self._locks = _KeyLocks(self.path.with_name(self.path.name + ".locks"))
-        try:
-            self._locks.directory.mkdir(mode=0o700, exist_ok=True)
-        except OSError as exc:  # e.g. a file of that name
-            raise StoreError(f"cannot make the lock directory {self._locks.directory}: "
-                             f"{exc.strerror}; move that file away") from None
 
     # -- connection and schema ------------------------------------------------------
 
