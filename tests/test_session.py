@@ -309,7 +309,8 @@ def test_plugin_replay_without_a_store_stops_at_start(pytester: pytest.Pytester)
                                 "--singleflight-mode=replay")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: singleflight: replay: receipt store *receipts.db does not "
-                                 "exist; record it first*"])
+                                 "exist; record it first (pytest --singleflight-mode=record "
+                                 "--singleflight-db=*receipts.db) or copy it here*"])
     assert not (pytester.path / "ci").exists()
     assert os.listdir(pytester.path) == ["test_nothing.py"]
 

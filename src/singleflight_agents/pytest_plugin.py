@@ -90,7 +90,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     db = getattr(known, "singleflight_db", None) or _from_rootdir(
         early_config, early_config.getini("singleflight_db") or ".singleflight/receipts.db")
     try:
-        early_config.stash[_EARLY] = Session(db, mode="replay").start()
+        early_config.stash[_EARLY] = Session(db, mode="replay",
+                                             record_command=_record_command(db)).start()
     except StoreError as exc:
         raise pytest.UsageError(f"singleflight: {exc}") from None
 
@@ -327,6 +328,14 @@ def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, A
     return options
 
 
+def _record_command(db: str, item: pytest.Item | None = None) -> str:
+    """What a replay miss tells the user to run: record this store (this test)."""
+    from .store import redact_url
+
+    command = f"pytest --singleflight-mode=record --singleflight-db={shlex.quote(redact_url(db))}"
+    return command if item is None else f"{command} {shlex.quote(item.nodeid)}"
+
+
 def _from_rootdir(config: pytest.Config, path: str) -> str:
     """An ini file's relative path, from the rootdir (as pytest reads its own ini paths), so
     running from another directory finds the same store; URLs stay as they are."""
@@ -383,11 +392,7 @@ class _Run:
         return self.session.used or self.worker_used
 
     def record_command(self, item: pytest.Item | None = None) -> str:
-        from .store import redact_url
-
-        command = (f"pytest --singleflight-mode=record --singleflight-db="
-                   f"{shlex.quote(redact_url(self.db))}")
-        return command if item is None else f"{command} {shlex.quote(item.nodeid)}"
+        return _record_command(self.db, item)
 
     def summary(self) -> dict[str, Any] | None:
         """This run's statistics from the store, or ``None`` if nothing used it."""
