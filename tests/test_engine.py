@@ -424,10 +424,10 @@ async def test_an_async_caller_of_a_slow_sync_tool_does_not_run_it_twice(sf: Sin
 
 
 def _waiting_on_a_flight(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is blocked in ``Future.result`` (an in-process flight)."""
+    """Whether ``thread`` is blocked on a future (an in-process flight)."""
     frame = sys._current_frames().get(thread.ident or 0)
     while frame is not None:
-        if frame.f_code.co_name == "result" and "concurrent" in frame.f_code.co_filename:
+        if frame.f_code.co_name in ("result", "wait") and "concurrent" in frame.f_code.co_filename:
             return True
         frame = frame.f_back
     return False

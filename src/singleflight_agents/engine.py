@@ -10,6 +10,7 @@ the two thin entries that carry those out.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -24,7 +25,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
 from .fingerprint import binder, encode_inputs, fingerprint_of, redact_inputs
-from .flights import ABANDONED, FLIGHTS, Flight, run_in_thread, start_thread, wait_future
+from .flights import (
+    ABANDONED,
+    FLIGHTS,
+    RUNNING,
+    Flight,
+    WaitTimeout,
+    run_in_thread,
+    running,
+    start_thread,
+    wait_future,
+    wait_sync,
+)
 from .heartbeat import Heartbeat
 from .models import (
     ExecutionOutcome,
@@ -132,12 +144,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _current_task() -> object:
-    import asyncio
-
-    return asyncio.current_task()
-
-
 class _Backend:
     """What an engine opens on first use: its store, the key that signs for it, the
     heartbeat that renews its leases, and the flush of its statistics at exit."""
@@ -231,7 +237,7 @@ class Singleflight:
                         store.close()
                     raise
                 # Pending counts are written at close, at exit, or when the engine is collected.
-                flush = weakref.finalize(self, _flush_stats, store, self._stats, self.run_id,
+                flush = weakref.finalize(self, _flush_finally, store, self._stats, self.run_id,
                                          self._instance)
                 self._backend = _Backend(store, signer, Heartbeat(store), flush)
             return self._backend
@@ -325,7 +331,8 @@ class Singleflight:
         if backend is None:
             return
         try:
-            backend.flush_at_end()
+            backend.flush_at_end.detach()
+            _flush_stats(backend.store, self._stats, self.run_id, self._instance)
         except StoreError as exc:
             warnings.warn(f"singleflight: statistics not written: {exc}", RuntimeWarning,
                           stacklevel=2)
@@ -391,14 +398,14 @@ class Singleflight:
                     result = await run_in_thread(self._own_sync, call, flight,
                                                  name="singleflight-owner")
                     return self._finish(call, result, started)
-                if flight.owner is not None and flight.owner is _current_task():
+                if (self.store.identity, call.key) in RUNNING.get():
                     self._note_fallback(call, "it was called again, with the same arguments, by "
                                               "its own run")
                     result = await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
                     return self._finish(call, result, started)
                 try:
                     result = await wait_future(flight.future, call.options.wait_timeout_seconds)
-                except TimeoutError:
+                except WaitTimeout:
                     self._note_fallback(call, "waiting for it timed out")
                     result = await self._run_unshared_async(call, Source.EXECUTED_FALLBACK)
                     return self._finish(call, result, started)
@@ -421,14 +428,14 @@ class Singleflight:
                 if owner:
                     return self._finish(call, self._own_sync(call, flight), started)
                 reason = None
-                if flight.owner == threading.get_ident():
+                if (self.store.identity, call.key) in RUNNING.get():
                     reason = "it was called again, with the same arguments, by its own run"
                 elif flight.loop is not None and flight.loop is _running_loop():
                     reason = "its owner runs on the event loop this sync call blocks"
                 else:
                     try:
-                        result = flight.future.result(call.options.wait_timeout_seconds)
-                    except TimeoutError:
+                        result = wait_sync(flight.future, call.options.wait_timeout_seconds)
+                    except WaitTimeout:
                         reason = "waiting for it timed out"
                 if reason is not None:
                     self._note_fallback(call, reason)
@@ -443,7 +450,6 @@ class Singleflight:
     # -- owning a flight ------------------------------------------------------------
 
     def _own_sync(self, call: _Call, flight: Flight) -> _Result:
-        flight.owner = threading.get_ident()
         try:
             result = self._drive_sync(call, self._resolve(call))
         except BaseException as exc:
@@ -456,7 +462,6 @@ class Singleflight:
         import asyncio
 
         flight.loop = asyncio.get_running_loop()
-        flight.owner = asyncio.current_task()
         try:
             result = await self._drive_async(call, self._resolve(call))
         except BaseException as exc:
@@ -485,7 +490,8 @@ class Singleflight:
             reply, error = None, None
             try:
                 if step is _RUN:
-                    reply = self._call_tool(call)
+                    with running((self.store.identity, call.key)):
+                        reply = self._call_tool(call)
                 else:
                     self.store.wait(call.key, step.timeout)
             except BaseException as exc:
@@ -505,7 +511,8 @@ class Singleflight:
             reply, error = None, None
             try:
                 if step is _RUN:
-                    reply = await call.func(*call.args, **call.kwargs)
+                    with running((self.store.identity, call.key)):
+                        reply = await call.func(*call.args, **call.kwargs)
                 else:
                     await run_in_thread(self.store.wait, call.key, step.timeout)
             except BaseException as exc:
@@ -567,7 +574,9 @@ class Singleflight:
                 if isinstance(exc, Exception):  # not cancelled or interrupted: the tool failed
                     self._stats.add(call.tool_name, failures=1)
                     error = exc.original if isinstance(exc, _Escaped) else exc
-                    message = str(error)[:2000].encode("utf-8", "backslashreplace").decode()
+                    # A message may hold a secret ("401 for ?key=sk-..."): it is stored only
+                    # when the tool shares its failures, else the type alone.
+                    message = _describe(error, 2000) if call.options.share_failures else ""
                     failure = (type(error).__qualname__, message)
                 with contextlib.suppress(Exception):  # the tool's error matters more
                     self.store.release(lease, failure)
@@ -580,17 +589,28 @@ class Singleflight:
         return result
 
     def _persist(self, call: _Call, result: _Result, lease: Lease) -> None:
-        options = call.options
+        """Store the receipt; on any failure, release the lease (waiters elsewhere must not
+        wait it out) and warn: the result still reaches every caller of this flight."""
         try:
-            result.encoded = codec.encode(result.value, options.allow_pickle)
-        except codec.UnencodableError as exc:
-            with contextlib.suppress(StoreError):
+            self._store_receipt(call, result, lease)
+        except Exception as exc:
+            result.encoded = None  # waiters share the value itself
+            with contextlib.suppress(Exception):
                 self.store.release(lease)
             self._stats.add(call.tool_name, not_persisted=1)
-            self._warn(call.tool_name, f"{call.tool_name}: result of type {exc.type_name} cannot "
-                       f"be stored as JSON; it reached this call's waiters but was not "
-                       f"persisted (return JSON-able data, or pass allow_pickle=True)")
-            return
+            if isinstance(exc, codec.UnencodableError):
+                why = (f"result of type {exc.type_name} cannot be stored as JSON (return "
+                       f"JSON-able data, or pass allow_pickle=True)")
+            elif isinstance(exc, StoreError):
+                why = f"the store failed: {exc}"
+            else:  # e.g. an int of 5,000 digits, a list nested 10,000 deep or holding itself
+                why = f"result cannot be stored ({type(exc).__name__}: {_describe(exc)})"
+            self._warn(call.tool_name, f"{call.tool_name}: {why}; the result reached this "
+                       f"call's waiters, but was not persisted")
+
+    def _store_receipt(self, call: _Call, result: _Result, lease: Lease) -> None:
+        options = call.options
+        result.encoded = codec.encode(result.value, options.allow_pickle)
         now = time.time()
         receipt = self._signer.sign(Receipt(
             fingerprint=call.key, tool_name=call.tool_name, namespace=options.namespace,
@@ -602,13 +622,7 @@ class Singleflight:
             cost_usd=options.estimated_cost_usd, executor=self._owner, token=lease.token,
             key_id=self._signer.key_id,
         ))
-        try:
-            stored = self.store.put(receipt, lease)
-        except StoreError as exc:
-            self._stats.add(call.tool_name, not_persisted=1)
-            self._warn(call.tool_name, f"{call.tool_name}: result not persisted: {exc}")
-            return
-        if stored:
+        if self.store.put(receipt, lease):
             result.receipt = receipt
         else:
             self._stats.add(call.tool_name, fenced_out=1)
@@ -723,7 +737,9 @@ class Singleflight:
             return asyncio.run(call.func(*call.args, **call.kwargs))
         # This thread runs a loop we must not re-enter: give the coroutine its own.
         coroutine = call.func(*call.args, **call.kwargs)
-        return start_thread(asyncio.run, coroutine, name="singleflight-loop").result()
+        # The loop's thread gets this context: a flight running here is known there too.
+        context = contextvars.copy_context()
+        return start_thread(context.run, asyncio.run, coroutine, name="singleflight-loop").result()
 
     def _run_unshared(self, call: _Call, source: Source) -> _Result:
         started = time.perf_counter()
@@ -804,8 +820,27 @@ class Singleflight:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def _describe(exc: BaseException, limit: int = 300) -> str:
+    try:
+        text = str(exc)[:limit]
+    except Exception:  # an exception whose __str__ fails is still reported
+        return f"<{type(exc).__name__} whose str() failed>"
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
 def _owner_id(instance: str) -> str:
     return f"{os.uname().nodename}:{os.getpid()}:{instance}"
+
+
+def _flush_finally(store: ReceiptStore, stats: Stats, run_id: str, instance: str) -> None:
+    """At exit or collection: one line if the counts cannot be written (the store is gone,
+    the disk full), never a traceback."""
+    try:
+        _flush_stats(store, stats, run_id, instance)
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # stderr itself may be gone at exit
+            print(f"singleflight: statistics not written at exit: {_describe(exc)}",
+                  file=sys.stderr)
 
 
 def _flush_stats(store: ReceiptStore, stats: Stats, run_id: str, instance: str) -> None:

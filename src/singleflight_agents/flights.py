@@ -8,6 +8,7 @@ callers on any loop await it without polling and without a thread each.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -17,10 +18,29 @@ if TYPE_CHECKING:  # imported lazily: asyncio alone doubles the package's import
     import concurrent.futures
 
 ABANDONED = object()  # the owner was cancelled: a waiter should take the flight over
+# The flights whose tools run in this context. Tasks (gather, TaskGroup) and threads started
+# with the context (asyncio.to_thread, LangChain's executors) inherit it: a tool that calls
+# itself with the same arguments from one of them is told apart from an ordinary waiter.
+RUNNING: contextvars.ContextVar[frozenset[tuple[str, str]]] = contextvars.ContextVar(
+    "singleflight_running", default=frozenset())
+
+
+@contextlib.contextmanager
+def running(key: tuple[str, str]) -> Any:
+    """Mark ``key``'s tool as running in this context (and those it hands on) while inside."""
+    token = RUNNING.set(RUNNING.get() | {key})
+    try:
+        yield
+    finally:
+        RUNNING.reset(token)
+
+
+class WaitTimeout(Exception):
+    """The engine's own wait ran out; never a tool's ``TimeoutError``, which waiters share."""
 
 
 class Flight:
-    __slots__ = ("future", "loop", "owner")
+    __slots__ = ("future", "loop")
 
     def __init__(self) -> None:
         from concurrent.futures import Future
@@ -29,9 +49,6 @@ class Flight:
         # The event loop an async owner runs on: a sync waiter on that loop's thread
         # would block the very loop the owner needs.
         self.loop: asyncio.AbstractEventLoop | None = None
-        # The owning thread or task: a tool that calls itself with the same arguments
-        # would otherwise wait for itself.
-        self.owner: object = None
 
 
 class FlightTable:
@@ -102,7 +119,19 @@ async def wait_future(future: concurrent.futures.Future[Any], timeout: float | N
             loop.call_soon_threadsafe(_resolve, waiter)
 
     future.add_done_callback(wake)
-    await asyncio.wait_for(waiter, timeout)  # TimeoutError, like Future.result(timeout)
+    try:
+        await asyncio.wait_for(waiter, timeout)
+    except TimeoutError:
+        raise WaitTimeout from None
+    return future.result()  # the tool's own exceptions, TimeoutError included, as they are
+
+
+def wait_sync(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
+    """``future.result(timeout)``, with the wait's end told apart from the tool's errors."""
+    from concurrent.futures import wait
+
+    if not wait([future], timeout).done:
+        raise WaitTimeout
     return future.result()
 
 

@@ -1,0 +1,257 @@
+"""Issue 12, the engine's part: the tool's own TimeoutError, results the codec cannot store,
+exceptions whose str() fails, a tool calling itself from tasks it started, failure messages
+kept out of the store, and one line at exit when statistics cannot be written."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from singleflight_agents import SharedExecutionError, Singleflight, Source, ToolExecutionOptions
+from singleflight_agents.fingerprint import make_fingerprint
+from singleflight_agents.flights import FLIGHTS
+from singleflight_agents.store import Lease
+
+SHARED = ToolExecutionOptions(tool_name="t.hard", deterministic=True)
+
+
+def _joins(monkeypatch: pytest.MonkeyPatch, n: int) -> threading.Event:
+    """An event set once ``n`` callers have joined a flight (owner included)."""
+    joined, lock, count = threading.Event(), threading.Lock(), [0]
+    original = FLIGHTS.join
+
+    def counting(key: tuple[str, str]) -> Any:
+        result = original(key)
+        with lock:
+            count[0] += 1
+            if count[0] >= n:
+                joined.set()
+        return result
+
+    monkeypatch.setattr(FLIGHTS, "join", counting)
+    return joined
+
+
+def _free(sf: Singleflight, key: str) -> bool:
+    """Whether the key's lease was left free (another process could take it at once)."""
+    lease = sf.store.acquire(key, "another-process", 10)
+    if isinstance(lease, Lease):
+        sf.store.release(lease)
+        return True
+    return False
+
+
+# -- 2. a tool's TimeoutError is the tool's, shared like any error --------------------------
+
+
+def test_a_tool_timeout_error_runs_once_for_every_thread(sf: Singleflight,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[str] = []
+    release = threading.Event()
+    joined = _joins(monkeypatch, 8)
+
+    def tool(query: str) -> str:
+        runs.append(query)
+        release.wait(30)
+        raise TimeoutError("upstream read timed out")
+
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            sf.execute_sync(tool, "q", options=SHARED)
+        except TimeoutError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    assert joined.wait(30)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert runs == ["q"]
+    assert [str(e) for e in errors] == ["upstream read timed out"] * 8
+
+
+async def test_a_tool_timeout_error_runs_once_for_every_task(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[str] = []
+    release = asyncio.Event()
+    joined = _joins(monkeypatch, 8)
+
+    async def tool(query: str) -> str:
+        runs.append(query)
+        await release.wait()
+        raise TimeoutError("upstream read timed out")
+
+    async def releaser() -> None:
+        await asyncio.to_thread(joined.wait, 30)
+        release.set()
+
+    results = await asyncio.gather(releaser(), *(sf.execute(tool, "q", options=SHARED)
+                                                 for _ in range(8)), return_exceptions=True)
+    assert runs == ["q"]
+    assert [type(r) for r in results[1:]] == [TimeoutError] * 8
+
+
+# -- 3. results the codec cannot store never hold the lease --------------------------------
+
+
+def _self_referencing() -> list[Any]:
+    loop: list[Any] = [1]
+    loop.append(loop)
+    return loop
+
+
+def _deep() -> list[Any]:
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    return deep
+
+
+@pytest.mark.filterwarnings("ignore:.*not persisted")
+@pytest.mark.parametrize("make", [lambda: 10 ** 5000, _deep, _self_referencing, lambda: {1j}],
+                         ids=["int-of-5001-digits", "nested-10000-deep", "self-referencing",
+                              "a-set-of-complex"])
+def test_an_unstorable_result_reaches_its_caller_and_frees_the_lease(
+        sf: Singleflight, make: Any) -> None:
+    value = make()
+    outcome = sf.execute_sync(lambda: value, options=SHARED.replace(tool_name="t.unstorable"))
+    assert outcome.value is value and outcome.source is Source.EXECUTED
+    assert outcome.receipt is None
+    assert _free(sf, outcome.fingerprint)
+    assert sf.summary()["not_persisted"] == 1
+
+
+def test_the_warning_for_an_unstorable_result_names_what_happened(sf: Singleflight) -> None:
+    with pytest.warns(RuntimeWarning, match=r"t\.huge: result cannot be stored \(ValueError: "
+                                            r".*\); the result reached this call's waiters, but "
+                                            r"was not persisted"):
+        sf.execute_sync(lambda: 10 ** 5000, options=SHARED.replace(tool_name="t.huge"))
+
+
+# -- 4. an exception whose __str__ fails ---------------------------------------------------
+
+
+class BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise AttributeError("no message here")
+
+
+def test_an_exception_whose_str_fails_reaches_the_caller_and_frees_the_lease(
+        sf: Singleflight) -> None:
+    def tool(query: str) -> str:
+        raise BrokenStr()
+
+    with pytest.raises(BrokenStr):
+        sf.execute_sync(tool, "q", options=SHARED)
+    assert _free(sf, make_fingerprint("t.hard", {"query": "q"}))
+
+
+# -- 5. a tool that calls itself from tasks and threads it started --------------------------
+
+
+def _reason(caught: list[Any]) -> list[str]:
+    return [str(w.message) for w in caught if "executing without sharing" in str(w.message)]
+
+
+async def test_a_tool_calling_itself_from_tasks_it_started_does_not_wait_for_itself(
+        sf: Singleflight) -> None:
+    options = SHARED.replace(tool_name="t.recursive", wait_timeout_seconds=2)
+    runs: list[int] = []
+
+    async def tool(depth: int) -> int:
+        runs.append(depth)
+        if len(runs) > 1:
+            return 0
+        async with asyncio.TaskGroup() as group:  # as agent frameworks fan out
+            inner = group.create_task(sf.execute(tool, depth, options=options))
+        both = await asyncio.gather(sf.execute(tool, depth, options=options),
+                                    asyncio.to_thread(sf.execute_sync, tool, depth,
+                                                      options=options))
+        return 1 + inner.result().value + sum(o.value for o in both)
+
+    with pytest.warns(RuntimeWarning) as caught:
+        outcome = await sf.execute(tool, 0, options=options)
+    assert outcome.value == 1 and outcome.source is Source.EXECUTED
+    assert _reason(caught) == ["t.recursive: executing without sharing because it was called "
+                               "again, with the same arguments, by its own run"]
+
+
+def test_a_sync_tool_calling_itself_through_a_context_copying_thread(sf: Singleflight) -> None:
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    options = SHARED.replace(tool_name="t.pool", wait_timeout_seconds=2)
+    runs: list[int] = []
+
+    def tool(depth: int) -> int:
+        runs.append(depth)
+        if len(runs) > 1:
+            return 0
+        with ThreadPoolExecutor(2) as pool:  # LangChain's executors copy the context like this
+            context = contextvars.copy_context()
+            future = pool.submit(context.run, sf.execute_sync, tool, depth, options=options)
+            return 1 + future.result().value
+
+    with pytest.warns(RuntimeWarning) as caught:
+        assert sf.execute_sync(tool, 0, options=options).value == 1
+    assert _reason(caught) == ["t.pool: executing without sharing because it was called again, "
+                               "with the same arguments, by its own run"]
+
+
+# -- 6. a failing tool's message is not stored ---------------------------------------------
+
+
+def test_a_failure_message_reaches_the_store_only_when_failures_are_shared(
+        sf: Singleflight) -> None:
+    def tool(query: str) -> str:
+        raise PermissionError("401 for https://api.example.com/?key=sk-live-0123456789")
+
+    with pytest.raises(PermissionError):
+        sf.execute_sync(tool, "q", options=SHARED.replace(tool_name="t.auth"))
+    failure = sf.store.last_failure(make_fingerprint("t.auth", {"query": "q"}))
+    assert failure is not None and failure.error_type == "PermissionError"
+    assert "sk-live" not in failure.message
+    assert str(SharedExecutionError("t.auth", failure.error_type, failure.message)) == (
+        "t.auth: shared execution failed with PermissionError (its message stays with the "
+        "process that ran it)")
+    with pytest.raises(PermissionError):  # share_failures=True: sharing the message is asked for
+        sf.execute_sync(tool, "q", options=SHARED.replace(tool_name="t.auth2",
+                                                          share_failures=True))
+    shared = sf.store.last_failure(make_fingerprint("t.auth2", {"query": "q"}))
+    assert shared is not None and shared.message.startswith("401 for")
+
+
+# -- 13. one line at exit when statistics cannot be written --------------------------------
+
+
+def test_statistics_that_cannot_be_written_at_exit_are_one_line(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        from singleflight_agents import Singleflight, StoreError, ToolExecutionOptions
+        from singleflight_agents.store import SQLiteStore
+
+        def disk_full(*args, **kwargs):
+            raise StoreError("{tmp_path}/r.db: database or disk is full")
+
+        sf = Singleflight({str(tmp_path / "r.db")!r})
+        options = ToolExecutionOptions(tool_name="t.up", deterministic=True)
+        sf.execute_sync(str.upper, "a", options=options)  # the first counts are written now
+        SQLiteStore.save_stats = disk_full
+        sf.execute_sync(str.upper, "a", options=options)  # these wait for the exit
+        # no close(): the counts are written at exit, and that fails
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0
+    assert done.stderr.splitlines() == [
+        f"singleflight: statistics not written at exit: {tmp_path}/r.db: database or disk is full"]
