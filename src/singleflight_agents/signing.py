@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import stat
+import warnings
 from pathlib import Path
 
 from .models import Receipt, StoreError
@@ -78,14 +79,14 @@ def load_key(secret: str | bytes | None, key_path: Path | None, create: bool = T
         return key
     if key_path is None:
         raise StoreError(f"no signing key: pass secret= or set {ENV_SECRET}")
-    if not create and not key_path.exists():
+    if not create and not os.path.lexists(key_path):
         raise StoreError(f"signing key file {key_path} is missing, so receipts cannot be checked; "
                          f"restore it or set {ENV_SECRET} to the secret that signed them")
     return _read_or_create_key_file(key_path)
 
 
 def _read_or_create_key_file(path: Path) -> bytes:
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling symlink is not missing: it is refused below
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -96,14 +97,7 @@ def _read_or_create_key_file(path: Path) -> bytes:
             pass
         finally:
             os.unlink(tmp)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd) as handle:
-            info = os.fstat(handle.fileno())
-            text = handle.read().strip()
-    except OSError as exc:
-        raise StoreError(f"cannot read signing key file {path}: {exc.strerror} (a symlink is "
-                         f"refused); fix it or set {ENV_SECRET}") from None
+    info, data = _read_key_file(path)
     # Whoever can write the key can forge receipts, and forged pickles run code.
     if info.st_uid != os.geteuid():
         raise StoreError(f"signing key file {path} belongs to another user; delete it or set "
@@ -111,9 +105,40 @@ def _read_or_create_key_file(path: Path) -> bytes:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StoreError(f"signing key file {path} is writable by group or others; "
                          f"chmod 600 it (and check nobody changed it) or set {ENV_SECRET}")
+    if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        # Warned, not refused: a git checkout or a CI cache restore leaves 0644, and a refusal
+        # would fail every such job without taking back what was already readable.
+        warnings.warn(f"signing key file {path} is readable by group or others, who could "
+                      f"forge receipts with it; chmod 600 {path}", RuntimeWarning, stacklevel=2)
     # The file holds the secret as text, exactly what $SINGLEFLIGHT_SECRET would hold, so
     # `SINGLEFLIGHT_SECRET="$(cat receipts.db.key)"` checks the same receipts in CI.
-    key = text.encode()
+    try:
+        key = data.decode().strip().encode()
+    except UnicodeDecodeError:
+        raise StoreError(f"signing key file {path} is not UTF-8 text; delete it or set "
+                         f"{ENV_SECRET}") from None
     if len(key) < 16:
         raise StoreError(f"signing key file {path} holds a key shorter than 16 bytes; delete it")
     return key
+
+
+def _read_key_file(path: Path) -> tuple[os.stat_result, bytes]:
+    # O_NOFOLLOW: a symlink is refused. O_NONBLOCK: a FIFO planted here must not hang every
+    # process that opens the store; it, like anything else not a regular file, is refused.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"cannot read signing key file {path}: {exc.strerror} (a symlink is "
+                         f"refused); fix it or set {ENV_SECRET}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"signing key file {path} is not a regular file; delete it or set "
+                             f"{ENV_SECRET}")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return info, handle.read()
+    except OSError as exc:
+        raise StoreError(f"cannot read signing key file {path}: {exc.strerror}; fix it or "
+                         f"set {ENV_SECRET}") from None
+    finally:
+        os.close(fd)
