@@ -255,3 +255,46 @@ def test_statistics_that_cannot_be_written_at_exit_are_one_line(tmp_path: Path) 
     assert done.returncode == 0
     assert done.stderr.splitlines() == [
         f"singleflight: statistics not written at exit: {tmp_path}/r.db: database or disk is full"]
+
+
+# -- the waiters of a silent holder take one new lease between them -------------------------
+
+WAITER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from singleflight_agents import Singleflight, ToolExecutionOptions
+
+    store, log = sys.argv[1], Path(sys.argv[2])
+
+    def tool(q):
+        with open(log, "a") as handle:
+            handle.write(q + "\\n")
+        return {"q": q}
+
+    with Singleflight(store=store, secret="x" * 32) as sf:
+        outcome = sf.execute_sync(tool, "x", options=ToolExecutionOptions(
+            tool_name="t.frozen", deterministic=True, wait_timeout_seconds=1))
+    print(json.dumps([str(outcome.source), outcome.value]))
+""")
+
+
+def test_processes_that_waited_out_a_silent_holder_run_the_tool_once(
+        store_url: str, tmp_path: Path) -> None:
+    import json
+
+    frozen = Singleflight(store=store_url, secret="x" * 32)
+    key = make_fingerprint("t.frozen", {"q": "x"})
+    held = frozen.store.acquire(key, "a frozen holder", 60)  # alive, never finishing
+    assert isinstance(held, Lease)
+    log = tmp_path / "runs.log"
+    waiters = [subprocess.Popen([sys.executable, "-c", WAITER, store_url, str(log)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(3)]
+    outputs = [waiter.communicate(timeout=60) for waiter in waiters]
+    assert all(waiter.returncode == 0 for waiter in waiters), outputs
+    assert log.read_text().splitlines() == ["x"]  # one run between the three, not three
+    sources = sorted(json.loads(out)[0] for out, _ in outputs)
+    assert sources[0] in ("cache_hit", "executed") and sources.count("executed") == 1
+    assert all(json.loads(out)[1] == {"q": "x"} for out, _ in outputs)
+    frozen.store.release(held)
+    frozen.close()
