@@ -74,7 +74,7 @@ _FLUSH_INTERVAL = 1.0
 
 class _Call:
     __slots__ = ("args", "duplicate", "func", "inputs", "is_async", "key", "kwargs", "mode",
-                 "options", "session", "shown_inputs", "stalled", "tampered", "tool_name")
+                 "options", "session", "shown_inputs", "tampered", "tool_name")
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  options: ToolExecutionOptions, tool_name: str, is_async: bool,
@@ -86,14 +86,6 @@ class _Call:
         self.shown_inputs = ""  # what receipts and messages show: inputs, minus redactions
         self.tampered = False  # counted once per call, however often the receipt was read
         self.duplicate = False  # mode="off": an earlier call had the same key
-        self.stalled = False  # the call again, for those who waited out a silent holder
-
-    def stalled_copy(self) -> _Call:
-        copy = _Call(self.func, self.args, self.kwargs, self.options, self.tool_name,
-                     self.is_async, self.session, self.mode)
-        copy.inputs, copy.shown_inputs, copy.stalled = self.inputs, self.shown_inputs, True
-        copy.key = hashlib.sha256(f"{self.key}:stalled".encode()).hexdigest()
-        return copy
 
 
 class _Result:
@@ -117,13 +109,10 @@ class _Escaped(Exception):
 
 
 class _Wait:
-    __slots__ = ("key", "timeout")
+    __slots__ = ("timeout",)
 
-    def __init__(self, key: str, timeout: float) -> None:
-        self.key, self.timeout = key, timeout
-
-
-_TIMED_OUT = "waiting for another process timed out"
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
 
 
 _RUN = object()  # step: run the tool and send its value back
@@ -504,7 +493,7 @@ class Singleflight:
                     with running((self.store.identity, call.key)):
                         reply = self._call_tool(call)
                 else:
-                    self.store.wait(step.key, step.timeout)
+                    self.store.wait(call.key, step.timeout)
             except BaseException as exc:
                 error = _Escaped(exc) if isinstance(exc, StopIteration) else exc
 
@@ -525,7 +514,7 @@ class Singleflight:
                     with running((self.store.identity, call.key)):
                         reply = await call.func(*call.args, **call.kwargs)
                 else:
-                    await run_in_thread(self.store.wait, step.key, step.timeout)
+                    await run_in_thread(self.store.wait, call.key, step.timeout)
             except BaseException as exc:
                 error = _Escaped(exc) if isinstance(exc, StopIteration) else exc
 
@@ -540,10 +529,6 @@ class Singleflight:
             return (yield from self._run_holding(call, got))
         if isinstance(got, _Result):
             return got
-        if got == _TIMED_OUT and not call.stalled:
-            # A holder alive but silent (frozen) keeps its lease on SQLite: the processes that
-            # waited it out take one new lease between them, on a key of their own.
-            return (yield from self._resolve(call.stalled_copy()))
         self._note_fallback(call, got)
         value = yield _RUN
         return _Result(value, Source.EXECUTED_FALLBACK)
@@ -560,8 +545,8 @@ class Singleflight:
                 return attempt
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return _TIMED_OUT
-            yield _Wait(call.key, remaining)
+                return "waiting for another process timed out"
+            yield _Wait(remaining)
             hit = self._lookup(call)
             if hit is not None:
                 hit.source = Source.SHARED_WAIT
