@@ -1,7 +1,8 @@
 """The ``singleflight-agents`` command: demo, summary, verify, prune, export, import.
 
 User mistakes print one line to stderr and exit 2; ``verify`` and ``import`` exit 1
-when a receipt fails its check.
+when a receipt fails its check, ``export`` when a damaged one cannot be written. Output
+cut short by its reader (``summary | head``) ends quietly with 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import asyncio
 import dataclasses
 import importlib
 import json
+import math
 import os
+import signal
+import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
 
 from . import __version__, codec
 from .demo import run_demo
@@ -26,11 +29,18 @@ from .models import Receipt, SingleflightError
 from .reporting import format_json, format_markdown, format_summary
 from .sessions import ignore_inherited_session
 from .signing import ENV_SECRET, Signer, key_path_for, load_key
-from .stats import summarize
-from .store import DEFAULT_PATH, REDIS_SCHEMES, ReceiptStore, SQLiteStore, open_store, sqlite_path
+from .stats import damage, summarize
+from .store import (
+    DEFAULT_PATH,
+    REDIS_SCHEMES,
+    ReceiptStore,
+    SQLiteStore,
+    keyed_receipts,
+    open_store,
+    sqlite_path,
+)
 
 PROG = "singleflight-agents"
-_FIELDS = [f.name for f in dataclasses.fields(Receipt)]
 
 
 class UsageError(Exception):
@@ -72,16 +82,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     db = getattr(args, "db", None)
     ignore_inherited_session()  # --db is this command's store, whoever started it
+    _tolerant_output()
     try:
-        return int(_COMMANDS[args.command](args, db))
+        status = int(_COMMANDS[args.command](args, db))
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except (UsageError, SingleflightError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _tolerant_output() -> None:
+    # A --db path in bytes of another encoding reaches us as surrogate escapes: print it
+    # back as those bytes, whatever error handler the locale gave this command's stdout.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
+def _reader_gone() -> int:
+    # `summary --json | head`: stop without a word, as other Unix tools do. Not by restoring
+    # SIGPIPE's default: that would kill us on a Redis socket too. Python flushes stdout
+    # again at exit and would complain, so what is left goes to /dev/null.
+    with suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+def _shown(value: object) -> str:
+    # A name edited in the store prints as one escaped token, never as lines of its own
+    # (a forged "ok" line under a FAIL).
+    text = str(value)
+    return text if text.isprintable() else ascii(text)
 
 
 def _is_redis(db: str | None) -> bool:
@@ -140,9 +182,18 @@ def _langgraph_demo(args: argparse.Namespace, db: str | None) -> int:
 
 
 def _summary(args: argparse.Namespace, db: str | None) -> int:
+    if args.run is not None and not (args.run and _utf8(args.run)):
+        raise UsageError(f"--run {args.run!r}: a run id is non-empty UTF-8 text; pass the id "
+                         f"that summary, the report or $SINGLEFLIGHT_RUN_ID shows")
     with _existing_store(db) as store:
         run = None if args.all else (args.run or store.latest_run())
-        summary = summarize(store.load_stats(run), db_path=store.url, run_id=run)
+        rows = _stats_rows(store, run)
+        if args.run and not rows:
+            latest = store.latest_run()
+            known = f"its latest run is {latest!r}" if latest else "it has no runs yet"
+            raise UsageError(f"no run {args.run!r} in {store.url} ({known}); pass a run id it "
+                             f"holds, or --all")
+        summary = summarize(rows, db_path=store.url, run_id=run)
     if args.json:
         print(format_json(summary))
     elif args.markdown:
@@ -152,6 +203,31 @@ def _summary(args: argparse.Namespace, db: str | None) -> int:
     return 0
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates: bytes of another encoding on the command line
+        return False
+    return True
+
+
+def _stats_rows(store: ReceiptStore, run: str | None) -> list[tuple[str, str, dict[str, float]]]:
+    # Statistics are counters edited by nobody; a damaged row is reported, never added up.
+    fix = "the receipts are not affected; summarize another run with --run ID"
+    try:
+        rows = store.load_stats(run)
+    except (ValueError, RecursionError) as exc:  # a row that is not JSON
+        which = f"of run {run!r}" if run else "of a run"
+        raise UsageError(f"{store.url}: the statistics {which} are damaged (a row is not "
+                         f"JSON: {exc}); {fix}") from None
+    for row_run, tool, counters in rows:
+        why = damage(counters)
+        if why is not None:
+            raise UsageError(f"{store.url}: the statistics of run {str(row_run)!r}, tool "
+                             f"{str(tool)!r} are damaged ({why}); {fix}")
+    return rows
+
+
 def _verify(args: argparse.Namespace, db: str | None) -> int:
     with _existing_store(db) as store:
         signer = _signer(store)
@@ -159,14 +235,12 @@ def _verify(args: argparse.Namespace, db: str | None) -> int:
         bad: list[str] = []
         now = time.time()
         total = expired = foreign = 0
-        for receipt in store.iter_receipts():
+        for key, receipt in keyed_receipts(store):
             total += 1
-            name = f"{receipt.tool_name} {str(receipt.fingerprint)[:16]}"
-            if receipt.key_id != signer.key_id:
-                foreign += 1
-                bad.append(f"{name}: signed with another key (key id {receipt.key_id})")
-            elif not _verifies(signer, receipt):
-                bad.append(f"{name}: signature mismatch (edited after it was signed)")
+            foreign += receipt.key_id != signer.key_id
+            problem = _problem(signer, key, receipt)
+            if problem is not None:
+                bad.append(f"{_name(receipt)}: {problem}")
             else:
                 expired += receipt.expires_at <= now  # a verified receipt's fields are sound
     if total and foreign == total:
@@ -179,6 +253,23 @@ def _verify(args: argparse.Namespace, db: str | None) -> int:
     print(f"{'FAILED' if failed else 'ok'}: {total - len(bad)} of {total} receipts verified "
           f"({expired} expired), store self-check {'failed' if store_problems else 'passed'}")
     return 1 if failed else 0
+
+
+def _problem(signer: Signer, key: object, receipt: Receipt) -> str | None:
+    # Every check the engine makes before serving a receipt it found under `key`
+    # (Singleflight._trusted), so that what verify passes the engine serves.
+    if receipt.key_id != signer.key_id:
+        return f"signed with another key (key id {_shown(receipt.key_id)})"
+    if not _verifies(signer, receipt):
+        return "signature mismatch (edited after it was signed)"
+    if key != receipt.fingerprint:
+        return (f"stored under the key of fingerprint {_shown(key)[:16]}, not under its own "
+                f"(moved in the store); the engine does not serve it")
+    return None
+
+
+def _name(receipt: Receipt) -> str:
+    return f"{_shown(receipt.tool_name)} {_shown(receipt.fingerprint)[:16]}"
 
 
 def _verifies(signer: Signer, receipt: Receipt) -> bool:
@@ -215,35 +306,85 @@ def _prune(args: argparse.Namespace, db: str | None) -> int:
 
 
 def _export(args: argparse.Namespace, db: str | None) -> int:
+    if args.output == "":
+        raise UsageError("-o needs a file name; leave it out to write to stdout")
     with _existing_store(db) as store:
         receipts = list(store.iter_receipts())
-    lines = "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in receipts)
-    if args.output:
-        Path(args.output).write_text(lines)
+    lines, skipped = [], 0
+    for receipt in receipts:
+        fields = receipt.to_dict()
+        try:
+            if not all(_utf8(value) for value in fields.values() if isinstance(value, str)):
+                raise ValueError("text that is not UTF-8")
+            lines.append(json.dumps(fields, sort_keys=True, allow_nan=False) + "\n")
+        except (TypeError, ValueError) as exc:  # bytes, NaN, bad text: edited in the store
+            skipped += 1
+            print(f"FAIL {_name(receipt)}: holds a value an export cannot carry ({exc}); "
+                  f"damaged in the store (run verify); not exported", file=sys.stderr)
+    if args.output is not None:
+        _write_private(args.output, "".join(lines))
     else:
-        sys.stdout.write(lines)
-    print(f"exported {len(receipts)} receipts", file=sys.stderr)
-    return 0
+        sys.stdout.write("".join(lines))
+    print(f"exported {len(lines)} of {len(receipts)} receipts" if skipped
+          else f"exported {len(receipts)} receipts", file=sys.stderr)
+    return 1 if skipped else 0
 
 
-def _read_receipts(handle: TextIO, name: str) -> list[Receipt]:
+def _write_private(path: str, text: str) -> None:
+    # An export holds every stored input and output: readable by this user only, as the
+    # store and key are. Created 0600; a file already there is made 0600 before it is
+    # emptied, so the new content is never readable by others, not even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # not a pipe, a terminal or /dev/stdout
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError as exc:
+                raise UsageError(f"cannot make {path} readable by this user only: "
+                                 f"{exc.strerror}; write the export to a new file") from None
+            os.ftruncate(fd, 0)
+        handle.write(text)
+
+
+def _read_receipts(lines: Iterable[bytes], name: str) -> list[Receipt]:
     receipts = []
-    for number, line in enumerate(handle, 1):
+    for number, raw in enumerate(lines, 1):
+        where = f"{name}:{number}"
+        try:
+            line = raw.decode()
+        except UnicodeDecodeError:
+            raise UsageError(f"{where}: not UTF-8 text, so not a file written by {PROG} "
+                             f"export") from None
         if not line.strip():
             continue
         try:
             data: Any = json.loads(line)
-            receipts.append(Receipt(**{field: data[field] for field in _FIELDS}))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{name}:{number}: not a receipt exported by {PROG} ({exc!r})") from None
+        except (ValueError, RecursionError) as exc:
+            raise UsageError(f"{where}: not a receipt exported by {PROG} (not JSON: "
+                             f"{exc})") from None
+        receipts.append(_receipt_from(data, where))
     return receipts
 
 
+def _receipt_from(data: Any, where: str) -> Receipt:
+    # Only the shape here: a field of the wrong type is one receipt's FAIL line in _import.
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: a JSON {type(data).__name__}, not a receipt exported by "
+                         f"{PROG}")
+    missing = [field.name for field in dataclasses.fields(Receipt) if field.name not in data]
+    if missing:
+        raise UsageError(f"{where}: no field {missing[0]!r}, so not a receipt exported by "
+                         f"{PROG}")
+    return Receipt(**{field.name: data[field.name] for field in dataclasses.fields(Receipt)})
+
+
 def _import(args: argparse.Namespace, db: str | None) -> int:
+    if not args.file:
+        raise UsageError("FILE is empty; pass a file written by export, or - for stdin")
     if args.file == "-":
-        receipts = _read_receipts(sys.stdin, "<stdin>")
+        receipts = _read_receipts(sys.stdin.buffer, "<stdin>")
     else:
-        with open(args.file) as handle:
+        with open(args.file, "rb") as handle:
             receipts = _read_receipts(handle, args.file)
     existing = _is_redis(db) or sqlite_path(db).exists()
     if not existing and not os.environ.get(ENV_SECRET) \
@@ -255,19 +396,46 @@ def _import(args: argparse.Namespace, db: str | None) -> int:
         signer = _signer(store)
         rejected = other_key = 0
         for receipt in receipts:
-            if receipt.key_id == signer.key_id and _verifies(signer, receipt):
+            why = _import_problem(signer, receipt)
+            if why is None:
                 store.import_receipt(receipt)
                 continue
             rejected += 1
             other_key += receipt.key_id != signer.key_id
-            why = "signed with another key" if receipt.key_id != signer.key_id else \
-                "signature does not verify (edited)"
-            print(f"FAIL {receipt.tool_name} {receipt.fingerprint[:16]}: {why}; not imported")
+            print(f"FAIL {_name(receipt)}: {why}; not imported")
     print(f"imported {len(receipts) - rejected} of {len(receipts)} receipts")
     if other_key:
         print(f"{other_key} receipt(s) were signed with another key than this store's (key id "
               f"{signer.key_id}); the key must travel with them: {_KEY_TRAVELS}")
     return 1 if rejected else 0
+
+
+def _import_problem(signer: Signer, receipt: Receipt) -> str | None:
+    if receipt.key_id != signer.key_id:
+        return "signed with another key"
+    if not _verifies(signer, receipt):
+        return "signature does not verify (edited)"
+    # Signed with our key, so only a holder of the key made it; still, no store can hold
+    # NaN or lone surrogates, and the signature takes 1 and 1.0 as one number.
+    for name, kinds in _FIELD_KINDS.items():
+        if not _fits(getattr(receipt, name), kinds):
+            return f"field {name!r} holds what {PROG} never exports"
+    return None
+
+
+# Receipt's annotations (strings: models uses postponed annotations) -> the JSON types
+# export writes for them; a new kind of field fails here, at import of this module.
+_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,), "str | None": (str, type(None)), "float": (int, float), "int": (int,)}
+_FIELD_KINDS = {field.name: _KINDS[str(field.type)] for field in dataclasses.fields(Receipt)}
+
+
+def _fits(value: object, kinds: tuple[type, ...]) -> bool:
+    if type(value) not in kinds:  # exact: true is not a number here
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, str) or _utf8(value)
 
 
 _KEY_TRAVELS = (f"set {ENV_SECRET} to the content of the key file of the store they came from "

@@ -7,6 +7,7 @@ Each process writes its own row per run, and summaries add the rows of one run u
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -52,6 +53,17 @@ class Stats:
                 return {}
             self.dirty = False
             return {tool: dict(counters) for tool, counters in self._tools.items()}
+
+
+def damage(counters: object) -> str | None:
+    """Why a stored row of counters cannot be added up (edited or damaged), or ``None``."""
+    if not isinstance(counters, dict):
+        return f"{type(counters).__name__}, not an object of counters"
+    for name in COUNTERS:
+        value = counters.get(name, 0)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            return f"counter {name!r} holds {value!r:.40}"
+    return None
 
 
 def summarize(

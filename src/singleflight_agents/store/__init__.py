@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
-from ..models import StoreError
+from ..models import Receipt, StoreError
 from .base import Busy, Failure, Lease, ReceiptStore
 from .sqlite import SQLiteStore
 
 DEFAULT_PATH = Path(".singleflight") / "receipts.db"
 
 __all__ = ["DEFAULT_PATH", "REDIS_SCHEMES", "Busy", "Failure", "Lease", "ReceiptStore",
-           "SQLiteStore", "is_sqlite_url", "open_store", "redact_url", "sqlite_path"]
+           "SQLiteStore", "is_sqlite_url", "keyed_receipts", "open_store", "redact_url",
+           "sqlite_path"]
 
 
 def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
@@ -49,10 +51,28 @@ def redact_url(url: str) -> str:
     """``url`` without its password (user info or ``password=`` query), for messages."""
     if "://" not in url:
         return url
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "password"])
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    # By hand, not urlsplit/urlunsplit: those turn unix:///path into unix:/path and raise
+    # on a malformed host, and a message about a bad URL must still show it.
+    scheme, _, rest = url.partition("://")
+    rest, mark, query = rest.partition("?")
+    if scheme == "unix":
+        netloc, slash, path = rest.partition("/")
+        rest = netloc.rpartition("@")[2] + slash + path
+    else:  # the rest is host, port and db: user info ends at its last '@'
+        rest = rest.rpartition("@")[2]
+    if mark:
+        query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True)
+                           if k != "password"], errors="surrogateescape")
+    return f"{scheme}://{rest}" + (f"?{query}" if query else "")
+
+
+def keyed_receipts(store: ReceiptStore) -> Iterator[tuple[object, Receipt]]:
+    """Every receipt with the key the engine looks it up by, which must be its fingerprint.
+    On SQLite the key *is* the fingerprint column, so only a Redis key can differ."""
+    keyed = getattr(store, "keyed_receipts", None)  # the Redis store's own
+    if keyed is not None:
+        return iter(keyed())
+    return ((receipt.fingerprint, receipt) for receipt in store.iter_receipts())
 
 
 def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:

@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import redis
 
@@ -100,29 +100,74 @@ def _receipt(fields: Mapping[str, str]) -> Receipt:
     return Receipt(**values)
 
 
+def _parse_url(url: str, shown: str) -> tuple[str, str]:
+    # The URL for the redis client and the key prefix. The client itself accepts some
+    # mistakes silently (a database that is not a number is 0), so they are refused here.
+    try:
+        url.encode()
+    except UnicodeEncodeError:  # e.g. bytes of another encoding in a command line argument
+        raise StoreError(f"store URL {shown!r} is not valid UTF-8 text; fix the URL") from None
+    base, _, query_text = url.partition("?")
+    pairs = parse_qsl(query_text, keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            raise StoreError(f"store URL {shown!r} gives {name!r} twice; give it once")
+    query = dict(pairs)
+    prefix = query.pop("prefix", "singleflight")
+    if not prefix or any(c in prefix for c in "*?[]\\"):
+        raise StoreError(f"store URL prefix {prefix!r}: use letters, digits, '-', '_' or "
+                         f"'.' (glob characters would reach other prefixes' keys)")
+    if not base.startswith("unix://"):
+        # The client reads a path that is not a number as database 0, and /0/1 as 1.
+        db = unquote(base.partition("://")[2].partition("/")[2])
+        if db and not (db.isascii() and db.isdigit()):
+            raise StoreError(f"store URL {shown!r}: database {db!r} is not a database number; "
+                             f"write redis://host:port/0 (they are numbered from 0)")
+        if db and "db" in query:
+            raise StoreError(f"store URL {shown!r} names the database twice (/{db} and "
+                             f"?db={query['db']}); give it once")
+    return base + (f"?{urlencode(query)}" if query else ""), prefix
+
+
+def _connect(client_url: str, shown: str) -> Any:
+    # Typed Any: redis-py's stubs cannot express decode_responses=True (str, not bytes).
+    try:
+        # Short timeouts: a dead server must turn into a fallback, not a stall.
+        # ?socket_timeout=... in the URL overrides them.
+        # Bytes that are not UTF-8 (an edited receipt) decode to surrogate escapes, so the
+        # receipt fails its signature check instead of the read raising UnicodeDecodeError.
+        client = redis.Redis.from_url(client_url, decode_responses=True, socket_timeout=2,
+                                      socket_connect_timeout=2,
+                                      encoding_errors="surrogateescape")
+        client.ping()
+    except TypeError as exc:  # an ?option the client has no parameter for
+        option = str(exc).rpartition(" ")[2]
+        raise StoreError(f"store URL {shown!r}: unknown option {option}; remove it") from None
+    except ValueError as exc:  # the client's verdict on the URL: a port, an ?option's value
+        raise StoreError(f"store URL {shown!r}: {exc}; fix the URL") from None
+    except redis.AuthenticationError as exc:
+        raise StoreError(f"Redis at {shown} refused the credentials: {exc}; fix the user "
+                         f"and password in the URL") from None
+    except redis.ResponseError as exc:  # it answered, so starting it is not the fix
+        hint = ("this server has fewer databases (its 'databases' setting, 16 by default); "
+                "use a lower database number in the URL") if "DB index" in str(exc) \
+            else "fix the URL or the server's settings"
+        raise StoreError(f"Redis at {shown} refused the connection: {exc}; {hint}") from None
+    except redis.RedisError as exc:
+        raise StoreError(f"cannot reach Redis at {shown}: {exc}; start it or pass another "
+                         f"store URL") from None
+    return client
+
+
 class RedisStore(ReceiptStore):
     """A :class:`ReceiptStore` on a Redis server; see the module docstring."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        prefix = query.pop("prefix", "singleflight")
-        if not prefix or any(c in prefix for c in "*?[]\\"):
-            raise StoreError(f"store URL prefix {prefix!r}: use letters, digits, '-', '_' or "
-                             f"'.' (glob characters would reach other prefixes' keys)")
-        self.prefix = prefix + ":"
-        client_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.url = redact_url(url)  # no password in messages
-        try:
-            # Typed Any: redis-py's stubs cannot express decode_responses=True (str, not bytes).
-            # Short timeouts: a dead server must turn into a fallback, not a stall.
-            # ?socket_timeout=... in the URL overrides them.
-            self._redis: Any = redis.Redis.from_url(client_url, decode_responses=True,
-                                                    socket_timeout=2, socket_connect_timeout=2)
-            self._redis.ping()
-        except (redis.RedisError, ValueError) as exc:
-            raise StoreError(f"cannot reach Redis at {self.url}: {exc}; start it or pass "
-                             f"another store URL") from None
+        client_url, prefix = _parse_url(url, self.url)
+        self.prefix = prefix + ":"
+        self._redis: Any = _connect(client_url, self.url)
         kwargs = self._redis.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         self.identity = f"redis:{where}/{kwargs.get('db', 0)}/{self.prefix}"
@@ -249,7 +294,13 @@ class RedisStore(ReceiptStore):
         rows = []
         for run in runs:
             for field, counters in self._redis.hgetall(f"{self.prefix}s:{run}").items():
-                rows.append((run, field.partition("\x1f")[2], json.loads(counters)))
+                tool = field.partition("\x1f")[2]
+                try:
+                    rows.append((run, tool, json.loads(counters)))
+                except (ValueError, RecursionError):
+                    raise StoreError(f"store {self.url}: the statistics of run {run!r}, tool "
+                                     f"{tool!r} are damaged (not JSON); delete the field from "
+                                     f"the hash {self.prefix}s:{run}") from None
         return rows
 
     @translated
@@ -268,15 +319,26 @@ class RedisStore(ReceiptStore):
 
     # -- maintenance ----------------------------------------------------------------
 
-    @translated
     def iter_receipts(self) -> Iterator[Receipt]:
-        receipts = []
+        return iter([receipt for _, receipt in self.keyed_receipts()])
+
+    @translated
+    def keyed_receipts(self) -> list[tuple[str, Receipt]]:
+        """Every receipt with the fingerprint its key names: the engine serves a receipt
+        only under its own fingerprint, and a hash can be renamed onto another key."""
+        start = len(self.prefix) + 2
+        found = []
         for name in self._redis.scan_iter(match=f"{self.prefix}r:*", count=500):
-            fields = self._redis.hgetall(name)
+            try:
+                fields = self._redis.hgetall(name)
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                continue  # not a receipt: check() reports it
             if fields:
-                receipts.append(_receipt(fields))
-        receipts.sort(key=lambda r: (str(r.tool_name), str(r.fingerprint)))
-        return iter(receipts)
+                found.append((name[start:], _receipt(fields)))
+        found.sort(key=lambda item: (str(item[1].tool_name), str(item[1].fingerprint), item[0]))
+        return found
 
     @translated
     def import_receipt(self, receipt: Receipt) -> None:
@@ -298,7 +360,15 @@ class RedisStore(ReceiptStore):
 
     @translated
     def check(self) -> list[str]:
-        return [] if self._redis.ping() else [f"{self.url}: no answer to PING"]
+        if not self._redis.ping():
+            return [f"{self.url}: no answer to PING"]
+        # A receipt key holding another type (written by hand) is one the engine cannot read.
+        names = list(self._redis.scan_iter(match=f"{self.prefix}r:*", count=500))
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.type(name)
+        return [f"{self.url}: key {name!r} holds a {kind}, not a receipt hash; delete it"
+                for name, kind in zip(names, pipe.execute(), strict=True) if kind != "hash"]
 
     def close(self) -> None:
         if self._listener is not None and self._listener[0] == os.getpid():
