@@ -259,7 +259,7 @@ def test_summary_with_a_damaged_statistics_row_is_one_line(
     status, out, err = _cli(capsys, "summary", "--db", filled)
     assert status == 2 and out == []
     line = _one_line(err, "the statistics of run 'run-1'", "damaged", message)
-    assert "summarize another run with --run ID" in line or "delete the field" in line
+    assert "summarize another run with --run ID" in line or "delete the" in line
 
 
 @pytest.mark.parametrize("argv", [["summary", "--json"], ["summary"], ["export"], ["verify"]])
@@ -437,3 +437,22 @@ def test_export_over_a_readable_file_makes_it_0600(filled: str, tmp_path: Path) 
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     lines = target.read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["tool_name"] == "crm.lookup" for line in lines)
+
+
+def test_a_damaged_statistics_row_is_one_line_in_the_library_too(tmp_path: Path) -> None:
+    import sqlite3
+
+    from singleflight_agents import Singleflight, StoreError, ToolExecutionOptions
+
+    db = tmp_path / "r.db"
+    with Singleflight(db, run_id="run-1") as sf:
+        sf.execute_sync(str.upper, "a", options=ToolExecutionOptions(tool_name="t.up",
+                                                                     deterministic=True))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE stats SET counters = '{not json'")
+    with pytest.raises(StoreError, match=r"statistics of run 'run-1', tool 't.up' are damaged"):
+        Singleflight(db, run_id="run-1").summary()
+    with sqlite3.connect(db) as conn:
+        conn.execute("""UPDATE stats SET counters = '{"calls": "many"}'""")
+    with pytest.raises(StoreError, match=r"damaged \(counter 'calls' holds 'many'\)"):
+        Singleflight(db, run_id="run-1").summary()

@@ -410,10 +410,11 @@ class _Run:
                 rows = store.load_stats(self.run_id)
             finally:
                 store.close()
+            return summarize(rows, db_path=redact_url(store.url), run_id=self.run_id) \
+                if rows else None
         except StoreError as exc:
             self.problems.append(f"no report: {exc}")
             return None
-        return summarize(rows, db_path=redact_url(store.url), run_id=self.run_id) if rows else None
 
     def flush(self) -> None:
         from .models import StoreError

@@ -69,10 +69,17 @@ def damage(counters: object) -> str | None:
 def summarize(
     rows: Iterable[tuple[str, str, Mapping[str, float]]], *, db_path: str, run_id: str | None
 ) -> dict[str, Any]:
-    """Add up ``(run_id, tool, counters)`` rows into the summary dict ``summary()`` returns."""
+    """Add up ``(run_id, tool, counters)`` rows into the summary dict ``summary()`` returns;
+    a damaged row is a :class:`StoreError` naming it."""
+    from .models import StoreError
+
     tools: dict[str, dict[str, float]] = {}
     runs: set[str] = set()
     for run, tool, counters in rows:
+        why = damage(counters)
+        if why is not None:
+            raise StoreError(f"{db_path}: the statistics of run {run!r}, tool {tool!r} are "
+                             f"damaged ({why}); the report cannot add them up")
         runs.add(run)
         total = tools.setdefault(tool, dict.fromkeys(COUNTERS, 0))
         for name in COUNTERS:

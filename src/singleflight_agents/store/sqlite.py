@@ -466,7 +466,15 @@ class SQLiteStore(ReceiptStore):
         query = "SELECT run_id, tool_name, counters FROM stats"
         rows = (self._conn().execute(query + " WHERE run_id = ?", (run_id,)) if run_id
                 else self._conn().execute(query))
-        return [(run, tool, json.loads(counters)) for run, tool, counters in rows]
+        loaded = []
+        for run, tool, counters in rows:
+            try:
+                loaded.append((run, tool, json.loads(counters)))
+            except (TypeError, ValueError, RecursionError):
+                raise StoreError(f"{self.path}: the statistics of run {run!r}, tool {tool!r} "
+                                 f"are damaged (not JSON); delete that row of the stats "
+                                 f"table") from None
+        return loaded
 
     @_translated
     def first_call(self, run_id: str, key: str) -> bool:
