@@ -259,7 +259,7 @@ def test_summary_with_a_damaged_statistics_row_is_one_line(
     status, out, err = _cli(capsys, "summary", "--db", filled)
     assert status == 2 and out == []
     line = _one_line(err, "the statistics of run 'run-1'", "damaged", message)
-    assert "summarize another run with --run ID" in line or "delete the" in line
+    assert "summarize another run with --run ID" in line or "delete th" in line
 
 
 @pytest.mark.parametrize("argv", [["summary", "--json"], ["summary"], ["export"], ["verify"]])
