@@ -9,7 +9,9 @@ seed. ``_shape`` below is that notion of equality written out independently of t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -428,3 +430,129 @@ def test_an_unhashable_callable_object_can_be_a_tool(recorder: Singleflight) -> 
     outcome = recorder.execute_sync(IndexSearch("docs"), "q", options=options)
     assert outcome.value == "docs:q"
     assert outcome.fingerprint == make_fingerprint("t.index", {"query": "q"})
+
+
+# -- what a tool declares: names, numbers, async callables (issue 12) ----------------------
+
+NAME_FIELDS = st.sampled_from(["tool_name", "scope", "namespace", "version"])
+
+
+@given(NAME_FIELDS, TEXT)
+@FAST
+def test_names_are_accepted_exactly_when_every_store_can_keep_them(
+        recorder: Singleflight, field: str, text: str) -> None:
+    """A lone surrogate (what os.fsdecode makes of bytes that are not UTF-8) is refused when
+    declared, in one line; any other text is a name the call and its statistics can keep."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        with pytest.raises(ValueError, match=f"^ToolExecutionOptions.{field} .* lone surrogate"
+                                             f" .*; pass plain text$"):
+            SEARCH.replace(**{field: text})
+        return
+    options = SEARCH.replace(**{field: text})
+    assert recorder.execute_sync(search, "q", options=options).value == ["q", DEFAULT_LIMIT, None]
+    recorder.flush_stats()
+
+
+TEN_YEARS, DAY = 3650 * 86_400, 86_400
+BOUNDS = {  # what each number may be, as the error message states it
+    "ttl_seconds": lambda v: 0 < v <= TEN_YEARS,
+    "wait_timeout_seconds": lambda v: 0 < v <= TEN_YEARS,
+    "lease_seconds": lambda v: 0.1 <= v <= DAY,
+    "estimated_cost_usd": lambda v: 0 <= v <= 1e6,
+}
+EXTREME_NUMBERS = (st.floats() | st.integers() | st.integers(min_value=10**300)
+                   | st.sampled_from([0, 0.1, 0.0999, DAY, DAY + 1e-9, TEN_YEARS, TEN_YEARS + 1,
+                                      1e6, 1e6 + 0.01, 1e10, 1e306, -0.0, 5e-324, True]))
+
+
+@pytest.fixture(scope="module")
+def redis_engine() -> Iterator[Singleflight]:
+    import redis
+    from conftest import REDIS_URL, redis_or_skip
+
+    prefix = f"sftest-props-{os.getpid()}"
+    sf = Singleflight(store=f"{redis_or_skip()}?prefix={prefix}", secret=SECRET)
+    yield sf
+    sf.close()
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@given(st.sampled_from(sorted(BOUNDS)), EXTREME_NUMBERS, st.booleans())
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_numbers_are_refused_when_declared_or_work_on_every_store(
+        recorder: Singleflight, redis_engine: Singleflight, field: str, value: Any,
+        on_redis: bool) -> None:
+    """No number accepted at declaration may overflow later (a Redis expiry in milliseconds,
+    a thread's wait, a timestamp, the run's sum of costs): it is refused, in one line, or
+    the call runs and is stored."""
+    accepted = type(value) is not bool and BOUNDS[field](value)
+    if not accepted:
+        with pytest.raises(ValueError, match=f"^ToolExecutionOptions.{field} must be .*, got "):
+            SEARCH.replace(**{field: value})
+        return
+    sf = redis_engine if on_redis else recorder
+    options = SEARCH.replace(tool_name=f"t.numbers.{field}", **{field: value})
+    first = sf.execute_sync(search, repr(value), options=options)
+    assert first.value == [repr(value), DEFAULT_LIMIT, None]
+    assert first.source in (Source.EXECUTED, Source.CACHE_HIT)
+    sf.flush_stats()
+
+
+async def _double(x: Any) -> Any:
+    return [x, x]
+
+
+class _AsyncDouble:
+    async def __call__(self, x: Any) -> Any:
+        return [x, x]
+
+    async def method(self, x: Any) -> Any:
+        return [x, x]
+
+
+class _SyncDouble:
+    def __call__(self, x: Any) -> Any:
+        return [x, x]
+
+
+def _sync_double(x: Any) -> Any:
+    return [x, x]
+
+
+TOOL_KINDS = {  # name: (make the tool, whether calling it gives a coroutine)
+    "async function": (lambda: _double, True),
+    "async callable object": (_AsyncDouble, True),
+    "async bound method": (lambda: _AsyncDouble().method, True),
+    "partial of an async function": (lambda: functools.partial(_double), True),
+    "partial of an async callable object": (lambda: functools.partial(_AsyncDouble()), True),
+    "partial of a partial": (lambda: functools.partial(functools.partial(_AsyncDouble())), True),
+    "sync function": (lambda: _sync_double, False),
+    "sync callable object": (_SyncDouble, False),
+    "partial of a sync callable object": (lambda: functools.partial(_SyncDouble()), False),
+}
+
+
+@given(st.sampled_from(sorted(TOOL_KINDS)), st.booleans(), HASHABLE_SCALARS)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_async_callables_of_every_kind_are_awaited(recorder: Singleflight, kind: str,
+                                                   shared: bool, value: Any) -> None:
+    """Whatever form an async tool takes, shared or not, from async code or sync: the
+    caller gets its value, never an un-awaited coroutine."""
+    make, coroutine = TOOL_KINDS[kind]
+    tool = make()
+    options = ToolExecutionOptions(tool_name=f"t.kind.{kind}", deterministic=shared)
+    expected = _shape([value, value])
+    outcome = asyncio.run(recorder.execute(tool, value, options=options))
+    assert _shape(outcome.value) == expected, outcome.value
+    assert _shape(recorder.execute_sync(tool, value, options=options).value) == expected
+    from singleflight_agents.fingerprint import is_async_callable
+
+    assert is_async_callable(tool) is coroutine

@@ -179,6 +179,11 @@ def canonical_json(value: Any) -> str:
     return _dumps(to_tagged(value, True))
 
 
+def canonical_text(tagged: Any) -> str:
+    """Canonical JSON text of a value already in its canonical tagged form."""
+    return _dumps(tagged)
+
+
 def encode(value: Any, allow_pickle: bool = False) -> tuple[str, str]:
     """``(codec, text)`` for a result; raises :class:`UnencodableError` if neither codec fits."""
     try:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
-from .fingerprint import binder, encode_inputs, fingerprint_of, redact_inputs
+from .fingerprint import binder, check_redact, encode_inputs, fingerprint_of, shown_inputs
 from .flights import (
     ABANDONED,
     FLIGHTS,
@@ -47,6 +47,7 @@ from .models import (
     StoreError,
     ToolExecutionOptions,
     check_mode,
+    check_text,
 )
 from .pricing import PriceSource, PriceTable
 from .sessions import (
@@ -130,7 +131,8 @@ def default_tool_name(func: Callable[..., Any], shared: bool) -> str:
         # make_search("tickets"), or Index("a").search and Index("b").search, would share.
         raise TypeError(f"{name} is a lambda, closure, bound method or callable object: pass "
                         f"tool_name= so that calls of different tools cannot share results")
-    return name
+    return check_text(name, "the tool name made of the function's module and name",
+                      "pass tool_name= with plain text")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -273,8 +275,9 @@ class Singleflight:
 
         def decorate(f: F) -> F:
             opts = base if base.tool_name else base.replace(tool_name=default_tool_name(f, base.shared))
+            check_redact(f, opts.redact, opts.tool_name or "")  # a path naming nothing fails now
             wrapper: Any
-            if inspect.iscoroutinefunction(f):
+            if binder(f).is_async:  # also an object with an async __call__, or a partial
                 @functools.wraps(f)
                 async def wrapper(*args: Any, **kwargs: Any) -> Any:
                     call = self._prepare(f, args, kwargs, opts)
@@ -376,8 +379,8 @@ class Singleflight:
             ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
             call.inputs = call.shown_inputs = encode_inputs(call.tool_name, ident)
             if options.redact is not None:
-                call.shown_inputs = encode_inputs(call.tool_name,
-                                                  redact_inputs(ident, options.redact))
+                call.shown_inputs = shown_inputs(call.tool_name, func, options.redact, ident,
+                                                 args, kwargs, keyed=options.key is not None)
             call.key = fingerprint_of(call.tool_name, call.inputs, namespace=options.namespace,
                                       scope=options.scope, version=options.version)
         return call

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,10 +66,42 @@ class SharedExecutionError(SingleflightError):
     """The execution another process ran for this call failed (``share_failures=True``)."""
 
     def __init__(self, tool_name: str, error_type: str, message: str) -> None:
-        super().__init__(f"{tool_name}: shared execution failed with {error_type}: {message}")
+        # Stores keep only the type: a message may hold a secret.
+        detail = f": {message}" if message else " (its message stays with the process that ran it)"
+        super().__init__(f"{tool_name}: shared execution failed with {error_type}{detail}")
         self.tool_name = tool_name
         self.error_type = error_type
         self.error_message = message
+
+
+_DAY, _YEARS_10 = 86_400.0, 3650 * 86_400.0
+# Past these bounds, clocks and stores overflow after the tool ran (an expiry in Redis
+# milliseconds, a thread's wait), a lease lapses between two renewals (one every third of
+# it), or a lease outlives the record Redis keeps of it (a day). Costs are summed per run:
+# each must leave the sums finite, which every store can add up.
+_NUMBERS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "ttl_seconds": (lambda v: 0 < v <= _YEARS_10,
+                    "a positive number of seconds, at most 315360000 (10 years)"),
+    "lease_seconds": (lambda v: 0.1 <= v <= _DAY,
+                      "a positive number of seconds, from 0.1 to 86400 (a day)"),
+    "wait_timeout_seconds": (lambda v: 0 < v <= _YEARS_10,
+                             "a positive number of seconds, at most 315360000 (10 years)"),
+    "estimated_cost_usd": (lambda v: 0 <= v <= 1e6, "a number of dollars from 0 to 1000000"),
+}
+
+
+def check_text(value: object, where: str, fix: str = "pass plain text") -> str:
+    """``value`` if it is a string that UTF-8 can encode (what every store keeps), else a
+    one-line ``ValueError`` naming ``where``: a lone surrogate, as ``os.fsdecode`` makes of
+    bytes that are not UTF-8, would fail only later, when the call is stored."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where} {value!r} holds the lone surrogate {value[exc.start]!r} at "
+                         f"index {exc.start}, which UTF-8 cannot encode; {fix}") from None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +120,20 @@ class ToolExecutionOptions:
     :class:`~singleflight_agents.Session`). ``ttl`` and ``cost`` are accepted by
     :meth:`replace` (and so by ``sf.tool``, the marker and the fixture) as aliases of
     ``ttl_seconds`` and ``estimated_cost_usd``. ``redact`` keeps secrets out of the
-    stored inputs: argument names or dotted paths (``"headers.Authorization"``) whose values
-    are stored as ``"[redacted]"``, or a function from the arguments to what to store; the
-    fingerprint still covers the real values. ``meter(result)`` returns what producing a
-    result cost, ``(tokens_in, tokens_out, dollars)`` with ``dollars=None`` when unpriced: an
-    execution counts it as spent, a receipt or a shared wait as saved (the model wrappers
-    set it).
+    stored inputs: argument names (a keyword that ``**kwargs`` receives too) or dotted paths
+    into dicts, dataclasses, named tuples and pydantic models (``"headers.Authorization"``,
+    ``"cfg.api_key"``) whose values are stored as ``"[redacted]"``, or a function from the
+    arguments to what to store; the fingerprint still covers the real values. With ``key``,
+    each value a path leads to is masked wherever it shows in the stored key, also inside a
+    longer string. A path that names no argument, or no field of an annotated record, is
+    refused when the tool is declared; one that meets a record without the field, at the
+    call. ``meter(result)`` returns what producing a result cost, ``(tokens_in,
+    tokens_out, dollars)`` with ``dollars=None`` when unpriced: an execution counts it as
+    spent, a receipt or a shared wait as saved (the model wrappers set it).
+
+    Names (``tool_name``, ``scope``, ``namespace``, ``version``) must be text UTF-8 can
+    encode. ``ttl_seconds`` and ``wait_timeout_seconds`` are at most 10 years,
+    ``lease_seconds`` from 0.1 s to a day, ``estimated_cost_usd`` from 0 to 1,000,000.
     """
 
     tool_name: str | None = None
@@ -116,23 +155,24 @@ class ToolExecutionOptions:
     meter: Callable[[Any], tuple[int, int, float | None]] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ttl_seconds", "lease_seconds", "wait_timeout_seconds"):
+        for name, (in_range, bounds) in _NUMBERS.items():
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"ToolExecutionOptions.{name} must be a positive number, got {value!r}")
-        cost = self.estimated_cost_usd
-        if not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
-            raise ValueError(
-                f"ToolExecutionOptions.estimated_cost_usd must be a number >= 0, got {cost!r}"
-            )
+            if not isinstance(value, int | float) or isinstance(value, bool) or not in_range(value):
+                raise ValueError(f"ToolExecutionOptions.{name} must be {bounds}, got {value!r}")
+        if self.tool_name is not None:
+            check_text(self.tool_name, "ToolExecutionOptions.tool_name")
         for name in ("scope", "namespace", "version"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"ToolExecutionOptions.{name} must be a string")
+            check_text(getattr(self, name), f"ToolExecutionOptions.{name}")
         redact = self.redact
-        if redact is not None and not callable(redact) and (
-                isinstance(redact, str) or not all(isinstance(p, str) for p in redact)):
-            raise ValueError("ToolExecutionOptions.redact takes a list of argument names or "
-                             "dotted paths, or a function of the arguments")
+        if redact is not None and not callable(redact):
+            if isinstance(redact, str) or not all(isinstance(p, str) for p in redact):
+                raise ValueError("ToolExecutionOptions.redact takes a list of argument names or "
+                                 "dotted paths, or a function of the arguments")
+            for path in redact:
+                if not all(path.split(".")):
+                    raise ValueError(f"ToolExecutionOptions.redact: path {path!r} has an empty "
+                                     f"part; join names with single dots, as in "
+                                     f"'headers.Authorization'")
         if self.key is not None and not callable(self.key):
             raise ValueError("ToolExecutionOptions.key must be a callable taking the tool's arguments")
         if self.meter is not None and not callable(self.meter):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import inspect
 import json
 import math
 import os
@@ -475,7 +474,9 @@ class SingleflightFixture:
 
     def wrap(self, func: Callable[..., Any], **options: Any) -> Any:
         opts = self.options(func, **options)
-        if inspect.iscoroutinefunction(func):
+        from .fingerprint import is_async_callable
+
+        if is_async_callable(func):  # async functions, objects and partials alike
             @functools.wraps(func)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
                 return (await self.engine.execute(func, *args, options=opts, **kwargs)).value

@@ -26,6 +26,7 @@ from langgraph.types import Command
 from pydantic.fields import FieldInfo
 
 from ..engine import Singleflight, default_tool_name
+from ..fingerprint import is_async_callable
 from ..models import ToolExecutionOptions
 
 __all__ = ["wrap_langchain_tool", "wrap_langchain_tools", "wrap_langgraph_node"]
@@ -112,7 +113,7 @@ def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] 
         return key(state) if key is not None else state
 
     wrapper: Any
-    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
+    if is_async_callable(func):
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             inv = _Invocation(func, args, kwargs, ident)
