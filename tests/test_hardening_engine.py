@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from singleflight_agents import SharedExecutionError, Singleflight, Source, ToolExecutionOptions
 from singleflight_agents.fingerprint import make_fingerprint
@@ -255,3 +257,61 @@ def test_statistics_that_cannot_be_written_at_exit_are_one_line(tmp_path: Path) 
     assert done.returncode == 0
     assert done.stderr.splitlines() == [
         f"singleflight: statistics not written at exit: {tmp_path}/r.db: database or disk is full"]
+
+
+# -- properties: whatever the result or the error, the caller gets it and the lease is free --
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+UNSTORABLE = st.one_of(
+    st.integers(4301, 6000).map(lambda digits: 10 ** digits),
+    st.integers(2000, 12_000).map(_nested),
+    st.integers(1, 5).map(lambda n: (lambda loop: loop.append(loop) or loop)(list(range(n)))),
+    st.sampled_from([{1j}, object(), threading.Lock()]),
+)
+
+
+class _Broken(Exception):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def __str__(self) -> str:
+        if "str" in self.where:
+            raise ValueError("str() fails")
+        return "fine"
+
+    def __repr__(self) -> str:
+        if "repr" in self.where:
+            raise ValueError("repr() fails")
+        return "_Broken()"
+
+
+@pytest.mark.filterwarnings("ignore:.*not persisted")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=UNSTORABLE, allow_pickle=st.booleans())
+def test_property_an_unstorable_result_reaches_its_caller_and_frees_the_lease(
+        sqlite_sf: Singleflight, value: Any, allow_pickle: bool) -> None:
+    options = SHARED.replace(tool_name="t.prop", allow_pickle=allow_pickle)
+    outcome = sqlite_sf.execute_sync(lambda v: value, id(value), options=options)
+    assert outcome.value is value or outcome.source is Source.CACHE_HIT
+    assert _free(sqlite_sf, outcome.fingerprint)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["str", "repr", "str+repr", "neither"]), share=st.booleans())
+def test_property_any_tool_exception_reaches_its_caller_and_frees_the_lease(
+        sqlite_sf: Singleflight, where: str, share: bool) -> None:
+    def tool(x: str) -> str:
+        raise _Broken(where)
+
+    options = SHARED.replace(tool_name=f"t.broken.{where}", share_failures=share)
+    with pytest.raises(_Broken):
+        sqlite_sf.execute_sync(tool, where, options=options)
+    assert _free(sqlite_sf, make_fingerprint(f"t.broken.{where}", {"x": where}))
