@@ -315,3 +315,96 @@ def test_property_any_tool_exception_reaches_its_caller_and_frees_the_lease(
     with pytest.raises(_Broken):
         sqlite_sf.execute_sync(tool, where, options=options)
     assert _free(sqlite_sf, make_fingerprint(f"t.broken.{where}", {"x": where}))
+
+
+# -- a third look: what a second hostile review found ----------------------------------------
+
+
+def test_a_run_id_that_stores_cannot_keep_is_refused_when_built(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from singleflight_agents import session
+
+    with pytest.raises(ValueError, match=r"run id '\\udcff' holds the lone surrogate"):
+        Singleflight(tmp_path / "r.db", run_id="\udcff")
+    monkeypatch.setenv("SINGLEFLIGHT_RUN_ID", "ok-" + "\udcff")
+    with pytest.raises(ValueError, match=r"set \$SINGLEFLIGHT_RUN_ID to plain text"):
+        session(tmp_path / "r.db")
+
+
+def test_statistics_that_cannot_be_written_never_fail_a_call(sqlite_sf: Singleflight,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(type(sqlite_sf.store), "save_stats", broken)
+    with pytest.warns(RuntimeWarning, match="statistics not written"):
+        assert sqlite_sf.execute_sync(str.upper, "a", options=SHARED).value == "A"
+
+
+@pytest.mark.parametrize("usage", [(None, None, None), ("a", 1, 1.0), (1, 2, float("nan")),
+                                   (1, 2, -15.0), (1, 2, 1e308), (1, 2), "lots"])
+def test_a_meter_returning_nonsense_is_warned_about_and_ignored(sqlite_sf: Singleflight,
+                                                                usage: Any) -> None:
+    options = SHARED.replace(tool_name="t.metered", meter=lambda result: usage)
+    with pytest.warns(RuntimeWarning, match=r"t\.metered: its meter failed \(ValueError"):
+        assert sqlite_sf.execute_sync(str.upper, "a", options=options).value == "A"
+    summary = sqlite_sf.summary()  # still adds up: nothing damaged went into the statistics
+    assert summary["calls"] == 1 and summary["dollars_spent"] == 0
+
+
+async def test_a_sync_callable_that_returns_a_coroutine_is_awaited(sf: Singleflight) -> None:
+    import functools
+
+    async def real(x: int) -> int:
+        return x * 2
+
+    @functools.wraps(real)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, **kwargs)
+
+    for shared in (SHARED.replace(tool_name="t.wrapped"), ToolExecutionOptions()):
+        assert (await sf.execute(wrapper, 5, options=shared)).value == 10
+        assert sf.execute_sync(lambda x: real(x), 6, options=shared.replace(
+            tool_name=f"{shared.tool_name or 't'}.lambda")).value == 12
+
+
+class _LoadsBadly:
+    def __reduce__(self) -> Any:
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load() -> None:
+    raise ValueError("cannot load")
+
+
+@pytest.mark.filterwarnings("ignore:.*not persisted")
+def test_a_pickle_that_does_not_load_back_is_shared_as_the_value(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
+    value = _LoadsBadly()
+    joined = _joins(monkeypatch, 4)
+    release = threading.Event()
+
+    def tool(x: int) -> Any:
+        release.wait(30)
+        return value
+
+    options = SHARED.replace(tool_name="t.badpickle", allow_pickle=True)
+    got: list[Any] = []
+    threads = [threading.Thread(target=lambda: got.append(
+        sf.execute_sync(tool, 1, options=options).value)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    assert joined.wait(30)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert got == [value] * 4
+    assert list(sf.store.iter_receipts()) == []
+
+
+def test_a_redis_prefix_that_could_reach_another_prefix_is_refused() -> None:
+    from singleflight_agents import StoreError, open_store
+
+    for prefix in ("X:r", "a*", "sp ace", "é"):
+        with pytest.raises(StoreError, match=r"use letters, digits, '-', '_' or '\.'"):
+            open_store(f"redis://127.0.0.1:6379/15?prefix={prefix}")

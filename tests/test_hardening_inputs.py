@@ -370,3 +370,30 @@ def _until(predicate: Any, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.001)
+
+
+@dataclasses.dataclass
+class _Token:
+    token: str
+
+
+def _annotated(items: list[_Token]) -> int:
+    return len(items)
+
+
+def _plain(items: Any) -> int:
+    return len(items)
+
+
+def test_a_redact_path_through_a_list_must_name_the_item() -> None:
+    from singleflight_agents import Singleflight
+
+    sf = Singleflight(store="unused.db")
+    with pytest.raises(ValueError, match=r"redact path 'items\.token' meets a list at 'token', "
+                                         r"which is not an index; name the item \(e\.g\. "
+                                         r"'items\.0\.token'\) or redact the whole 'items'"):
+        sf.tool(tool_name="t.a", deterministic=True, redact=("items.token",))(_annotated)
+    tool = sf.tool(tool_name="t.p", deterministic=True, redact=("items.token",))(_plain)
+    with pytest.raises(ValueError, match="meets a list at 'token'"):
+        tool([_Token("sk-SECRET")])  # refused before the tool runs: nothing stored
+    assert not __import__("pathlib").Path("unused.db").exists()

@@ -493,10 +493,12 @@ def test_plugin_misses_in_fixture_teardown_and_in_conftest_hooks_are_governed(
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--singleflight-ttl=0"], "singleflight_ttl = 0.0: give a positive number of seconds"),
+    (["--singleflight-ttl=0"], "singleflight_ttl = 0.0: give a positive number of seconds*"),
     (["--singleflight-ttl=-5"], "singleflight_ttl = -5.0: give a positive*"),
     (["--singleflight-ttl=nan"], "singleflight_ttl = nan: give a positive*"),
     (["--singleflight-report=out.txt"], "singleflight report 'out.txt': name a .json or .md file"),
+    (["--singleflight-ttl=1e308"], "singleflight_ttl = 1e+308: give a positive number of seconds, "
+                                   "at most 315360000 (10 years)"),
     (["--singleflight-db=sqlite://"], "singleflight: store URL 'sqlite://' has no path*"),
 ])
 def test_plugin_bad_settings_are_one_line(pytester: pytest.Pytester, args: list[str],
@@ -666,3 +668,17 @@ def test_plugin_hook_errors_fail_the_test_and_patch_mistakes_are_one_line(
         "*= FAILURES =*",
         "*pytest_singleflight_outcome raised AssertionError: a budget: nothing may execute*"])
     assert "During handling" not in result.stdout.str()  # one line, no chained traceback
+
+
+def test_plugin_a_bad_marker_value_fails_the_collection_in_one_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_marked='''
+        import pytest
+
+        @pytest.mark.singleflight(ttl=1e308)
+        def test_marked():
+            raise AssertionError("must not run")
+    ''')
+    result = _inline(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: test_marked.py::test_marked: @pytest.mark.singleflight: "
+                                 "ToolExecutionOptions.ttl_seconds must be *"])

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import hashlib
 import inspect
+import math
 import os
 import sys
 import threading
@@ -202,7 +203,8 @@ class Singleflight:
         self.mode = check_mode(mode, "Singleflight mode")
         self.record_command = record_command
         self._own_store = own_store
-        self.run_id = run_id or os.environ.get(ENV_RUN_ID) or new_run_id()
+        self.run_id = check_text(run_id or os.environ.get(ENV_RUN_ID) or new_run_id(),
+                                 "run id", f"pass run_id= or set ${ENV_RUN_ID} to plain text")
         self._instance = os.urandom(4).hex()
         self.refresh_since = time.time() if refresh_since is None else refresh_since
         self.prices = PriceTable.load(prices)
@@ -603,7 +605,8 @@ class Singleflight:
             self._stats.add(call.tool_name, not_persisted=1)
             if isinstance(exc, codec.UnencodableError):
                 why = (f"result of type {exc.type_name} cannot be stored as JSON (return "
-                       f"JSON-able data, or pass allow_pickle=True)")
+                       f"JSON-able data" + (")" if call.options.allow_pickle else
+                                            ", or pass allow_pickle=True)"))
             elif isinstance(exc, StoreError):
                 why = f"the store failed: {exc}"
             else:  # e.g. an int of 5,000 digits, a list nested 10,000 deep or holding itself
@@ -614,6 +617,10 @@ class Singleflight:
     def _store_receipt(self, call: _Call, result: _Result, lease: Lease) -> None:
         options = call.options
         result.encoded = codec.encode(result.value, options.allow_pickle)
+        if result.encoded[0] != codec.JSON:
+            # Every waiter and every later caller decodes it: a pickle that does not load
+            # back (a __reduce__ that raises) is shared as the value itself, never stored.
+            codec.decode(*result.encoded, allow_pickle=True)
         now = time.time()
         receipt = self._signer.sign(Receipt(
             fingerprint=call.key, tool_name=call.tool_name, namespace=options.namespace,
@@ -646,7 +653,7 @@ class Singleflight:
             value = codec.decode(receipt.codec, receipt.output, call.options.allow_pickle)
         except Exception as exc:  # e.g. a pickled class that no longer imports: run again
             self._warn(f"decode:{call.tool_name}", f"{call.tool_name}: a stored result could not "
-                       f"be decoded ({type(exc).__name__}: {exc}); not served")
+                       f"be decoded ({type(exc).__name__}: {_describe(exc)}); not served")
             return None
         return _Result(value, Source.CACHE_HIT, receipt, (receipt.codec, receipt.output),
                        receipt.latency_ms)
@@ -732,14 +739,16 @@ class Singleflight:
     # -- running tools --------------------------------------------------------------
 
     def _call_tool(self, call: _Call) -> Any:
-        if not call.is_async:
-            return call.func(*call.args, **call.kwargs)
+        coroutine = call.func(*call.args, **call.kwargs)
+        # An async tool, or a sync callable that hands one back (a wrapper, a lambda): its
+        # result is what the coroutine returns, never the coroutine itself.
+        if not inspect.iscoroutine(coroutine):
+            return coroutine
         import asyncio
 
         if _running_loop() is None:
-            return asyncio.run(call.func(*call.args, **call.kwargs))
+            return asyncio.run(coroutine)
         # This thread runs a loop we must not re-enter: give the coroutine its own.
-        coroutine = call.func(*call.args, **call.kwargs)
         # The loop's thread gets this context: a flight running here is known there too.
         context = contextvars.copy_context()
         return start_thread(context.run, asyncio.run, coroutine, name="singleflight-loop").result()
@@ -754,7 +763,7 @@ class Singleflight:
         if call.is_async:
             value = await call.func(*call.args, **call.kwargs)
         else:
-            value = await run_in_thread(functools.partial(call.func, *call.args, **call.kwargs))
+            value = await run_in_thread(self._call_tool, call)
         return _Result(value, source, latency_ms=(time.perf_counter() - started) * 1000)
 
     def _note_fallback(self, call: _Call, reason: str) -> None:
@@ -784,8 +793,10 @@ class Singleflight:
             self._count_usage(call, call.options.meter, result, counters)
         self._stats.add(call.tool_name, **counters)
         if time.monotonic() - self._last_flush > _FLUSH_INTERVAL:  # batched: at most 1 write/s
-            with contextlib.suppress(StoreError):
+            try:
                 self.flush_stats()
+            except Exception as exc:  # counting must never fail a call whose tool has run
+                self._warn("flush", f"singleflight: statistics not written: {_describe(exc)}")
         outcome = ExecutionOutcome(
             value=result.value, source=source, tool_name=call.tool_name, fingerprint=call.key,
             receipt=result.receipt, elapsed_ms=(time.perf_counter() - started) * 1000,
@@ -799,10 +810,10 @@ class Singleflight:
                      result: _Result, counters: dict[str, float]) -> None:
         """Tokens and dollars of the result (``options.meter``): spent if it ran, else saved."""
         try:
-            tokens_in, tokens_out, dollars = meter(result.value)
+            tokens_in, tokens_out, dollars = _usage(meter(result.value))
         except Exception as exc:  # a report detail must never fail the call
             self._warn(f"meter:{call.tool_name}", f"{call.tool_name}: its meter failed "
-                       f"({type(exc).__name__}: {exc}); its tokens are not counted")
+                       f"({type(exc).__name__}: {_describe(exc)}); its tokens are not counted")
             return
         saved = result.source in (Source.CACHE_HIT, Source.SHARED_WAIT)
         suffix = "_saved" if saved else ""
@@ -821,6 +832,22 @@ class Singleflight:
         if topic not in self._warned:
             self._warned.add(topic)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _usage(usage: object) -> tuple[int, int, float | None]:
+    """What a meter returned, checked: it is added into the run's statistics for good."""
+    if not isinstance(usage, tuple) or len(usage) != 3:
+        raise ValueError(f"a meter returns (tokens_in, tokens_out, dollars), got {usage!r:.60}")
+    tokens_in: Any = usage[0]
+    tokens_out: Any = usage[1]
+    dollars: Any = usage[2]
+    for tokens in (tokens_in, tokens_out):
+        if type(tokens) is not int or not 0 <= tokens < 10 ** 15:
+            raise ValueError(f"token counts must be ints from 0, got {tokens!r:.40}")
+    if dollars is not None and (type(dollars) not in (int, float) or not math.isfinite(dollars)
+                                or not 0 <= dollars < 1e9):
+        raise ValueError(f"dollars must be None or a number from 0, got {dollars!r:.40}")
+    return tokens_in, tokens_out, dollars
 
 
 def _describe(exc: BaseException, limit: int = 300) -> str:

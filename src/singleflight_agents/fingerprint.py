@@ -15,7 +15,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableSequence, Sequence
 from typing import Any
 
 from .codec import TAG, UnencodableError, canonical_json, canonical_text, to_tagged
@@ -212,6 +212,13 @@ class _Redactor:
             f"{self.tool_name}: redact path {self.paths[parts]!r} names no field of "
             f"{record} (at {parts[depth]!r}); fix the path, or the tool would store its value")
 
+    def in_a_list(self, parts: tuple[str, ...], depth: int) -> ValueError:
+        return ValueError(
+            f"{self.tool_name}: redact path {self.paths[parts]!r} meets a list at "
+            f"{parts[depth]!r}, which is not an index; name the item (e.g. "
+            f"{'.'.join([*parts[:depth], '0', *parts[depth:]])!r}) or redact the whole "
+            f"{'.'.join(parts[:depth])!r}")
+
     def values(self, arguments: dict[str, Any]) -> list[Any]:
         """What the paths lead to in ``arguments`` (absent ones left out); a record without
         the field a path names raises."""
@@ -240,7 +247,9 @@ def _find(value: Any, parts: tuple[str, ...], paths: _Redactor) -> Any:
         if isinstance(value, Mapping):
             value = value.get(part, _MISSING)
         elif isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-            value = value[int(part)] if part.isdigit() and int(part) < len(value) else _MISSING
+            if not part.isdigit():  # "items.token" would match nothing, and store the secret
+                raise paths.in_a_list(parts, depth)
+            value = value[int(part)] if int(part) < len(value) else _MISSING
         else:
             fields = _record_fields(value)
             if fields is None:
@@ -350,7 +359,16 @@ def _hints(func: Callable[..., Any]) -> dict[str, Any]:
 def _check_fields(hint: Any, parts: tuple[str, ...], path: str, tool_name: str) -> None:
     """Follow ``parts`` through annotated records (dataclasses, pydantic models, TypedDicts,
     named tuples): a name none of them has raises. Other types are open: not checked."""
-    for part in parts[1:]:
+    for depth, part in enumerate(parts[1:], start=1):
+        if _is_sequence(hint) and not part.isdigit():
+            raise ValueError(
+                f"{tool_name}: redact path {path!r} meets a list at {part!r}, which is not an "
+                f"index; name the item (e.g. {'.'.join([*parts[:depth], '0', *parts[depth:]])!r})"
+                f" or redact the whole {'.'.join(parts[:depth])!r}")
+        if _is_sequence(hint):
+            args = typing.get_args(hint)
+            hint = args[0] if args else None
+            continue
         record = _record_type(hint)
         if record is None:
             return
@@ -361,6 +379,12 @@ def _check_fields(hint: Any, parts: tuple[str, ...], path: str, tool_name: str) 
                 f"{part!r}; it has: {', '.join(fields)}); fix the path, or the tool would "
                 f"store its value")
         hint = fields[part]
+
+
+def _is_sequence(hint: Any) -> bool:
+    """Whether ``hint`` names a list, tuple or sequence of items (``list[Token]``)."""
+    origin = typing.get_origin(hint) or hint
+    return isinstance(origin, type) and origin in (list, tuple, Sequence, MutableSequence)
 
 
 def _record_type(hint: Any) -> type | None:

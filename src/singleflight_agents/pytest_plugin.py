@@ -208,7 +208,12 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         if mark.args:
             raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight takes keywords "
                                     f"only, got {mark.args!r}")
-        _marker_options(item, mark.kwargs)
+        from .models import ToolExecutionOptions
+
+        try:  # a bad value fails the collection in one line, not each test at its first call
+            ToolExecutionOptions().replace(**_marker_options(item, mark.kwargs))
+        except (TypeError, ValueError) as exc:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight: {exc}") from None
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -363,9 +368,13 @@ class _Run:
             self.ttl = float(ttl)
         except ValueError:
             self.ttl = math.nan
-        if not math.isfinite(self.ttl) or self.ttl <= 0:
+        from .models import ToolExecutionOptions
+
+        try:  # the tools' own bounds, checked once here rather than at every test's first wrap
+            ToolExecutionOptions(ttl_seconds=self.ttl)
+        except ValueError:
             raise pytest.UsageError(f"singleflight_ttl = {ttl!r}: give a positive number of "
-                                    f"seconds")
+                                    f"seconds, at most 315360000 (10 years)") from None
         prices = config.getoption("singleflight_prices") or _from_rootdir(
             config, config.getini("singleflight_prices"))
         try:

@@ -24,7 +24,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from .models import ExecutionOutcome, ReplayMissError, SingleflightError, StoreError, check_mode
+from .models import (
+    ExecutionOutcome,
+    ReplayMissError,
+    SingleflightError,
+    StoreError,
+    check_mode,
+    check_text,
+)
 
 if TYPE_CHECKING:
     from .engine import Singleflight
@@ -166,7 +173,8 @@ class Session:
         if not isinstance(store, ReceiptStore) and is_sqlite_url(store):
             sqlite_path(store)  # a bad URL fails here, in every mode
         self.store = store
-        self.run_id = run_id or os.environ.get(ENV_RUN_ID) or new_run_id()
+        self.run_id = check_text(run_id or os.environ.get(ENV_RUN_ID) or new_run_id(),
+                                 "run id", f"pass run_id= or set ${ENV_RUN_ID} to plain text")
         self.started = time.time() if started is None else started
         self.secret = secret
         self.prices = PriceTable.load(prices)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 import weakref
@@ -115,9 +116,10 @@ def _parse_url(url: str, shown: str) -> tuple[str, str]:
             raise StoreError(f"store URL {shown!r} gives {name!r} twice; give it once")
     query = dict(pairs)
     prefix = query.pop("prefix", "singleflight")
-    if not prefix or any(c in prefix for c in "*?[]\\"):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
         raise StoreError(f"store URL prefix {prefix!r}: use letters, digits, '-', '_' or "
-                         f"'.' (glob characters would reach other prefixes' keys)")
+                         f"'.' (':' would nest one prefix in another, glob characters would "
+                         f"match other prefixes' keys)")
     if not base.startswith("unix://"):
         # The client reads a path that is not a number as database 0, and /0/1 as 1.
         db = unquote(base.partition("://")[2].partition("/")[2])
