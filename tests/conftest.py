@@ -32,12 +32,9 @@ def redis_or_skip() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Each store backend in turn: an SQLite file, or a Redis prefix of this test's own."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "receipts.db")
-        return
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis store URL with a prefix of this test's own, removed afterwards."""
     import redis
 
     prefix = f"sftest-{uuid.uuid4().hex[:12]}"
@@ -46,6 +43,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store backend in turn: an SQLite file, or a Redis prefix of this test's own."""
+    if request.param == "sqlite":
+        return str(tmp_path / "receipts.db")
+    url: str = request.getfixturevalue("redis_url")
+    return url
 
 
 @pytest.fixture

@@ -12,13 +12,11 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REDIS_URL, SECRET, redis_or_skip
+from conftest import SECRET, redis_or_skip
 
 from singleflight_agents import Singleflight, Source, StoreError, ToolExecutionOptions
 from singleflight_agents.cli import main
@@ -40,19 +38,6 @@ def filled(store_url: str) -> str:
         for email in ("a@x", "b@x"):
             sf.execute_sync(str.upper, email, options=SHARED)
     return store_url
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis store URL with a prefix of this test's own, removed afterwards."""
-    import redis
-
-    prefix = f"sftest-{uuid.uuid4().hex[:12]}"
-    yield f"{redis_or_skip()}?prefix={prefix}"
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        client.delete(key)
-    client.close()
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
