@@ -294,6 +294,7 @@ class _Broken(Exception):
 
 
 @pytest.mark.filterwarnings("ignore:.*not persisted")
+@pytest.mark.filterwarnings("ignore:.*could not be decoded")  # a pickle read without allow_pickle
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=UNSTORABLE, allow_pickle=st.booleans())
 def test_property_an_unstorable_result_reaches_its_caller_and_frees_the_lease(
