@@ -262,3 +262,26 @@ def test_a_key_readable_by_others_is_used_with_a_one_line_warning(db_path: Path)
         warnings.simplefilter("error")
         with Singleflight(db_path) as sf:
             assert sf.execute_sync(_tool, 1, options=SHARED).source is Source.CACHE_HIT
+
+
+def test_a_fifo_given_as_the_price_table_is_refused_without_blocking(tmp_path: Path) -> None:
+    import threading
+
+    from singleflight_agents.pricing import PriceTable
+
+    fifo = tmp_path / "prices.json"
+    os.mkfifo(fifo)
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            PriceTable.load(str(fifo))
+        except ValueError as exc:
+            raised.append(exc)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(30)
+    assert not loader.is_alive(), "loading a FIFO as the price table blocked"
+    assert len(raised) == 1 and str(raised[0]).startswith(
+        f"price table {str(fifo)!r} cannot be read (not a regular file); give a JSON file like ")

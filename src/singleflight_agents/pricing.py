@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class PriceTable:
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             try:
-                source = json.loads(path.read_text(encoding="utf-8"))
+                source = json.loads(_read_regular_file(path))
             except OSError as exc:
                 raise ValueError(f"price table {str(path)!r} cannot be read ({exc.strerror}); "
                                  f"give a JSON file like {_EXAMPLE}") from None
@@ -76,3 +77,12 @@ def _entry(model: str, value: Any) -> tuple[float, float]:
         return float(pair[0]), float(pair[1])
     raise ValueError(f"price for model {model!r} is {value!r}; write it as "
                      f'{{"input": 2.0, "output": 8.0}} (dollars per million tokens, >= 0)')
+
+
+def _read_regular_file(path: Path) -> str:
+    """The file's text; a FIFO or device there is refused at once, never waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(0, "not a regular file")
+        return handle.read().decode("utf-8")
