@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -12,6 +13,16 @@ from ..models import Receipt, StoreError
 P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S", bound="ReceiptStore")
+
+
+def load_counters(text: Any, where: str, run: str, tool: str, fix: str) -> Any:
+    """A stored row of statistics, parsed; text that is not JSON is a :class:`StoreError`
+    naming the run, the tool and how to get rid of the row."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise StoreError(f"{where}: the statistics of run {run!r}, tool {tool!r} are damaged "
+                         f"(not JSON); {fix}") from None
 
 
 def translating(

@@ -31,7 +31,7 @@ import redis
 
 from ..models import Receipt, StoreError
 from . import redact_url
-from .base import Busy, Failure, Lease, ReceiptStore, translating
+from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
 
 _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 _ACQUIRE = _NOW_MS + """
@@ -297,12 +297,9 @@ class RedisStore(ReceiptStore):
         for run in runs:
             for field, counters in self._redis.hgetall(f"{self.prefix}s:{run}").items():
                 tool = field.partition("\x1f")[2]
-                try:
-                    rows.append((run, tool, json.loads(counters)))
-                except (ValueError, RecursionError):
-                    raise StoreError(f"store {self.url}: the statistics of run {run!r}, tool "
-                                     f"{tool!r} are damaged (not JSON); delete the field from "
-                                     f"the hash {self.prefix}s:{run}") from None
+                rows.append((run, tool, load_counters(
+                    counters, f"store {self.url}", run, tool,
+                    f"delete the field from the hash {self.prefix}s:{run}")))
         return rows
 
     @translated

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from ..models import Receipt, StoreError
-from .base import Busy, Failure, Lease, ReceiptStore, translating
+from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
 
 SCHEMA_VERSION = 1
 _RECEIPT_COLUMNS = (
@@ -264,6 +264,7 @@ class SQLiteStore(ReceiptStore):
         self._local = threading.local()
         self._open_file()
         self.identity = f"sqlite:{os.path.realpath(self.path)}"
+        self._has_seen = False  # the table of mode "off", made once per store and process
         self._locks = _KeyLocks(self.path.with_name(self.path.name + ".locks"))
 
     # -- connection and schema ------------------------------------------------------
@@ -466,22 +467,19 @@ class SQLiteStore(ReceiptStore):
         query = "SELECT run_id, tool_name, counters FROM stats"
         rows = (self._conn().execute(query + " WHERE run_id = ?", (run_id,)) if run_id
                 else self._conn().execute(query))
-        loaded = []
-        for run, tool, counters in rows:
-            try:
-                loaded.append((run, tool, json.loads(counters)))
-            except (TypeError, ValueError, RecursionError):
-                raise StoreError(f"{self.path}: the statistics of run {run!r}, tool {tool!r} "
-                                 f"are damaged (not JSON); delete that row of the stats "
-                                 f"table") from None
-        return loaded
+        return [(run, tool, load_counters(counters, str(self.path), run, tool,
+                                          "delete that row of the stats table"))
+                for run, tool, counters in rows]
 
     @_translated
     def first_call(self, run_id: str, key: str) -> bool:
         with self._write() as conn:
-            _ensure_seen_table(conn)
-            return bool(conn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)",
-                                     (run_id, key, time.time())).rowcount)
+            if not self._has_seen:
+                _ensure_seen_table(conn)
+            first = bool(conn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)",
+                                      (run_id, key, time.time())).rowcount)
+        self._has_seen = True  # committed: the table is there for good
+        return first
 
     @_translated
     def latest_run(self) -> str | None:
