@@ -41,6 +41,17 @@ def _joins(monkeypatch: pytest.MonkeyPatch, n: int) -> threading.Event:
     return joined
 
 
+def _together(target: Any, n: int, joined: threading.Event, release: threading.Event) -> None:
+    """Run ``target`` in ``n`` threads; let the tool go once all of them joined the flight."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    assert joined.wait(30)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+
+
 def _free(sf: Singleflight, key: str) -> bool:
     """Whether the key's lease was left free (another process could take it at once)."""
     lease = sf.store.acquire(key, "another-process", 10)
@@ -72,13 +83,7 @@ def test_a_tool_timeout_error_runs_once_for_every_thread(sf: Singleflight,
         except TimeoutError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    assert joined.wait(30)
-    release.set()
-    for thread in threads:
-        thread.join(30)
+    _together(call, 8, joined, release)
     assert runs == ["q"]
     assert [str(e) for e in errors] == ["upstream read timed out"] * 8
 
@@ -391,14 +396,8 @@ def test_a_pickle_that_does_not_load_back_is_shared_as_the_value(
 
     options = SHARED.replace(tool_name="t.badpickle", allow_pickle=True)
     got: list[Any] = []
-    threads = [threading.Thread(target=lambda: got.append(
-        sf.execute_sync(tool, 1, options=options).value)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    assert joined.wait(30)
-    release.set()
-    for thread in threads:
-        thread.join(30)
+    _together(lambda: got.append(sf.execute_sync(tool, 1, options=options).value), 4, joined,
+              release)
     assert got == [value] * 4
     assert list(sf.store.iter_receipts()) == []
 
