@@ -7,11 +7,14 @@ for every registered plugin, costs next to nothing until the engine is needed.
 from __future__ import annotations
 
 import importlib
+import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # "X as X": re-exported for type checkers
     from .engine import Singleflight as Singleflight
     from .fingerprint import make_fingerprint as make_fingerprint
+    from .http_receipts import AsyncReceiptTransport as AsyncReceiptTransport
+    from .http_receipts import ReceiptTransport as ReceiptTransport
     from .models import ExecutionOutcome as ExecutionOutcome
     from .models import Receipt as Receipt
     from .models import ReplayMissError as ReplayMissError
@@ -44,9 +47,16 @@ _HOMES = {
     "active_session": ".sessions",
     "session": ".sessions",
     "ReceiptStore": ".store",
+    "ReceiptTransport": ".http_receipts",
+    "AsyncReceiptTransport": ".http_receipts",
     "open_store": ".store",
 }
 __all__ = sorted(_HOMES)
+
+if '"http": ["' in os.environ.get("SINGLEFLIGHT_SESSION", ""):
+    # A parent's session routes HTTP hosts through receipts: so does this process, from
+    # the moment it imports the package (sessions.py installs the routing).
+    importlib.import_module(".sessions", __name__)
 
 
 def __getattr__(name: str) -> object:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from ._http_keys import Hosts
 from .models import (
     ExecutionOutcome,
     ReplayMissError,
@@ -90,12 +92,14 @@ def _inherit(exported: str) -> Session:
                 inherited = Session(
                     settings["store"], mode=settings["mode"], run_id=str(settings["run_id"]),
                     started=float(settings["started"]),
-                    record_command=str(settings["record_command"]))
+                    record_command=str(settings["record_command"]), http=settings.get("http"))
             except (ValueError, KeyError, TypeError) as exc:  # never run a call ungoverned
                 raise SingleflightError(
                     f"${ENV_SESSION} does not hold a session this library exported ({exc!r}); "
                     f"unset it, or start the session in this process") from None
             _INHERITED[exported] = inherited
+        if inherited.http:
+            _route_http()
         return inherited
 
 
@@ -134,14 +138,22 @@ def new_run_id(prefix: str = "") -> str:
     return prefix + time.strftime("%Y%m%dT%H%M%S-") + os.urandom(3).hex()
 
 
+def _route_http() -> None:
+    from .http_receipts import install
+
+    install()
+
+
 class Scope:
     """Calls attributed to one unit of work while it is open (e.g. one test)."""
 
     def __init__(self, name: str, mode: str | None = None, record_command: str | None = None,
-                 on_outcome: Callable[[ExecutionOutcome], None] | None = None) -> None:
+                 on_outcome: Callable[[ExecutionOutcome], None] | None = None,
+                 http: Iterable[str] | str = ()) -> None:
         if mode is not None:
             check_mode(mode, f"{name}: mode")
         self.name, self.mode, self.record_command = name, mode, record_command
+        self.http = Hosts(http)
         self.on_outcome = on_outcome
         self.outcomes: list[ExecutionOutcome] = []
         self.misses: list[ReplayMissError] = []
@@ -158,13 +170,17 @@ class Session:
     or ``off`` (run every call, count the duplicates). ``run_id`` groups the statistics of
     every process of the run (else ``$SINGLEFLIGHT_RUN_ID``, else a fresh id). ``secret``
     and ``prices`` are as for :class:`Singleflight`. ``record_command`` is what a replay
-    miss tells the user to run. Use it as a context manager, or :meth:`start` / :meth:`stop`.
+    miss tells the user to run. ``http`` lists hosts (``api.openai.com``, any port;
+    ``*.example.com``) whose requests, from any httpx or httpx2 client with its default
+    transport, go through receipts while the session is active (see ``docs/http.md``).
+    Use it as a context manager, or :meth:`start` / :meth:`stop`.
     """
 
     def __init__(self, store: str | os.PathLike[str] | ReceiptStore | None = None, *,
                  mode: str = "record", run_id: str | None = None,
                  secret: str | bytes | None = None, prices: PriceSource | PriceTable = None,
-                 record_command: str | None = None, started: float | None = None) -> None:
+                 record_command: str | None = None, started: float | None = None,
+                 http: Iterable[str] | str | None = None) -> None:
         from .pricing import PriceTable
 
         self.mode = check_mode(mode, "session mode")
@@ -179,6 +195,7 @@ class Session:
         self.secret = secret
         self.prices = PriceTable.load(prices)
         self.record_command = record_command or DEFAULT_RECORD_COMMAND
+        self.http = Hosts(http or ())
         self._engine: Singleflight | None = None
         self._lock = threading.Lock()
         self._used = False
@@ -206,6 +223,8 @@ class Session:
                 _ENV_BEFORE = os.environ.get(ENV_SESSION)
             _STACK.append(self)
             _publish()
+        if self.http:
+            _route_http()
         return self
 
     def stop(self) -> None:
@@ -214,6 +233,12 @@ class Session:
             if self in _STACK:
                 _STACK.remove(self)
                 _publish()  # whichever session was stopped, the innermost left is exported
+            routed = any(s.http for s in _STACK) or (_FROM_PARENT is not None
+                                                     and '"http": []' not in _FROM_PARENT)
+        if not routed and "singleflight_agents.http_receipts" in sys.modules:
+            from .http_receipts import uninstall
+
+            uninstall()
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None:
@@ -246,7 +271,8 @@ class Session:
         where = store.url if isinstance(store, ReceiptStore) else store
         return json.dumps({"store": None if where is None else os.fspath(where),
                            "mode": self.mode_now(), "run_id": self.run_id,
-                           "started": self.started, "record_command": self.record_command})
+                           "started": self.started, "record_command": self.record_command,
+                           "http": self.http_now().names()})
 
     def __enter__(self) -> Session:
         return self.start()
@@ -274,9 +300,13 @@ class Session:
 
     @contextlib.contextmanager
     def scope(self, name: str, *, mode: str | None = None, record_command: str | None = None,
-              on_outcome: Callable[[ExecutionOutcome], None] | None = None) -> Iterator[Scope]:
-        """Attribute every call in the process to ``name`` until the block ends."""
-        opened = Scope(name, mode, record_command, on_outcome)
+              on_outcome: Callable[[ExecutionOutcome], None] | None = None,
+              http: Iterable[str] | str = ()) -> Iterator[Scope]:
+        """Attribute every call in the process to ``name`` until the block ends; ``http``
+        adds hosts routed through receipts meanwhile."""
+        opened = Scope(name, mode, record_command, on_outcome, http)
+        if opened.http:
+            _route_http()
         self._scopes.append(opened)
         self._republish()  # a scope's own mode reaches the processes it starts
         try:
@@ -304,6 +334,11 @@ class Session:
             return mode
         return scope.mode
 
+    def http_now(self) -> Hosts:
+        """The hosts routed through receipts now: the session's and the open scope's."""
+        scope = self.current
+        return self.http if scope is None or not scope.http else self.http | scope.http
+
     def record_command_now(self) -> str:
         scope = self.current
         return scope.record_command if scope is not None and scope.record_command \
@@ -327,7 +362,15 @@ class Session:
 
 def session(store: str | os.PathLike[str] | ReceiptStore | None = None, *, mode: str = "record",
             run_id: str | None = None, secret: str | bytes | None = None,
-            prices: PriceSource | PriceTable = None, record_command: str | None = None) -> Session:
+            prices: PriceSource | PriceTable = None, record_command: str | None = None,
+            http: Iterable[str] | str | None = None) -> Session:
     """A :class:`Session` to use as ``with session("receipts.db", mode="replay"): ...``."""
     return Session(store, mode=mode, run_id=run_id, secret=secret, prices=prices,
-                   record_command=record_command)
+                   record_command=record_command, http=http)
+
+
+if _FROM_PARENT and '"http": []' not in _FROM_PARENT:
+    # A parent's session routes hosts: this process's clients go through receipts from the
+    # start. A variable that does not parse raises on this process's first call instead.
+    with contextlib.suppress(SingleflightError):
+        _inherit(_FROM_PARENT)
