@@ -44,7 +44,7 @@ class Hosts:
     def __init__(self, hosts: Iterable[str] | str = ()) -> None:
         if isinstance(hosts, str):
             hosts = hosts.split(",")
-        names = [_check_host(h) for h in hosts if h.strip()]
+        names = [name for name in map(_check_host, hosts) if name]
         self.exact = frozenset(n for n in names if not n.startswith("*."))
         self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
 
@@ -70,6 +70,8 @@ def _check_host(host: object) -> str:
         raise ValueError(f"an HTTP host must be a string like api.openai.com, got "
                          f"{type(host).__name__}")
     name = host.strip().lower()
+    if not name:  # "a,,b" or a trailing comma
+        return name
     bare = name[2:] if name.startswith("*.") else name
     if not bare or not re.fullmatch(r"[a-z0-9_.\-\[\]:]+", bare) or "://" in name or \
             (":" in bare and not bare.startswith("[")):

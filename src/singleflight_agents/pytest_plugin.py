@@ -66,7 +66,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "JSON price table for model turns, dollars per million tokens: "
         '{"gpt-4.1": {"input": 2.0, "output": 8.0}} (ini: singleflight_prices; default: '
         "$SINGLEFLIGHT_PRICES)"))
+    group.addoption("--singleflight-http", metavar="HOST[,HOST...]", action="append", default=[],
+                    help=("send every httpx/httpx2 request to these hosts (any port; "
+                          "*.example.com for subdomains) through receipts, e.g. "
+                          "api.openai.com,api.anthropic.com (repeatable; ini: singleflight_http)"))
     parser.addini("singleflight_db", "receipt store path or URL")
+    parser.addini("singleflight_http", "hosts whose HTTP requests go through receipts",
+                  type="args", default=[])
     parser.addini("singleflight_prices", "JSON price table for model turns")
     parser.addini("singleflight_mode", "record, replay, refresh or off", default="record")
     parser.addini("singleflight_ttl", "default receipt lifetime in seconds", default="3600")
@@ -89,17 +95,20 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     db = getattr(known, "singleflight_db", None) or _from_rootdir(
         early_config, early_config.getini("singleflight_db") or ".singleflight/receipts.db")
     try:
-        early_config.stash[_EARLY] = Session(db, mode="replay",
+        http = _hosts(early_config.getini("singleflight_http"),
+                      getattr(known, "singleflight_http", None) or [])
+        early_config.stash[_EARLY] = Session(db, mode="replay", http=http,
                                              record_command=_record_command(db)).start()
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:
         raise pytest.UsageError(f"singleflight: {exc}") from None
 
 
 @pytest.hookimpl(tryfirst=True)  # before conftests' own pytest_configure make calls
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", (
-        "singleflight(ttl=..., mode=..., patch=[...], **options): defaults for this test's "
-        "deduplicated tools; patch= replaces the named import paths by deduplicated wrappers"))
+        "singleflight(ttl=..., mode=..., patch=[...], http=[...], **options): defaults for this "
+        "test's deduplicated tools; patch= replaces the named import paths by deduplicated "
+        "wrappers; http= adds hosts whose requests go through receipts"))
     from .models import StoreError
 
     early = config.stash.get(_EARLY, None)
@@ -124,13 +133,16 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     """Every call made while the test runs, from any thread or task, is the test's."""
     state = item.config.stash[_STATE]
     mode = None
-    for mark in item.iter_markers("singleflight"):  # closest first
+    marks = list(item.iter_markers("singleflight"))
+    for mark in marks:  # closest first
         mode = mark.kwargs.get("mode")
         if mode is not None:
             break
+    http = [host for mark in marks for host in _marker_hosts(item, mark.kwargs.get("http", ()))]
     hook = item.ihook.pytest_singleflight_outcome
     with state.session.scope(item.nodeid, mode=mode, record_command=state.record_command(item),
-                             on_outcome=lambda outcome: hook(item=item, outcome=outcome)) as scope:
+                             on_outcome=lambda outcome: hook(item=item, outcome=outcome),
+                             http=http) as scope:
         item.stash[_SCOPE] = scope
         try:
             return (yield)
@@ -313,6 +325,9 @@ def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, A
     known = {f.name for f in dataclasses.fields(ToolExecutionOptions)} - _NOT_MARKER
     options = {}
     for name, value in kwargs.items():
+        if name == "http":
+            _marker_hosts(item, value)
+            continue
         if name == "patch":
             if isinstance(value, str) or not all(isinstance(t, str) for t in value):
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight(patch=...) "
@@ -327,9 +342,27 @@ def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, A
         if field not in known:
             raise pytest.UsageError(
                 f"{item.nodeid}: @pytest.mark.singleflight got unknown keyword {name!r}; "
-                f"known: mode, patch, {', '.join(sorted(known | set(OPTION_ALIASES)))}")
+                f"known: mode, patch, http, {', '.join(sorted(known | set(OPTION_ALIASES)))}")
         options[field] = value
     return options
+
+
+def _marker_hosts(item: pytest.Item, value: Any) -> list[str]:
+    """The marker's ``http=`` hosts: a list of host names, or one comma-separated string."""
+    from ._http_keys import Hosts
+
+    try:
+        return Hosts(value).names()
+    except (ValueError, TypeError) as exc:
+        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight(http=...): {exc}; "
+                                f"pass a list like ['api.openai.com']") from None
+
+
+def _hosts(ini: list[str], options: list[str]) -> list[str]:
+    """The run's HTTP hosts: the ini file's and the command line's, each comma-separated."""
+    from ._http_keys import Hosts
+
+    return (Hosts(",".join(ini)) | Hosts(",".join(options))).names()
 
 
 def _record_command(db: str, item: pytest.Item | None = None) -> str:
@@ -387,9 +420,13 @@ class _Run:
             if not target.endswith((".json", ".md")):
                 raise pytest.UsageError(f"singleflight report {target!r}: name a .json or .md "
                                         f"file")
+        try:
+            http = _hosts(config.getini("singleflight_http"), config.getoption("singleflight_http"))
+        except ValueError as exc:
+            raise pytest.UsageError(f"singleflight http: {exc}") from None
         self.session: Session = Session(
-            self.db, mode=self.mode, run_id=worker.get("run_id") or os.environ.get(ENV_RUN_ID)
-            or new_run_id("pytest-"),
+            self.db, mode=self.mode, http=http,
+            run_id=worker.get("run_id") or os.environ.get(ENV_RUN_ID) or new_run_id("pytest-"),
             prices=table, started=worker.get("started"), record_command=self.record_command())
         self.run_id, self.started = self.session.run_id, self.session.started
         self.worker_used = False  # on the xdist controller: a worker used the plugin
