@@ -13,10 +13,10 @@ import httpx
 import httpx2
 import openai
 import pytest
-from _providers import Provider, Server, chat
 
 import singleflight_agents as sa
 from singleflight_agents import ReceiptTransport, ReplayMissError, Singleflight
+from singleflight_agents.demo_provider import Provider, Server, chat
 from singleflight_agents.flights import FLIGHTS
 from singleflight_agents.http_receipts import AsyncReceiptTransport
 

@@ -1,13 +1,16 @@
-"""A fake model provider: OpenAI chat completions and responses, Anthropic messages, JSON and
-streamed (SSE), in the formats the providers document. The answer depends only on the
-request, so identical requests get identical answers. Served through httpx's MockTransport
-or over a real HTTP server on 127.0.0.1.
+"""A stand-in model provider for demos, examples, tests and benchmarks, offline.
+
+OpenAI chat completions and responses and Anthropic messages, JSON and streamed (SSE), in
+the formats the providers document. The answer depends only on the request, so identical
+requests get identical answers. Served through an httpx (or httpx2) ``MockTransport``, or
+over a real HTTP server on 127.0.0.1 (``Server``), optionally with a delay per answer.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -140,7 +143,8 @@ ROUTES = {"/v1/models": models, "/v1/chat/completions": chat, "/v1/responses": r
 class Provider:
     """Answers requests and remembers each one it saw (path, headers, body)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay  # seconds each answer takes, like a real model's latency
         self.seen: list[tuple[str, dict[str, str], bytes]] = []
         self.fail_next: list[int] = []  # statuses to answer with first (e.g. [429])
         self._lock = threading.Lock()
@@ -150,8 +154,10 @@ class Provider:
         with self._lock:
             self.seen.append((path, headers, body))
             status = self.fail_next.pop(0) if self.fail_next else None
-        if self.gate is not None:
-            assert self.gate.wait(30)
+        if self.gate is not None and not self.gate.wait(30):
+            raise TimeoutError("the provider's gate was never opened")
+        if self.delay:
+            time.sleep(self.delay)
         if status is not None:
             error = {"error": {"message": "slow down", "type": "rate_limit_error"}}
             return status, {"content-type": "application/json"}, [json.dumps(error).encode()]
@@ -203,6 +209,8 @@ class Server:
                 for chunk in chunks:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 self.wfile.write(b"0\r\n\r\n")
+
+            do_GET = do_POST  # noqa: N815 - the stdlib's name
 
             def log_message(self, *args: Any) -> None:
                 pass
