@@ -210,7 +210,7 @@ class Server:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 self.wfile.write(b"0\r\n\r\n")
 
-            do_GET = do_POST  # noqa: N815 - the stdlib's name
+            do_GET = do_POST
 
             def log_message(self, *args: Any) -> None:
                 pass
