@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -302,3 +304,17 @@ def test_receipts_hold_json_answers_as_sent(sf: Singleflight) -> None:
     assert answers[0].content == answers[1].content
     assert json.loads(answers[1].content)["usage"] == {"input_tokens": 17, "output_tokens": 9}
     assert "x-request-id" not in answers[1].headers and "set-cookie" not in answers[1].headers
+
+
+def test_a_child_process_that_imports_the_package_is_routed_too(tmp_path: Any) -> None:
+    child = ("import sys, httpx, singleflight_agents\n"
+             "r = httpx.post(sys.argv[1] + '/v1/messages', json={'model': 'claude-x', "
+             "'messages': []})\n"
+             "print(r.json()['usage']['output_tokens'])\n")
+    with Server() as server, sa.session(str(tmp_path / "r.db"), http=["127.0.0.1", "[::1]"]):
+        httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "messages": []})
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", child, server.url], capture_output=True,
+                                 text=True, timeout=60, check=True)
+            assert out.stdout.strip() == "9"
+        assert len(server.provider.seen) == 1

@@ -59,7 +59,9 @@ class Hosts:
         return Hosts([*self.names(), *other.names()])
 
     def names(self) -> list[str]:
-        return sorted(self.exact) + ["*" + s for s in self.suffixes]
+        """The hosts as they are written: ``[::1]`` for an IPv6 address."""
+        return sorted(f"[{n}]" if ":" in n else n for n in self.exact) + \
+            ["*" + s for s in self.suffixes]
 
     def __repr__(self) -> str:
         return f"Hosts({','.join(self.names())})"
@@ -72,9 +74,12 @@ def _check_host(host: object) -> str:
     name = host.strip().lower()
     if not name:  # "a,,b" or a trailing comma
         return name
+    bracketed = name.startswith("[") and name.endswith("]")
+    if bracketed:  # [::1]: httpx gives the host bare
+        name = name[1:-1]
     bare = name[2:] if name.startswith("*.") else name
-    if not bare or not re.fullmatch(r"[a-z0-9_.\-\[\]:]+", bare) or "://" in name or \
-            (":" in bare and not bare.startswith("[")):
+    ipv6 = bracketed and re.fullmatch(r"[0-9a-f:.]+", bare) is not None
+    if not bare or not re.fullmatch(r"[a-z0-9_.\-:]+", bare) or (":" in bare and not ipv6):
         raise ValueError(f"HTTP host {host!r} is not a host name: give it like "
                          f"api.openai.com or *.openai.azure.com (no scheme, port or path)")
     return name

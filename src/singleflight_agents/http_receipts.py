@@ -150,11 +150,14 @@ def _usage(exchange: _Exchange, value: dict[str, Any]) -> dict[str, int]:
     from ._http_usage import usage_of
 
     module = _module_of(exchange.request)
-    # Decoded as the client would (gzip, br): the chunks themselves stay as they came.
-    decoded = module.Response(value["status"], headers=value["headers"],
-                              content=b"".join(value["chunks"])).content
+    try:  # decoded as the client would (gzip, br); the chunks themselves stay as they came
+        decoded = module.Response(value["status"], headers=value["headers"],
+                                  content=b"".join(value["chunks"])).content
+    except Exception:  # e.g. br without brotli installed: the client will say so, not us
+        decoded = b""
+    headers = {name.lower(): text for name, text in value["headers"]}
     found = usage_of(exchange.request.url.path, exchange.body,
-                     dict(value["headers"]).get("content-type", ""), decoded)
+                     headers.get("content-type", ""), decoded)
     tokens_in, tokens_out = (0, 0) if found is None else (found[1], found[2])
     return {"input_tokens": tokens_in, "output_tokens": tokens_out}
 
