@@ -318,3 +318,22 @@ def test_a_child_process_that_imports_the_package_is_routed_too(tmp_path: Any) -
                                  text=True, timeout=60, check=True)
             assert out.stdout.strip() == "9"
         assert len(server.provider.seen) == 1
+
+
+def test_gemini_generate_content_and_its_stream_replay(sf: Singleflight) -> None:
+    genai = pytest.importorskip("google.genai", reason="google-genai is not installed")
+    from google.genai import types
+
+    provider = Provider()
+    for key in ("AIza-key-one", "AIza-key-two"):
+        client = genai.Client(api_key=key, http_options=types.HttpOptions(
+            httpx_client=httpx2.Client(transport=ReceiptTransport(provider.mock(httpx2), sf=sf))))
+        reply = client.models.generate_content(model="gemini-2.5-flash", contents="hello")
+        assert reply.text == "echo: hello"
+        streamed = client.models.generate_content_stream(model="gemini-2.5-flash",
+                                                         contents="hello")
+        assert "".join(chunk.text or "" for chunk in streamed) == "echo: hello"
+    assert len(provider.seen) == 2
+    assert "AIza" not in _stored_text(sf)
+    row = sf.summary()["tools"]["model:gemini-2.5-flash"]
+    assert (row["executed"], row["cache_hits"], row["tokens_in"], row["tokens_out"]) == (2, 2, 16, 8)

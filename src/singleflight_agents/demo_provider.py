@@ -1,6 +1,7 @@
 """A stand-in model provider for demos, examples, tests and benchmarks, offline.
 
-OpenAI chat completions and responses and Anthropic messages, JSON and streamed (SSE), in
+OpenAI chat completions and responses, Anthropic messages and Gemini ``generateContent``
+(and ``streamGenerateContent``), JSON and streamed (SSE), in
 the formats the providers document. The answer depends only on the request, so identical
 requests get identical answers. Served through an httpx (or httpx2) ``MockTransport``, or
 over a real HTTP server on 127.0.0.1 (``Server``), optionally with a delay per answer.
@@ -9,6 +10,7 @@ over a real HTTP server on 127.0.0.1 (``Server``), optionally with a delay per a
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -130,6 +132,32 @@ def messages(body: dict[str, Any]) -> Answer:
     return 200, {"content-type": "text/event-stream"}, _sse(events)
 
 
+def gemini(body: dict[str, Any], model: str, stream: bool) -> Answer:
+    contents = body.get("contents") or [{}]
+    text = "echo: " + " ".join(p.get("text", "") for p in contents[-1].get("parts", []))
+    usage = {"promptTokenCount": 8, "candidatesTokenCount": 4, "totalTokenCount": 12}
+
+    def response(part: str, last: bool) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": part}]},
+                                     "index": 0}
+        answer: dict[str, Any] = {"candidates": [candidate], "modelVersion": model}
+        if last:
+            candidate["finishReason"] = "STOP"
+            answer["usageMetadata"] = usage
+        return answer
+
+    if not stream:
+        return 200, {"content-type": "application/json"}, [json.dumps(response(text, True)).encode()]
+    words = text.split(" ")
+    events: list[tuple[str | None, Any]] = [
+        (None, response(word if n == 0 else " " + word, n == len(words) - 1))
+        for n, word in enumerate(words)]
+    return 200, {"content-type": "text/event-stream"}, _sse(events)
+
+
+_GEMINI = re.compile(r"/v1(?:beta)?/models/([^/:]+):(generateContent|streamGenerateContent)$")
+
+
 def models(body: dict[str, Any]) -> Answer:
     listing = {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "created": 1,
                                            "owned_by": "openai"}]}
@@ -161,6 +189,9 @@ class Provider:
         if status is not None:
             error = {"error": {"message": "slow down", "type": "rate_limit_error"}}
             return status, {"content-type": "application/json"}, [json.dumps(error).encode()]
+        found = _GEMINI.match(path)
+        if found:
+            return gemini(json.loads(body), found.group(1), found.group(2).startswith("stream"))
         route = ROUTES.get(path)
         if route is None:
             return 404, {"content-type": "application/json"}, [b'{"error": "no route"}']
