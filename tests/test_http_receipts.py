@@ -337,3 +337,25 @@ def test_gemini_generate_content_and_its_stream_replay(sf: Singleflight) -> None
     assert "AIza" not in _stored_text(sf)
     row = sf.summary()["tools"]["model:gemini-2.5-flash"]
     assert (row["executed"], row["cache_hits"], row["tokens_in"], row["tokens_out"]) == (2, 2, 16, 8)
+
+
+def test_the_session_ttl_is_the_lifetime_of_its_http_receipts(tmp_path: Any) -> None:
+    with Server() as server, sa.session(str(tmp_path / "r.db"), http="127.0.0.1",
+                                        ttl=86400) as session:
+        httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "messages": []})
+        receipts = list(session.engine.store.iter_receipts())
+    assert [round(r.expires_at - r.created_at) for r in receipts] == [86400]
+    with pytest.raises(ValueError, match="ttl"):
+        sa.session(ttl=-1)
+
+
+def test_an_sdk_retrying_a_replay_miss_lists_it_once(tmp_path: Any) -> None:
+    provider = Provider()
+    db = str(tmp_path / "r.db")
+    with sa.session(db):
+        _openai(None, provider).models.list()
+    with sa.session(db, mode="replay") as session, session.scope("one test") as scope:
+        with pytest.raises(anthropic.APIConnectionError):
+            _anthropic(None, provider).messages.create(model="claude-x", max_tokens=8,
+                                                       messages=MESSAGES)
+    assert len(scope.misses) == 1 and "claude-x" in str(scope.misses[0])

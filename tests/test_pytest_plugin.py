@@ -485,7 +485,7 @@ def test_marker_is_registered(project: Project) -> None:
     """)
     project.run("--strict-markers").assert_outcomes(passed=1)
     markers = project.run("--markers")
-    assert "@pytest.mark.singleflight(ttl=..., mode=..., patch=[...], **options)" in \
+    assert "@pytest.mark.singleflight(ttl=..., mode=..., patch=[...], http=[...], **options)" in \
         markers.stdout.str()
 
 

@@ -301,7 +301,7 @@ def _hosts_now() -> tuple[Any, Hosts] | None:
 
 @functools.lru_cache(maxsize=8)
 def _session_receipts(session: Any) -> _Receipts:
-    return _Receipts(None, (), {})
+    return _Receipts(None, (), {} if session.ttl is None else {"ttl_seconds": session.ttl})
 
 
 def _patched_sync(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -425,7 +425,7 @@ class _Run:
         except ValueError as exc:
             raise pytest.UsageError(f"singleflight http: {exc}") from None
         self.session: Session = Session(
-            self.db, mode=self.mode, http=http,
+            self.db, mode=self.mode, http=http, ttl=self.ttl,
             run_id=worker.get("run_id") or os.environ.get(ENV_RUN_ID) or new_run_id("pytest-"),
             prices=table, started=worker.get("started"), record_command=self.record_command())
         self.run_id, self.started = self.session.run_id, self.session.started

@@ -92,7 +92,8 @@ def _inherit(exported: str) -> Session:
                 inherited = Session(
                     settings["store"], mode=settings["mode"], run_id=str(settings["run_id"]),
                     started=float(settings["started"]),
-                    record_command=str(settings["record_command"]), http=settings.get("http"))
+                    record_command=str(settings["record_command"]), http=settings.get("http"),
+                    ttl=settings.get("ttl"))
             except (ValueError, KeyError, TypeError) as exc:  # never run a call ungoverned
                 raise SingleflightError(
                     f"${ENV_SESSION} does not hold a session this library exported ({exc!r}); "
@@ -172,7 +173,8 @@ class Session:
     and ``prices`` are as for :class:`Singleflight`. ``record_command`` is what a replay
     miss tells the user to run. ``http`` lists hosts (``api.openai.com``, any port;
     ``*.example.com``) whose requests, from any httpx or httpx2 client with its default
-    transport, go through receipts while the session is active (see ``docs/http.md``).
+    transport, go through receipts while the session is active (see ``docs/http.md``);
+    ``ttl`` is their receipts' lifetime in seconds (default one hour).
     Use it as a context manager, or :meth:`start` / :meth:`stop`.
     """
 
@@ -180,7 +182,8 @@ class Session:
                  mode: str = "record", run_id: str | None = None,
                  secret: str | bytes | None = None, prices: PriceSource | PriceTable = None,
                  record_command: str | None = None, started: float | None = None,
-                 http: Iterable[str] | str | None = None) -> None:
+                 http: Iterable[str] | str | None = None, ttl: float | None = None) -> None:
+        from .models import ToolExecutionOptions
         from .pricing import PriceTable
 
         self.mode = check_mode(mode, "session mode")
@@ -196,6 +199,9 @@ class Session:
         self.prices = PriceTable.load(prices)
         self.record_command = record_command or DEFAULT_RECORD_COMMAND
         self.http = Hosts(http or ())
+        self.ttl = ttl
+        if ttl is not None:
+            ToolExecutionOptions(ttl_seconds=ttl)  # checked now, with the tools' own bounds
         self._engine: Singleflight | None = None
         self._lock = threading.Lock()
         self._used = False
@@ -272,7 +278,7 @@ class Session:
         return json.dumps({"store": None if where is None else os.fspath(where),
                            "mode": self.mode_now(), "run_id": self.run_id,
                            "started": self.started, "record_command": self.record_command,
-                           "http": self.http_now().names()})
+                           "http": self.http_now().names(), "ttl": self.ttl})
 
     def __enter__(self) -> Session:
         return self.start()
@@ -356,17 +362,18 @@ class Session:
 
     def missed(self, error: ReplayMissError) -> None:
         scope = self.current
-        if scope is not None:
+        # An SDK retries what it takes for a network error: one missing call, listed once.
+        if scope is not None and all(str(m) != str(error) for m in scope.misses):
             scope.misses.append(error)
 
 
 def session(store: str | os.PathLike[str] | ReceiptStore | None = None, *, mode: str = "record",
             run_id: str | None = None, secret: str | bytes | None = None,
             prices: PriceSource | PriceTable = None, record_command: str | None = None,
-            http: Iterable[str] | str | None = None) -> Session:
+            http: Iterable[str] | str | None = None, ttl: float | None = None) -> Session:
     """A :class:`Session` to use as ``with session("receipts.db", mode="replay"): ...``."""
     return Session(store, mode=mode, run_id=run_id, secret=secret, prices=prices,
-                   record_command=record_command, http=http)
+                   record_command=record_command, http=http, ttl=ttl)
 
 
 if _FROM_PARENT and '"http": []' not in _FROM_PARENT:
