@@ -154,3 +154,23 @@ def test_xdist_workers_make_one_request_per_distinct_call(pytester: pytest.Pytes
     assert len(server.provider.seen) == 4
     row = _report(pytester)["tools"]["model:gpt-4o"]
     assert (row["calls"], row["executed"]) == (8, 4)
+
+
+def test_a_miss_the_sdk_retried_is_listed_once(pytester: pytest.Pytester, server: Server) -> None:
+    pytester.makepyfile(test_retry='''
+        import os
+
+        import anthropic
+
+
+        def test_new_question():
+            client = anthropic.Anthropic(api_key="unset", base_url=os.environ["PROVIDER_URL"])
+            client.messages.create(model="claude-x", max_tokens=8,
+                                   messages=[{"role": "user", "content": "never recorded"}])
+    ''')
+    (pytester.path / "r.db").write_bytes(b"")  # an empty store: every call misses
+    result = _run(pytester, "--singleflight-http=127.0.0.1", "--singleflight-mode=replay",
+                  "test_retry.py")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*model:claude-x: no receipt to replay*(3 attempts)"])
+    assert server.provider.seen == []

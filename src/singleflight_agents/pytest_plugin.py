@@ -12,6 +12,7 @@ loses at most its unsaved counts, never the report.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
@@ -204,8 +205,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def _misses_text(misses: list[ReplayMissError]) -> str:
+    # An SDK retries what it takes for a network error: the same miss, listed once.
+    counts = collections.Counter(str(miss) for miss in misses)
     return "\n".join(["singleflight: calls with no receipt to replay, so they did not run:",
-                      *(f"  {miss}" for miss in misses)])
+                      *(f"  {text}" + (f" ({n} attempts)" if n > 1 else "")
+                        for text, n in counts.items())])
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -362,8 +362,7 @@ class Session:
 
     def missed(self, error: ReplayMissError) -> None:
         scope = self.current
-        # An SDK retries what it takes for a network error: one missing call, listed once.
-        if scope is not None and all(str(m) != str(error) for m in scope.misses):
+        if scope is not None:
             scope.misses.append(error)
 
 
