@@ -66,7 +66,9 @@ def _report(pytester: pytest.Pytester) -> dict[str, Any]:
 def test_record_once_then_replay_without_a_key_or_a_server(pytester: pytest.Pytester,
                                                            server: Server) -> None:
     pytester.makepyfile(**HTTP_PROJECTS)
-    _run(pytester, "--singleflight-http=127.0.0.1").assert_outcomes(passed=8)
+    result = _run(pytester, "--singleflight-http=127.0.0.1")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["  prices: gpt-4o (genai-prices *)"])
     assert len(server.provider.seen) == 4  # a, b, c and one stream
     row = _report(pytester)["tools"]["model:gpt-4o"]
     assert (row["calls"], row["executed"]) == (8, 4)

@@ -34,6 +34,9 @@ _DROPPED_RESPONSE = re.compile(r"^(set-cookie|set-cookie2|cf-ray|x-request-id|re
                                r"x-amzn-requestid|openai-organization|openai-project|"
                                r"anthropic-organization-id|x-goog-.*-id)$")
 _GEMINI_MODEL = re.compile(r"/models/([^/:]+):")
+# Which price list a host's models are in (genai-prices), where the host says it.
+PROVIDERS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic",
+             "generativelanguage.googleapis.com": "google"}
 SHARED_METHODS = {"GET": "bounded_read", "HEAD": "bounded_read", "POST": "deterministic"}
 
 
@@ -103,13 +106,14 @@ class Described:
     """One request as receipts see it: its key, what a receipt or a message may show of
     it, the tool name it is counted under and how it is shared."""
 
-    __slots__ = ("flag", "key", "model", "tool_name")
+    __slots__ = ("flag", "key", "model", "provider", "tool_name")
 
     def __init__(self, request: Any, body: bytes, key_headers: tuple[str, ...]) -> None:
         url = request.url
         method = str(request.method).upper()
         parsed = _body_value(body, request.headers.get("content-type", ""))
         self.model = _model_of(parsed, url.path)
+        self.provider = PROVIDERS.get(url.host)
         path = f"{url.scheme}://{url.host}{url.path}"
         query = sorted((k, "<redacted>" if k.lower() in CREDENTIAL_PARAMS else v)
                        for k, v in url.params.multi_items())

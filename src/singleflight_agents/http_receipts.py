@@ -82,7 +82,7 @@ class _Receipts:
             options = options.replace(**{described.flag: True})
         sf = self.sf if self.sf is not None else _session_engine()
         if described.model is not None:
-            options = options.replace(meter=_meter(sf, described.model))
+            options = options.replace(meter=_meter(sf, described.model, described.provider))
         return sf, _Exchange(request, send, described, body), options
 
     def handle_sync(self, request: Any, send: Send) -> Any:
@@ -162,7 +162,8 @@ def _usage(exchange: _Exchange, value: dict[str, Any]) -> dict[str, int]:
     return {"input_tokens": tokens_in, "output_tokens": tokens_out}
 
 
-def _meter(sf: Any, model: str) -> Callable[[Any], tuple[int, int, float | None]]:
+def _meter(sf: Any, model: str,
+           provider: str | None) -> Callable[[Any], tuple[int, int, float | None]]:
     engine = getattr(sf, "engine", sf)  # the plugin's fixture, or an engine
 
     def meter(value: Any) -> tuple[int, int, float | None]:
@@ -171,7 +172,8 @@ def _meter(sf: Any, model: str) -> Callable[[Any], tuple[int, int, float | None]
         if not tokens_in and not tokens_out:
             return 0, 0, 0.0  # an answer without usage (an embedding list, a model list)
         prices = engine._governing().prices
-        return tokens_in, tokens_out, prices.dollars(model, tokens_in, tokens_out)
+        return tokens_in, tokens_out, prices.dollars(model, tokens_in, tokens_out,
+                                                     provider=provider)
 
     return meter
 

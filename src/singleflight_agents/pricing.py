@@ -1,30 +1,51 @@
-"""Model prices: US dollars per million tokens, per model, as the user gives them.
+"""Model prices: US dollars per million tokens, per model.
 
-A table is a mapping ``{"gpt-4.1": {"input": 2.00, "output": 8.00}}`` (or ``[2.00, 8.00]``),
-or the path of a JSON file holding one. No prices ship with the library: they change, and a
-report is only as true as the table it was given.
+Two sources; the first that knows a model prices it:
+
+1. your table: a mapping ``{"gpt-4.1": {"input": 2.00, "output": 8.00}}`` (or ``[2.00, 8.00]``),
+   or the path of a JSON file holding one ($SINGLEFLIGHT_PRICES by default);
+2. the `genai-prices <https://github.com/pydantic/genai-prices>`_ catalogue, when that package
+   is installed (``pip install 'singleflight-agents[prices]'``): the prices bundled with the
+   installed version. This module never asks it to fetch newer prices from the network (an
+   application that starts ``genai_prices.UpdatePrices`` itself gets the fetched ones).
+
+Set ``SINGLEFLIGHT_GENAI_PRICES=0`` (or ``false``, ``no``, ``off``) to price from your table
+alone; it is read when a table is loaded. No prices ship with this library itself: they
+change, and a report is only as true as its sources.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 ENV_PRICES = "SINGLEFLIGHT_PRICES"
+ENV_GENAI_PRICES = "SINGLEFLIGHT_GENAI_PRICES"
+YOUR_TABLE = "your table"
+
+_OFF = frozenset({"0", "false", "no", "off"})
+_UNSET: Any = object()
 
 PriceSource = Mapping[str, Any] | str | os.PathLike[str] | None
 
 
 class PriceTable:
-    """Dollars per million input and output tokens, by model name."""
+    """Dollars per million input and output tokens, by model name: from the given table,
+    else from genai-prices when it is installed and not switched off (see the module)."""
 
     def __init__(self, prices: Mapping[str, tuple[float, float]] | None = None) -> None:
         self._prices = dict(prices or {})
+        self._catalog_on = os.environ.get(ENV_GENAI_PRICES, "").strip().lower() not in _OFF
+        # Imported on first need, not here: an engine that never meets a model outside the
+        # table never pays for importing the catalogue.
+        self._catalog: ModuleType | None = _UNSET
 
     @classmethod
     def load(cls, source: PriceSource | PriceTable) -> PriceTable:
@@ -50,18 +71,94 @@ class PriceTable:
             raise ValueError(f"a price table maps model names to prices, like {_EXAMPLE}")
         return cls({str(model): _entry(str(model), value) for model, value in source.items()})
 
-    def dollars(self, model: str, tokens_in: int, tokens_out: int) -> float | None:
-        """What the tokens cost, or ``None`` when the table has no price for ``model``."""
+    def dollars(self, model: str, tokens_in: int, tokens_out: int, *,
+                provider: str | None = None) -> float | None:
+        """What the tokens cost, or ``None`` when no source has a price for ``model``.
+        ``provider`` ("openai", "anthropic", "google", ...) narrows genai-prices' match; a
+        model it does not know under that provider is matched by its name alone."""
         price = self._prices.get(model)
-        if price is None:
+        if price is not None:
+            return (tokens_in * price[0] + tokens_out * price[1]) / 1_000_000
+        catalog = self._genai_prices()
+        if catalog is None:
             return None
-        return (tokens_in * price[0] + tokens_out * price[1]) / 1_000_000
+        return _catalog_dollars(catalog, model, tokens_in, tokens_out, provider)
+
+    def source(self, model: str, *, provider: str | None = None) -> str | None:
+        """Which source prices ``model``: ``"your table"``, ``"genai-prices <version>"``, or
+        ``None`` when neither does."""
+        if model in self._prices:
+            return YOUR_TABLE
+        catalog = self._genai_prices()
+        if catalog is None or _lookup(catalog, model, provider) is None:
+            return None
+        return _label(catalog)
+
+    @property
+    def catalog(self) -> str | None:
+        """``"genai-prices <version>"`` when that catalogue prices what the table does not,
+        else ``None`` (not installed, or switched off)."""
+        catalog = self._genai_prices()
+        return None if catalog is None else _label(catalog)
+
+    def _genai_prices(self) -> ModuleType | None:
+        if self._catalog is _UNSET:
+            self._catalog = _import_genai_prices() if self._catalog_on else None
+        return self._catalog
 
     def __bool__(self) -> bool:
+        """Whether the table itself has prices (genai-prices aside: see :attr:`catalog`)."""
         return bool(self._prices)
 
     def __repr__(self) -> str:
         return f"PriceTable({self._prices!r})"
+
+
+def _import_genai_prices() -> ModuleType | None:
+    try:
+        import genai_prices
+    # Optional: absent, or broken by its own dependencies, the table alone prices.
+    except Exception:
+        return None
+    return genai_prices
+
+
+def _label(catalog: ModuleType) -> str:
+    return f"genai-prices {getattr(catalog, '__version__', '')}".rstrip()
+
+
+class _Match(NamedTuple):
+    provider_id: str | None  # what genai-prices knows the model under: the hint, or by name
+
+
+@functools.lru_cache(maxsize=1024)
+def _lookup(catalog: ModuleType, model: str, provider: str | None) -> _Match | None:
+    """How genai-prices finds ``model`` (cached: a miss scans every model it knows)."""
+    for provider_id in dict.fromkeys((provider, None)):  # the hint, then the name alone
+        try:
+            catalog.calc_price(catalog.Usage(input_tokens=0, output_tokens=0), model,
+                               provider_id=provider_id)
+        # LookupError: an unknown model or provider; anything else from a third-party
+        # catalogue must not fail a model turn either: unpriced, like an unknown model.
+        except Exception:
+            continue
+        return _Match(provider_id)
+    return None
+
+
+def _catalog_dollars(catalog: ModuleType, model: str, tokens_in: int, tokens_out: int,
+                     provider: str | None) -> float | None:
+    match = _lookup(catalog, model, provider)
+    if match is None:
+        return None
+    # Priced per call, never cached per million: prices can be tiered by prompt size.
+    try:
+        calculation = catalog.calc_price(
+            catalog.Usage(input_tokens=tokens_in, output_tokens=tokens_out), model,
+            provider_id=match.provider_id)
+        return float(calculation.total_price)
+    except Exception:
+        return None
 
 
 _EXAMPLE = '{"gpt-4.1": {"input": 2.0, "output": 8.0}} (dollars per million tokens)'

@@ -265,7 +265,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(format_line(summary, mode))
     else:
         terminalreporter.write_sep("=", "singleflight")
-        terminalreporter.write_line(format_summary(summary, mode))
+        terminalreporter.write_line(format_summary(summary, mode, prices=state.session.prices))
     for target in state.reports:
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)

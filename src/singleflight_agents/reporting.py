@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .models import MODEL_PREFIX
+
+if TYPE_CHECKING:
+    from .pricing import PriceTable
 
 _BAR = 20
 
@@ -16,7 +19,7 @@ def _bar(share: float) -> str:
     return "█" * filled + "·" * (_BAR - filled)
 
 
-def _warnings(summary: dict[str, Any]) -> list[str]:
+def _warnings(summary: dict[str, Any], prices: PriceTable | None = None) -> list[str]:
     notes = []
     if summary.get("tampered"):
         notes.append(f"{summary['tampered']} receipt(s) failed their signature check (tampered, or "
@@ -32,12 +35,31 @@ def _warnings(summary: dict[str, Any]) -> list[str]:
     unpriced = [name.removeprefix(MODEL_PREFIX) for name, row in summary.get("tools", {}).items()
                 if row.get("unpriced")]
     if unpriced:
-        notes.append(f"no price for model(s) {', '.join(unpriced)}: their dollars are not counted "
-                     f"(give prices with --singleflight-prices or Singleflight(prices=...))")
+        notes.append(f"no price for model(s) {', '.join(unpriced)}{_searched(unpriced, prices)}: "
+                     f"their dollars are not counted (give prices with --singleflight-prices or "
+                     f"Singleflight(prices=...))")
     if summary.get("replay_misses"):
         notes.append(f"{summary['replay_misses']} call(s) had no receipt to replay (those tests "
                      f"failed; record them with --singleflight-mode=record)")
     return notes
+
+
+def _searched(unpriced: list[str], prices: PriceTable | None) -> str:
+    """Where the unpriced models were looked for, when the table says none has a price
+    (rows are counted when the turns ran, perhaps with other prices: never assumed)."""
+    if prices is None or any(prices.source(model) for model in unpriced):
+        return ""
+    catalog = prices.catalog
+    return f" (neither in your table nor in {catalog})" if catalog else " (not in your table)"
+
+
+def _prices_line(summary: dict[str, Any], prices: PriceTable | None) -> list[str]:
+    """Which source priced each model, as the report's table sees it now."""
+    if prices is None:
+        return []
+    sources = [f"{model} ({source})" for model in _models(summary)
+               if (source := prices.source(model)) is not None]
+    return [f"  prices: {', '.join(sources)}"] if sources else []
 
 
 def _amount(amount: float, places: int = 2) -> str:
@@ -90,8 +112,10 @@ def format_line(summary: dict[str, Any], mode: str | None = None) -> str:
     return line + (f", {warnings} warning(s)" if warnings else "") + where
 
 
-def format_summary(summary: dict[str, Any], mode: str | None = None) -> str:
-    """A terminal report: totals, one row per tool with a bar of calls avoided, warnings."""
+def format_summary(summary: dict[str, Any], mode: str | None = None, *,
+                   prices: PriceTable | None = None) -> str:
+    """A terminal report: totals, one row per tool with a bar of calls avoided, warnings.
+    With ``prices``, the model section also names the source that prices each model."""
     lines = [
         f"singleflight summary - {f'mode {mode} - ' if mode else ''}run "
         f"{summary.get('run_id') or 'all'} - store {summary['db_path']}",
@@ -123,9 +147,10 @@ def format_summary(summary: dict[str, Any], mode: str | None = None) -> str:
     else:
         lines.append("  no calls recorded")
     lines.extend(_model_rows(summary))
+    lines.extend(_prices_line(summary, prices))
     if mode == "off" or summary.get("duplicates"):
         lines.append("  " + _off_line(summary))
-    lines.extend(f"  warning: {note}" for note in _warnings(summary))
+    lines.extend(f"  warning: {note}" for note in _warnings(summary, prices))
     return "\n".join(lines)
 
 
