@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         "(extra [openai])"))
     commands.add_parser("langgraph-demo", parents=[db], help=(
         "a LangGraph agent, scripted and offline, with duplicate tool calls (extra [langgraph])"))
+    commands.add_parser("mcp-demo", parents=[db], help=(
+        "an MCP server over stdio, agents repeating its tool calls, then the run replayed with "
+        "the server gone (extras [mcp,openai])"))
     summary = commands.add_parser("summary", parents=[db], help="savings per tool")
     which = summary.add_mutually_exclusive_group()
     which.add_argument("--run", metavar="ID", help="this run's statistics (default: the latest)")
@@ -179,6 +182,10 @@ def _openai_demo(args: argparse.Namespace, db: str | None) -> int:
 
 def _langgraph_demo(args: argparse.Namespace, db: str | None) -> int:
     return _framework_demo(".demo_langgraph", "run_langgraph_demo", "langgraph", db)
+
+
+def _mcp_demo(args: argparse.Namespace, db: str | None) -> int:
+    return _framework_demo(".demo_mcp", "run_mcp_demo", "mcp,openai", db)
 
 
 def _summary(args: argparse.Namespace, db: str | None) -> int:
@@ -449,6 +456,7 @@ def _new_store(db: str | None) -> Iterator[ReceiptStore]:
 
 
 _COMMANDS = {"demo": _demo, "openai-demo": _openai_demo, "langgraph-demo": _langgraph_demo,
+             "mcp-demo": _mcp_demo,
              "summary": _summary, "verify": _verify, "prune": _prune,
              "export": _export, "import": _import}
 
