@@ -44,8 +44,8 @@ _HOMES = {
     "wrap_pydantic_ai_toolset": (".pydantic_ai", "pydantic-ai"),
     "receipt_mcp_client": (".mcp", "mcp"),
     "ReceiptMCPClient": (".mcp", "mcp"),
-    "receipt_mcp_server": (".mcp_agents", "openai"),
-    "ReceiptMCPServer": (".mcp_agents", "openai"),
+    "receipt_mcp_server": (".mcp_agents", "mcp,openai"),
+    "ReceiptMCPServer": (".mcp_agents", "mcp,openai"),
 }
 __all__ = sorted(_HOMES)
 

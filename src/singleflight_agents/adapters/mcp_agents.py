@@ -35,7 +35,8 @@ from mcp.types import (
 )
 from mcp.types import Tool as MCPTool
 
-from .mcp import Core, LoopLock, stdio_label, url_label
+from ._mcp_connect import LoopLock
+from .mcp import Core, stdio_label, url_label
 
 if TYPE_CHECKING:
     from agents.agent import AgentBase
