@@ -75,6 +75,15 @@ def sqlite_sf(db_path: Path) -> Iterator[Singleflight]:
 
 
 @pytest.fixture
+def chat_calls() -> list[Any]:
+    """The real calls of the fake chat models of ``_fake_models`` in this test: emptied first."""
+    from _fake_models import CHAT_CALLS
+
+    CHAT_CALLS.clear()
+    return CHAT_CALLS
+
+
+@pytest.fixture
 def procs() -> Iterator[list[Any]]:
     """Processes a test started; any still alive at teardown is killed."""
     started: list[Any] = []

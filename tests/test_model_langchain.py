@@ -4,9 +4,12 @@ replayed, what is keyed, message fidelity, tokens and dollars, the pytest plugin
 from __future__ import annotations
 
 import asyncio
+import datetime
+import re
 import textwrap
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, TypedDict
 
@@ -14,6 +17,7 @@ import pytest
 
 pytest.importorskip("langgraph")
 
+from _fake_models import GATE, Chat, Echo, Finish
 from conftest import SECRET
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import (
@@ -36,6 +40,7 @@ from pydantic import BaseModel, Field, create_model
 
 from singleflight_agents import ReplayMissError, Session, Singleflight
 from singleflight_agents.adapters import receipt_chat_model
+from singleflight_agents.reporting import format_line, format_summary
 
 CALLS: list[str] = []  # one entry per inner model call: the type of the last message it got
 TOOL_RUNS: list[str] = []
@@ -279,6 +284,22 @@ def test_replayed_message_equals_the_original(sf: Singleflight, store_url: str,
     assert len(CALLS) == 2  # direct, then the wrapper's one execution
 
 
+def test_response_metadata_values_round_trip(sf: Singleflight, chat_calls: list[Any]) -> None:
+    created = datetime.datetime(2025, 6, 1, 12, 0, tzinfo=datetime.UTC)
+    chat = receipt_chat_model(sf, Chat(metadata_extra={"created": created}), deterministic=True)
+    executed, served = chat.invoke("hi"), chat.invoke("hi")
+    assert len(chat_calls) == 1
+    assert executed.response_metadata["created"] == served.response_metadata["created"] == created
+
+
+def test_an_enum_in_response_metadata_is_still_recorded(sf: Singleflight, chat_calls: list[Any]) -> None:
+    chat = receipt_chat_model(sf, Echo(finish=Finish.STOP), deterministic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        first, second = chat.invoke("hi"), chat.invoke("hi")
+    assert len(chat_calls) == 1 and first.content == second.content
+
+
 # -- 6. errors ------------------------------------------------------------------------------
 
 
@@ -331,6 +352,13 @@ def test_bind_tools_needs_an_inner_bind_tools(sf: Singleflight) -> None:
         chat.bind_tools([weather])
 
 
+def test_rewrapping_a_wrapped_chat_model_wraps_the_original(sf: Singleflight) -> None:
+    original = Echo()
+    once = receipt_chat_model(sf, original, deterministic=True)
+    twice = receipt_chat_model(sf, once, deterministic=True, ttl_seconds=60)
+    assert twice.inner is original
+
+
 # -- 7. tokens and dollars ------------------------------------------------------------------
 
 
@@ -367,6 +395,61 @@ def test_side_effecting_model_is_called_every_time_and_still_metered(sf: Singlef
     stats = sf.summary()["tools"]["model:fake-1"]
     assert (stats["unshared"], stats["tokens_in"], stats["tokens_out"]) == (2, 200, 40)
     assert stats["dollars_spent"] == pytest.approx(2 * TURN_DOLLARS)
+
+
+def test_n_choices_sharing_one_usage_are_counted_once(store_url: str) -> None:
+    with Singleflight(store=store_url, secret=SECRET, prices=PRICES) as engine:
+        chat = receipt_chat_model(engine, Chat(choices=3), deterministic=True)
+        assert len(chat.generate([[HumanMessage("hi")]]).generations[0]) == 3
+        row = engine.summary()["tools"]["model:fake-1"]
+    assert (row["tokens_in"], row["tokens_out"]) == (100, 20)
+
+
+def test_a_fallback_is_spent_a_failure_is_not_and_a_later_hit_is_avoided(
+        store_url: str, chat_calls: list[Any]) -> None:
+    with Singleflight(store=store_url, secret=SECRET, prices=PRICES) as engine:
+        gate, entered = threading.Event(), threading.Event()
+        owner = receipt_chat_model(engine, Chat(gate=gate, entered=entered), deterministic=True)
+        impatient = receipt_chat_model(engine, Chat(), deterministic=True, wait_timeout_seconds=0.05)
+        answers: list[Any] = []
+        thread = threading.Thread(target=lambda: answers.append(owner.invoke("hi")))
+        thread.start()
+        try:
+            assert entered.wait(GATE)  # the owner's model call is in flight, and stays there
+            with pytest.warns(RuntimeWarning, match="waiting for it timed out"):
+                fallback = impatient.invoke("hi")  # waits 0.05 s, then calls the model itself
+        finally:
+            gate.set()
+            thread.join(GATE)
+        assert answers[0].content == fallback.content and len(chat_calls) == 2
+
+        with pytest.raises(RuntimeError, match="the model is down"):
+            receipt_chat_model(engine, Chat(fail=True), deterministic=True).invoke("other")
+        assert receipt_chat_model(engine, Chat(fail=True), deterministic=True).invoke("hi").content \
+            == fallback.content  # served from the owner's receipt
+        row = engine.summary()["tools"]["model:fake-1"]
+    assert (row["calls"], row["executed"], row["fallbacks"], row["failures"], row["cache_hits"]) \
+        == (4, 1, 1, 1, 1)
+    assert (row["tokens_in"], row["tokens_out"], row["tokens_in_saved"], row["tokens_out_saved"]) \
+        == (200, 40, 100, 20)
+    assert row["dollars_spent"] == pytest.approx(2 * TURN_DOLLARS)
+    assert row["dollars_saved"] == pytest.approx(TURN_DOLLARS)
+
+
+def test_a_cheap_model_turn_is_not_reported_as_zero_dollars(store_url: str) -> None:
+    prices = {"echo-1": {"input": 0.10, "output": 0.40}}
+    with Singleflight(store=store_url, secret=SECRET, prices=prices) as engine:
+        chat = receipt_chat_model(engine, Echo(), deterministic=True)
+        chat.invoke("hi")
+        chat.invoke("hi")
+        summary = engine.summary()
+    assert summary["tools"]["model:echo-1"]["dollars_saved"] == pytest.approx(1.8e-5)
+    assert summary["dollars_saved"] == pytest.approx(1.8e-5)
+    text = format_summary(summary)
+    assert "$0.000018" in text and "0.000018  " in text  # headline and the tool's row
+    assert not re.search(r"\$0\.0+(?![0-9])", text), text  # nothing avoided shows as zero
+    line = format_line(summary)  # the one-line report too
+    assert "saved $0.000018 " in line and not re.search(r"\$0\.0+(?![0-9])", line), line
 
 
 # -- 9. bind_tools, with_structured_output, ainvoke, stream ---------------------------------

@@ -15,9 +15,32 @@ import dataclasses
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
+from _fake_models import (
+    CONFIG,
+    FINAL,
+    GATE,
+    INSTRUCTIONS,
+    KW,
+    NAME,
+    QUESTION,
+    TOOL,
+    TURN_DOLLARS,
+    USAGE,
+    answer,
+    collect,
+    direct_args,
+    hung_tasks,
+    is_turn_two,
+    live_events,
+    lookup,
+    text_of,
+    turn_one,
+    turn_two,
+)
 from agents import (
     Agent,
     FunctionTool,
@@ -35,7 +58,16 @@ from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_messag
 from agents.tool import tool_namespace
 from agents.usage import RequestUsage
 from conftest import SECRET, SpyEngine
-from openai.types.responses import ResponseReasoningItem
+from openai.types.responses import (
+    ResponseFunctionWebSearch,
+    ResponseOutputMessage,
+    ResponseOutputRefusal,
+    ResponseOutputText,
+    ResponseReasoningItem,
+)
+from openai.types.responses.response_function_web_search import ActionSearch
+from openai.types.responses.response_output_text import AnnotationURLCitation
+from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from pydantic import BaseModel
 
@@ -46,42 +78,6 @@ from singleflight_agents.adapters.openai_models import (
     receipt_model_provider,
 )
 from singleflight_agents.models import ReplayMissError
-
-CONFIG = RunConfig(tracing_disabled=True)
-NAME = "scripted"
-TOOL = f"model:{NAME}"
-QUESTION = "What is the weather in Oslo?"
-INSTRUCTIONS = "Answer in one sentence."
-FINAL = "It is sunny in Oslo."
-GATE_TIMEOUT = 20.0  # only a hang would reach it: the gates open as soon as the callers arrive
-
-
-@function_tool
-def lookup(city: str) -> str:
-    """Look up the weather in a city.
-
-    Args:
-        city: The city.
-    """
-    return f"sunny in {city}"
-
-
-def turn_one() -> list[Any]:
-    return [function_call("lookup", {"city": "Oslo"}, call_id="call-1")]
-
-
-def turn_two() -> list[Any]:
-    return [assistant_message(FINAL)]
-
-
-def is_turn_two(call: ModelCall) -> bool:
-    """Whether the request already carries the tool's output (the agent's second turn)."""
-    return isinstance(call.input, list) and any(
-        isinstance(item, dict) and item.get("type") == "function_call_output" for item in call.input)
-
-
-def answer(call: ModelCall) -> list[Any]:
-    return turn_two() if is_turn_two(call) else turn_one()
 
 
 def two_turns() -> list[Any]:
@@ -108,32 +104,6 @@ def tool_stats(sf: Singleflight, tool: str = TOOL) -> dict[str, Any]:
     return sf.summary()["tools"][tool]
 
 
-def hung_tasks() -> list[asyncio.Task[Any]]:
-    """Tasks of this loop still pending and not on their way out (not being cancelled)."""
-    return [task for task in asyncio.all_tasks()
-            if task is not asyncio.current_task() and not task.done() and not task.cancelling()]
-
-
-# -- direct calls of the Model interface -----------------------------------------------------
-
-KW: dict[str, Any] = {"previous_response_id": None, "conversation_id": None, "prompt": None}
-
-
-def direct_args(*, instructions: str = "Be brief.", input: Any = "hello",
-                settings: ModelSettings | None = None, tools: list[Any] | None = None,
-                tracing: ModelTracing = ModelTracing.DISABLED) -> tuple[Any, ...]:
-    return (instructions, input, settings or ModelSettings(), tools or [], None, [], tracing)
-
-
-async def collect(stream: AsyncIterator[Any]) -> list[Any]:
-    return [event async for event in stream]
-
-
-async def live_events(output: list[Any]) -> list[Any]:
-    """The events an unwrapped ScriptedModel streams for ``output``."""
-    return await collect(ScriptedModel([output]).stream_response(*direct_args(), **KW))
-
-
 def blocked_stream(events: list[Any], started: asyncio.Event, release: asyncio.Event) -> ModelStep:
     """A stream step that sends its first event, then waits for ``release`` (a stream in
     progress) before sending the rest."""
@@ -153,7 +123,7 @@ def gated_turns(spy: SpyEngine, callers: int) -> list[ModelStep]:
 
     async def respond(call: ModelCall) -> list[Any]:
         turn = 2 if is_turn_two(call) else 1
-        await asyncio.wait_for(spy.reached(callers * turn).wait(), GATE_TIMEOUT)
+        await asyncio.wait_for(spy.reached(callers * turn).wait(), GATE)
         return answer(call)
 
     return [ModelStep.respond(respond), ModelStep.respond(respond)]
@@ -500,6 +470,44 @@ async def test_a_replayed_response_equals_the_original(sf: Singleflight) -> None
     assert replayed.usage.output_tokens_details.reasoning_tokens == 2
 
 
+def rich_output() -> list[Any]:
+    return [
+        ResponseReasoningItem(id="rs_1", type="reasoning", encrypted_content="gAAAA-opaque",
+                              summary=[Summary(type="summary_text", text="Looked it up.")]),
+        ResponseFunctionWebSearch(id="ws_1", type="web_search_call", status="completed",
+                                  action=ActionSearch(type="search", query="Oslo weather")),
+        ResponseOutputMessage(id="msg_1", type="message", role="assistant", status="completed", content=[
+            ResponseOutputText(type="output_text", text="Sunny [1].", logprobs=[], annotations=[
+                AnnotationURLCitation(type="url_citation", url="https://met.no", title="MET",
+                                      start_index=7, end_index=10)])]),
+        ResponseOutputMessage(id="msg_2", type="message", role="assistant", status="completed", content=[
+            ResponseOutputRefusal(type="refusal", refusal="I cannot share the forecast source.")]),
+    ]
+
+
+async def test_reasoning_search_citations_and_refusals_replay_and_keep_the_next_turns_key(
+        sf: Singleflight) -> None:
+    original = await ScriptedModel([rich_output()]).get_response(*direct_args(), **KW)
+    inner = ScriptedModel([rich_output(), [assistant_message("turn two")]])
+    model = receipt_model(sf, inner, model_name=NAME, deterministic=True)
+    executed = await model.get_response(*direct_args(), **KW)
+    replayed = await receipt_model(sf, ScriptedModel([]), model_name=NAME,
+                                   deterministic=True).get_response(*direct_args(), **KW)
+    assert replayed == executed == original
+    dumps = [[item.model_dump(exclude_unset=True) for item in r.output] for r in (original, replayed)]
+    assert dumps[0] == dumps[1]
+
+    def next_input(response: Any) -> list[Any]:
+        return [{"role": "user", "content": "hello"}, *response.to_input_items(),
+                {"role": "user", "content": "And tomorrow?"}]
+
+    assert next_input(replayed) == next_input(original)
+    await model.get_response(*direct_args(input=next_input(original)), **KW)
+    second = await receipt_model(sf, ScriptedModel([]), model_name=NAME, deterministic=True) \
+        .get_response(*direct_args(input=next_input(replayed)), **KW)
+    assert text_of(second) == "turn two" and len(inner.calls) == 2
+
+
 # -- 6. streaming -----------------------------------------------------------------------------
 
 
@@ -596,9 +604,9 @@ async def test_a_waiter_takes_over_a_stream_whose_owner_stopped_early(spy: SpyEn
     owner_stream = owner.stream_response(*direct_args(), **KW)
     await anext(owner_stream)
     waiting = asyncio.ensure_future(collect(waiter.stream_response(*direct_args(), **KW)))
-    await asyncio.wait_for(spy.reached(2).wait(), GATE_TIMEOUT)  # it waits on the owner's turn
+    await asyncio.wait_for(spy.reached(2).wait(), GATE)  # it waits on the owner's turn
     await owner_stream.aclose()
-    taken_over = await asyncio.wait_for(waiting, GATE_TIMEOUT)
+    taken_over = await asyncio.wait_for(waiting, GATE)
     assert [e.type for e in taken_over] == [e.type for e in events]
     assert (len(owner_model.calls), len(waiter_model.calls)) == (1, 1)
     later = ScriptedModel([])
@@ -623,7 +631,7 @@ async def test_a_streamed_run_cancelled_mid_turn_leaves_the_turn_to_the_next_run
     assert len(stopped.calls) == 1
 
     fresh = ScriptedModel(two_turns())
-    output, types = await asyncio.wait_for(run_streamed(make_agent(sf, fresh)), GATE_TIMEOUT)
+    output, types = await asyncio.wait_for(run_streamed(make_agent(sf, fresh)), GATE)
     assert output == FINAL and len(fresh.calls) == 2  # turn 1 was never stored: recorded now
     replay = ScriptedModel([])
     assert await run_streamed(make_agent(sf, replay)) == (output, types) and len(replay.calls) == 0
@@ -671,6 +679,25 @@ async def test_a_wrapped_provider_keys_turns_by_the_model_name(sf: Singleflight)
     assert tools["model:my-other-model"]["executed"] == 2
     wrapped = receipt_model_provider(sf, providers[1], deterministic=True).get_model("my-model")
     assert isinstance(wrapped, ReceiptModel) and wrapped.model == "my-model"
+
+
+class WrappingProvider(ModelProvider):
+    """A provider whose models are already wrapped (another team's receipt_model_provider)."""
+
+    def __init__(self, engine: Singleflight) -> None:
+        self.engine = engine
+
+    def get_model(self, model_name: str | None) -> Model:
+        inner = ScriptedModel([[assistant_message("x")]])
+        return receipt_model(self.engine, inner, model_name=NAME, deterministic=True)
+
+
+async def test_a_provider_rewraps_an_already_wrapped_model_with_its_own_engine(tmp_path: Path) -> None:
+    with Singleflight(tmp_path / "a.db", secret=SECRET) as old, \
+            Singleflight(tmp_path / "b.db", secret=SECRET) as new:
+        model = receipt_model_provider(new, WrappingProvider(old), deterministic=True).get_model(NAME)
+        await model.get_response(*direct_args(), **KW)
+        assert f"model:{NAME}" in new.summary()["tools"]
 
 
 # -- 8. unflagged models and bad arguments --------------------------------------------------------------
@@ -740,9 +767,7 @@ async def test_a_side_effecting_model_is_called_every_time_and_stores_nothing(sf
 
 # -- 9. tokens and dollars ------------------------------------------------------------------------
 
-USAGE = Usage(requests=1, input_tokens=1000, output_tokens=200, total_tokens=1200)
 PRICES = {NAME: {"input": 2.0, "output": 8.0}}
-TURN_DOLLARS = (1000 * 2.0 + 200 * 8.0) / 1e6
 
 
 async def run_metered(sf: Singleflight, streamed: bool, **options: Any) -> None:
@@ -815,6 +840,8 @@ def test_a_bad_price_table_names_the_model(store_url: str, sqlite_sf: Singleflig
 # -- 10. the pytest plugin -----------------------------------------------------------------------
 
 PLUGIN_TEST = '''
+from pathlib import Path
+
 from agents import Agent, RunConfig, Runner, function_tool
 from agents.testing import ScriptedModel, assistant_message, function_call
 
@@ -836,7 +863,11 @@ def test_weather_agent(singleflight):
     model = ScriptedModel(steps if RECORD else [])  # without steps any call raises
     wrapped = receipt_model(singleflight, model, model_name="scripted", deterministic=True)
     agent = Agent(name="weather", instructions=INSTRUCTIONS, tools=[lookup], model=wrapped)
-    result = Runner.run_sync(agent, "Weather in Oslo?", run_config=RunConfig(tracing_disabled=True))
+    try:
+        result = Runner.run_sync(agent, "Weather in Oslo?", run_config=RunConfig(tracing_disabled=True))
+    finally:
+        with open(Path(__file__).parent / "calls.log", "a") as log:
+            log.write(f"{{len(model.calls)}}\\n")
     assert result.final_output == "Sunny."
     assert len(model.calls) == (2 if RECORD else 0)
     assert [str(o.source) for o in singleflight.outcomes] == (
@@ -844,23 +875,45 @@ def test_weather_agent(singleflight):
 '''
 
 
-def test_the_pytest_plugin_records_then_replays_model_turns(pytester: pytest.Pytester) -> None:
-    db = pytester.path / "receipts.db"
+def test_the_pytest_plugin_records_then_replays_model_turns_only_with_the_recording_key(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GITHUB_STEP_SUMMARY", "SINGLEFLIGHT_RUN_ID", "SINGLEFLIGHT_PRICES", "SINGLEFLIGHT_SECRET",
+                 "PYTEST_XDIST_WORKER", "PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    db, log = pytester.path / "receipts.db", pytester.path / "calls.log"
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
 
-    def session(record: bool, instructions: str, mode: str) -> pytest.RunResult:
+    def session(record: bool, instructions: str, mode: str, secret: str | None = None) -> pytest.RunResult:
+        if secret is None:
+            monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)  # the key file beside the store
+        else:
+            monkeypatch.setenv("SINGLEFLIGHT_SECRET", secret)
         pytester.makepyfile(test_weather=textwrap.dedent(
             PLUGIN_TEST.format(record=record, instructions=instructions)))
         return pytester.runpytest("-p", "no:cacheprovider", "-p", "no:hypothesispytest",
                                   f"--singleflight-db={db}", f"--singleflight-mode={mode}")
 
     session(True, INSTRUCTIONS, "record").assert_outcomes(passed=1)
-    replayed = session(False, INSTRUCTIONS, "replay")
+    assert log.read_text().split() == ["2"]
+
+    # Receipts signed with another key (another branch's secret) are misses: the model is never called.
+    other = session(False, INSTRUCTIONS, "replay", secret="another-branch-key-" + "b" * 24)
+    other.assert_outcomes(failed=1)
+    assert log.read_text().split() == ["2", "0"]
+    out = other.stdout.str()
+    assert f"ReplayMissError: {TOOL}: no receipt to replay" in out
+    assert (f"record it with: pytest --singleflight-mode=record --singleflight-db={db} "
+            f"test_weather.py::test_weather_agent") in out
+    assert "failed their signature check" in out
+
+    replayed = session(False, INSTRUCTIONS, "replay")  # the recording key: served from receipts
     replayed.assert_outcomes(passed=1)
     assert "2 calls, 0 executed, 2 served from receipts" in replayed.stdout.str()
+    assert log.read_text().split() == ["2", "0", "0"]
 
     changed = session(False, "Answer in French.", "replay")
     changed.assert_outcomes(failed=1)
+    assert log.read_text().split() == ["2", "0", "0", "0"]
     out = changed.stdout.str()
     assert f"ReplayMissError: {TOOL}: no receipt to replay for arguments" in out
     assert (f"record it with: pytest --singleflight-mode=record --singleflight-db={db} "
