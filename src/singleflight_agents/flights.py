@@ -26,8 +26,12 @@ RUNNING: contextvars.ContextVar[frozenset[tuple[str, str]]] = contextvars.Contex
 
 
 @contextlib.contextmanager
-def running(key: tuple[str, str]) -> Any:
-    """Mark ``key``'s tool as running in this context (and those it hands on) while inside."""
+def running(key: tuple[str, str] | None) -> Any:
+    """Mark ``key``'s tool as running in this context (and those it hands on) while inside;
+    an unshared call (``None``) marks nothing."""
+    if key is None:
+        yield
+        return
     token = RUNNING.set(RUNNING.get() | {key})
     try:
         yield
@@ -40,11 +44,12 @@ class WaitTimeout(Exception):
 
 
 class Flight:
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "key", "loop")
 
-    def __init__(self) -> None:
+    def __init__(self, key: tuple[str, str]) -> None:
         from concurrent.futures import Future
 
+        self.key = key
         self.future: concurrent.futures.Future[Any] = Future()
         # The event loop an async owner runs on: a sync waiter on that loop's thread
         # would block the very loop the owner needs.
@@ -68,7 +73,7 @@ class FlightTable:
             else:
                 stale = None
             if flight is None:
-                flight = self._flights[key] = Flight()
+                flight = self._flights[key] = Flight(key)
                 owner = True
             else:
                 owner = False
@@ -153,5 +158,7 @@ def start_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
 
 
 async def run_in_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
-    """Await ``func(*args)`` run by :func:`start_thread`."""
-    return await wait_future(start_thread(func, *args, name=name), None)
+    """Await ``func(*args)`` run by :func:`start_thread`, in a copy of this context (as
+    ``asyncio.to_thread``): a tool running here is known as running there too."""
+    context = contextvars.copy_context()
+    return await wait_future(start_thread(context.run, func, *args, name=name), None)

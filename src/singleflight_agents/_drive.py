@@ -1,0 +1,162 @@
+"""The two drivers: they carry out the steps the decisions (:mod:`._flow`) ask for, one
+blocking its thread, one awaiting on its event loop. Every decision is made in the flow;
+a driver only runs the tool and waits."""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import sys
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .flights import Flight, run_in_thread, running, start_thread, wait_future, wait_sync
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ._call import Call
+    from .store import ReceiptStore
+
+T = TypeVar("T")
+
+
+class Run:
+    """Run the tool; its value is sent back."""
+
+    __slots__ = ()
+
+
+class WaitStore:
+    """Wait up to ``timeout`` seconds for another process's lease on the call to end."""
+
+    __slots__ = ("store", "timeout")
+
+    def __init__(self, store: ReceiptStore, timeout: float) -> None:
+        self.store, self.timeout = store, timeout
+
+
+class WaitFlight:
+    """Wait up to ``timeout`` seconds for this process's owner of the call; its result
+    (or :data:`~.flights.ABANDONED`) is sent back, ``WaitTimeout`` thrown in."""
+
+    __slots__ = ("flight", "timeout")
+
+    def __init__(self, flight: Flight, timeout: float) -> None:
+        self.flight, self.timeout = flight, timeout
+
+
+class Detach:
+    """Drive ``steps`` to their end in a thread of their own; their result is sent back."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps: Steps[Any]) -> None:
+        self.steps = steps
+
+
+RUN = Run()
+Step = Run | WaitStore | WaitFlight | Detach
+Steps = Generator[Step, Any, T]
+
+
+class Escaped(Exception):
+    """Carries a tool's StopIteration into the flow, which would turn it into a
+    RuntimeError (PEP 479)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+def _advance(steps: Steps[T], reply: Any, error: BaseException | None) -> tuple[Step | None, Any]:
+    """The flow's next step, or ``None`` and its result."""
+    try:
+        return steps.throw(error) if error is not None else steps.send(reply), None
+    except StopIteration as stop:
+        return None, stop.value
+    except Escaped as escaped:
+        raise escaped.original from None
+
+
+def _caught(exc: BaseException) -> BaseException:
+    return Escaped(exc) if isinstance(exc, StopIteration) else exc
+
+
+def drive_sync(call: Call, steps: Steps[T]) -> T:
+    """Carry out ``steps`` blocking this thread; their result."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        step, result = _advance(steps, reply, error)
+        if step is None:
+            return result  # type: ignore[no-any-return]
+        reply, error = None, None
+        try:
+            if isinstance(step, Run):
+                with running(call.flight_key):
+                    reply = call_tool(call)
+            elif isinstance(step, WaitStore):
+                step.store.wait(call.key, step.timeout)
+            elif isinstance(step, WaitFlight):
+                reply = wait_sync(step.flight.future, step.timeout)
+            else:  # this thread may block: detached steps run right here
+                reply = drive_sync(call, step.steps)
+        except BaseException as exc:
+            error = _caught(exc)
+
+
+async def drive_async(call: Call, steps: Steps[T]) -> T:
+    """Carry out ``steps`` on the running event loop, blocking calls in threads."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        step, result = _advance(steps, reply, error)
+        if step is None:
+            return result  # type: ignore[no-any-return]
+        reply, error = None, None
+        try:
+            if isinstance(step, Run):
+                with running(call.flight_key):
+                    if call.is_async:
+                        reply = call.fn()
+                        if inspect.isawaitable(reply):
+                            reply = await reply
+                    else:
+                        reply = await run_in_thread(call_tool, call)
+            elif isinstance(step, WaitStore):
+                await run_in_thread(step.store.wait, call.key, step.timeout)
+            elif isinstance(step, WaitFlight):
+                reply = await wait_future(step.flight.future, step.timeout)
+            else:
+                reply = await run_in_thread(drive_sync, call, step.steps, name="singleflight-owner")
+        except BaseException as exc:
+            error = _caught(exc)
+
+
+def call_tool(call: Call) -> Any:
+    """Run the tool from sync code: its value, never a coroutine."""
+    value = call.fn()
+    # An async tool, or a sync callable that hands one back (a wrapper, a lambda): its
+    # result is what the coroutine returns, never the coroutine itself.
+    if not inspect.iscoroutine(value):
+        return value
+    import asyncio
+
+    if running_loop() is None:
+        return asyncio.run(value)
+    # This thread runs a loop we must not re-enter: give the coroutine its own.
+    # The loop's thread gets this context: a flight running here is known there too.
+    context = contextvars.copy_context()
+    return start_thread(context.run, asyncio.run, value, name="singleflight-loop").result()
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    if "asyncio" not in sys.modules:  # no loop can run without asyncio imported
+        return None
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,140 @@
+"""Receipts of an engine's calls: read and checked, written and signed, and the lease given
+back when a run fails."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from typing import TYPE_CHECKING
+
+from . import codec
+from ._accounting import describe
+from ._call import Call, Result
+from ._drive import Escaped
+from .models import Receipt, Source, StoreError
+from .store.base import Lease
+
+if TYPE_CHECKING:
+    from .engine import Singleflight
+
+_VERIFIED_MAX = 4096
+
+
+def lookup(sf: Singleflight, call: Call) -> Result | None:
+    """The call's receipt as a result, if one is stored, trusted, current and decodable."""
+    receipt = sf.store.get(call.key)
+    if receipt is None or not _trusted(sf, call, receipt):
+        return None
+    mode = call.mode
+    if mode != "replay" and receipt.expires_at <= time.time():
+        return None
+    if mode == "refresh" and receipt.created_at < (
+            sf.refresh_since if call.session is None else call.session.started):
+        return None
+    try:
+        value = codec.decode(receipt.codec, receipt.output, call.options.allow_pickle)
+    except Exception as exc:  # e.g. a pickled class that no longer imports: run again
+        sf._warn(f"decode:{call.tool_name}", f"{call.tool_name}: a stored result could not "
+                 f"be decoded ({type(exc).__name__}: {describe(exc)}); not served")
+        return None
+    return Result(value, Source.CACHE_HIT, receipt, (receipt.codec, receipt.output),
+                  receipt.latency_ms)
+
+
+def _trusted(sf: Singleflight, call: Call, receipt: Receipt) -> bool:
+    # Each receipt is checked once: SQLite hands back the very object it read until the
+    # file changes; Redis a new one, equal in every field to the one checked before.
+    verified = sf._verified
+    known = verified.get(call.key)
+    if known is receipt or known == receipt:
+        return True
+    signer = sf._signer
+    try:
+        valid = (receipt.fingerprint == call.key and receipt.key_id == signer.key_id
+                 and signer.verify(receipt))
+    except (TypeError, ValueError):  # fields of the wrong type: edited in the store
+        valid = False
+    if not valid:
+        call.tampered = True
+        then = "not served" if call.mode == "replay" else "re-executing"
+        sf._warn(f"tampered:{call.tool_name}", f"{call.tool_name}: a stored receipt failed "
+                 f"its signature check (tampered, or signed with another key); {then}")
+        return False
+    if len(verified) >= _VERIFIED_MAX:
+        verified.clear()
+    verified[call.key] = receipt
+    return True
+
+
+def as_waiter(result: Result) -> Result:
+    """The owner's result as a waiter of its flight gets it: a copy of its own."""
+    hit = result.source is Source.CACHE_HIT
+    source = Source.CACHE_HIT if hit else Source.SHARED_WAIT
+    value = result.value
+    if result.encoded is not None:  # every waiter gets its own copy, like a cache hit
+        value = codec.decode(*result.encoded, allow_pickle=True)
+    return Result(value, source, result.receipt, result.encoded, result.latency_ms)
+
+
+def release_failed(sf: Singleflight, call: Call, lease: Lease, exc: BaseException) -> None:
+    """Give the lease back after the tool raised ``exc`` (or its caller was cancelled)."""
+    failure = None
+    if isinstance(exc, Exception):  # not cancelled or interrupted: the tool failed
+        sf._stats.add(call.tool_name, failures=1)
+        error = exc.original if isinstance(exc, Escaped) else exc
+        # A message may hold a secret ("401 for ?key=sk-..."): it is stored only when the
+        # tool shares its failures, else the type alone.
+        message = describe(error, 2000) if call.options.share_failures else ""
+        failure = (type(error).__qualname__, message)
+    with contextlib.suppress(Exception):  # the tool's error matters more
+        sf.store.release(lease, failure)
+
+
+def persist(sf: Singleflight, call: Call, result: Result, lease: Lease) -> None:
+    """Store the receipt; on any failure, release the lease (waiters elsewhere must not
+    wait it out) and warn: the result still reaches every caller of this flight."""
+    try:
+        _store(sf, call, result, lease)
+    except Exception as exc:
+        result.encoded = None  # waiters share the value itself
+        with contextlib.suppress(Exception):
+            sf.store.release(lease)
+        sf._stats.add(call.tool_name, not_persisted=1)
+        if isinstance(exc, codec.UnencodableError):
+            why = (f"result of type {exc.type_name} cannot be stored as JSON (return "
+                   f"JSON-able data" + (")" if call.options.allow_pickle else
+                                        ", or pass allow_pickle=True)"))
+        elif isinstance(exc, StoreError):
+            why = f"the store failed: {exc}"
+        else:  # e.g. an int of 5,000 digits, a list nested 10,000 deep or holding itself
+            why = f"result cannot be stored ({type(exc).__name__}: {describe(exc)})"
+        sf._warn(call.tool_name, f"{call.tool_name}: {why}; the result reached this "
+                 f"call's waiters, but was not persisted")
+
+
+def _store(sf: Singleflight, call: Call, result: Result, lease: Lease) -> None:
+    options = call.options
+    result.encoded = codec.encode(result.value, options.allow_pickle)
+    if result.encoded[0] != codec.JSON:
+        # Every waiter and every later caller decodes it: a pickle that does not load
+        # back (a __reduce__ that raises) is shared as the value itself, never stored.
+        codec.decode(*result.encoded, allow_pickle=True)
+    now = time.time()
+    signer = sf._signer
+    receipt = signer.sign(Receipt(
+        fingerprint=call.key, tool_name=call.tool_name, namespace=options.namespace,
+        scope=options.scope, version=options.version,
+        inputs=call.shown_inputs if options.store_inputs else None,
+        inputs_sha256=hashlib.sha256(call.inputs.encode()).hexdigest(),
+        codec=result.encoded[0], output=result.encoded[1], created_at=now,
+        expires_at=now + options.ttl_seconds, latency_ms=round(result.latency_ms, 3),
+        cost_usd=options.estimated_cost_usd, executor=sf._owner, token=lease.token,
+        key_id=signer.key_id,
+    ))
+    if sf.store.put(receipt, lease):
+        result.receipt = receipt
+    else:
+        sf._stats.add(call.tool_name, fenced_out=1)
+        sf._warn(call.tool_name, f"{call.tool_name}: lease was taken over while the tool "
+                 f"ran; the newer holder's receipt was kept")
