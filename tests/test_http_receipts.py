@@ -267,6 +267,12 @@ async def test_a_session_routes_async_default_clients(tmp_path: Any) -> None:
     (["api.openai.com:443"], "no scheme, port or path"),
     (["api.openai.com/v1"], "no scheme, port or path"),
     ([42], "must be a string"),
+    (["[abc]"], "is not a host name"),
+    (["..."], "is not a host name"),
+    (["-"], "is not a host name"),
+    (["a-.example.com"], "is not a host name"),
+    (["*"], "is not a host name"),
+    (["*.*.example.com"], "is not a host name"),
 ])
 def test_a_bad_host_is_refused_by_name(hosts: Any, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
@@ -278,6 +284,8 @@ def test_a_credential_cannot_be_keyed() -> None:
         ReceiptTransport(key_headers=["Authorization"])
     with pytest.raises(TypeError, match="tool_name"):
         ReceiptTransport(tool_name="x")
+    with pytest.raises(TypeError, match="take no share_failures"):
+        ReceiptTransport(share_failures=True)
 
 
 def test_other_methods_run_in_record_and_are_refused_in_replay(tmp_path: Any) -> None:
@@ -291,7 +299,9 @@ def test_other_methods_run_in_record_and_are_refused_in_replay(tmp_path: Any) ->
     assert len(provider.seen) == 3
     with sa.session(db, mode="replay"):
         client.get("https://api.openai.com/v1/models")  # a read: served
-        with pytest.raises(ReplayMissError, match=r"http:api\.openai\.com: declares no safety"):
+        with pytest.raises(ReplayMissError, match=r"http:api\.openai\.com: DELETE https://api"
+                                                  r"\.openai\.com/v1/files/file-1 is never "
+                                                  r"recorded \(HTTP receipts record GET, HEAD"):
             client.delete("https://api.openai.com/v1/files/file-1")
     assert len(provider.seen) == 3
 

@@ -13,6 +13,7 @@ share.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from collections.abc import Iterable
@@ -25,14 +26,19 @@ CREDENTIAL_HEADERS = frozenset({
     "authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
     "cookie", "x-auth-token", "x-amz-security-token",
 })
+# Query parameters that only ever carry a credential. Ambiguous names (``token``, ``code``) are
+# keyed: a page token must not share a receipt with the next page. Their values reach the
+# store only inside the key's SHA-256, never as text.
 CREDENTIAL_PARAMS = frozenset({
-    "key", "api_key", "api-key", "apikey", "access_token", "token", "client_secret", "secret",
-    "password", "sig", "signature", "x-goog-api-key", "code",
+    "key", "api_key", "api-key", "apikey", "access_token", "refresh_token", "id_token",
+    "private_token", "auth", "client_secret", "secret", "password", "sig", "signature",
+    "x-goog-api-key", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
 })
 # Response headers not kept: cookies, and what identifies one attempt or one account.
 _DROPPED_RESPONSE = re.compile(r"^(set-cookie|set-cookie2|cf-ray|x-request-id|request-id|"
                                r"x-amzn-requestid|openai-organization|openai-project|"
                                r"anthropic-organization-id|x-goog-.*-id)$")
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")  # one label of a host name
 _GEMINI_MODEL = re.compile(r"/models/([^/:]+):")
 # Which price list a host's models are in (genai-prices), where the host says it.
 PROVIDERS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic",
@@ -77,26 +83,30 @@ def _check_host(host: object) -> str:
     name = host.strip().lower()
     if not name:  # "a,,b" or a trailing comma
         return name
-    bracketed = name.startswith("[") and name.endswith("]")
-    if bracketed:  # [::1]: httpx gives the host bare
-        name = name[1:-1]
-    bare = name[2:] if name.startswith("*.") else name
-    ipv6 = bracketed and re.fullmatch(r"[0-9a-f:.]+", bare) is not None
-    if not bare or not re.fullmatch(r"[a-z0-9_.\-:]+", bare) or (":" in bare and not ipv6):
-        raise ValueError(f"HTTP host {host!r} is not a host name: give it like "
-                         f"api.openai.com or *.openai.azure.com (no scheme, port or path)")
-    return name
+    if name.startswith("[") and name.endswith("]"):  # [::1]: httpx gives the host bare
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+            return name[1:-1]  # as written: httpx gives it the same way
+        except ValueError:
+            pass
+    elif all(_LABEL.fullmatch(label) for label in name.removeprefix("*.").split(".")):
+        return name
+    raise ValueError(f"HTTP host {host!r} is not a host name: give it like api.openai.com, "
+                     f"*.openai.azure.com or [::1] (no scheme, port or path)")
 
 
-def check_key_headers(names: Iterable[str]) -> tuple[str, ...]:
-    """The header names to key on, lower-cased; a credential is refused by name."""
+def check_key_headers(names: Iterable[str] | str) -> tuple[str, ...]:
+    """The header names to key on, lower-cased (a string: one name, or several with commas);
+    a credential is refused by name."""
+    if isinstance(names, str):
+        names = names.split(",")
     checked = []
     for name in names:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"key_headers= takes header names, got {name!r}")
         lower = name.strip().lower()
         if lower in CREDENTIAL_HEADERS:
-            raise ValueError(f"header {name!r} is a credential: it is never keyed or stored "
+            raise ValueError(f"header {name.strip()!r} is a credential: it is never keyed or stored "
                              f"(the same call with another key shares its receipt)")
         checked.append(lower)
     return tuple(checked)
@@ -114,9 +124,12 @@ class Described:
         parsed = _body_value(body, request.headers.get("content-type", ""))
         self.model = _model_of(parsed, url.path)
         self.provider = PROVIDERS.get(url.host)
-        path = f"{url.scheme}://{url.host}{url.path}"
-        query = sorted((k, "<redacted>" if k.lower() in CREDENTIAL_PARAMS else v)
-                       for k, v in url.params.multi_items())
+        # The path as sent (percent-encoded): /a%2Fb and /a/b are different resources.
+        raw_path = url.raw_path.partition(b"?")[0].decode("ascii")
+        path = f"{url.scheme}://{url.host}{raw_path}"
+        # Sorted by name only: repeated parameters keep their order, which may matter.
+        query = sorted(((k, "<redacted>" if k.lower() in CREDENTIAL_PARAMS else v)
+                        for k, v in url.params.multi_items()), key=lambda item: item[0])
         headers = {name: request.headers.get(name) for name in key_headers
                    if name in request.headers}
         self.key: dict[str, Any] = {"method": method, "url": path, "query": query,
@@ -133,7 +146,8 @@ def _body_value(body: bytes, content_type: str) -> Any:
     if "json" in content_type.lower() or body[:1] in (b"{", b"["):
         try:
             return _json_numbers(json.loads(body))
-        except ValueError:  # not JSON after all (or not UTF-8): keyed by its bytes
+        # Not JSON after all (or not UTF-8), or nested too deep to walk: keyed by its bytes.
+        except (ValueError, RecursionError):
             pass
     return {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
 

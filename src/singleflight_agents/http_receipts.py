@@ -11,8 +11,9 @@ A request to a listed host is one call of the engine: ``GET`` and ``HEAD`` are r
 shared (they run in record and are refused in replay). The receipt holds the status, the
 headers (no cookies or request ids) and the body as the chunks it arrived in, so a stream
 replays as the same stream. The first caller reads the whole answer before it returns: its
-waiters, and every later caller, get the full recording. A non-2xx answer reaches its caller
-(and that flight's waiters) but is never stored, so an SDK's retries still see a 429.
+waiters, and every later caller, get the full recording. Only 2xx answers and redirects are
+stored; any other answer reaches its caller (and that flight's waiters) but is never stored,
+so an SDK's retries still see a 429.
 This module imports no HTTP library: responses are built with the request's own module.
 """
 
@@ -28,20 +29,23 @@ from typing import Any
 
 from . import _http_keys
 from ._http_keys import Described, Hosts, check_key_headers, kept_headers
-from .models import ToolExecutionOptions
+from .models import ReplayMissError, SingleflightError, ToolExecutionOptions
 from .sessions import active_session
 
-__all__ = ["AsyncReceiptTransport", "ReceiptTransport"]
+__all__ = ["AsyncReceiptTransport", "NotRecorded", "ReceiptTransport"]
 
 Send = Callable[[Any], Any]
 _FIXED = ("tool_name", "key", "redact", "meter", "deterministic", "bounded_read")
+# Redirects are answers like any other (a client following them makes the next request
+# itself); a 304 answers a conditional request, whose headers are not keyed: never kept.
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Set while a request goes through receipts: the default transport it reaches is not routed
 # through receipts a second time.
 _INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("singleflight_http", default=False)
 
 
 class _NotStored(Exception):
-    """A non-2xx answer: returned to the caller, never kept."""
+    """An answer that is not kept (an error, a 304): returned to the caller, never stored."""
 
     def __init__(self, value: dict[str, Any]) -> None:
         super().__init__(f"HTTP {value['status']}")
@@ -51,10 +55,13 @@ class _NotStored(Exception):
 class _Exchange:
     """The engine's argument: the request, how to send it, and what keys it."""
 
-    __slots__ = ("body", "described", "request", "send")
+    __slots__ = ("body", "described", "live_headers", "request", "send")
 
     def __init__(self, request: Any, send: Send, described: Described, body: bytes) -> None:
         self.request, self.send, self.described, self.body = request, send, described, body
+        # The response's headers as they came (cookies, request ids), when this very call sent
+        # the request: they reach its caller, never a receipt.
+        self.live_headers: list[list[str]] | None = None
 
 
 def _key(exchange: _Exchange) -> dict[str, Any]:
@@ -70,6 +77,10 @@ class _Receipts:
             if fixed in options:
                 raise TypeError(f"HTTP receipts set {fixed} themselves (from the method, host "
                                 f"and body); it cannot be given")
+        if "share_failures" in options:
+            raise TypeError("HTTP receipts take no share_failures: an error answer (a 429, a "
+                            "500) is returned to the calls sharing its flight as a response, "
+                            "and never stored")
         self.base = ToolExecutionOptions().replace(**options)
         self.key_headers = _http_keys.KEY_HEADERS + check_key_headers(key_headers)
         self.sf = sf
@@ -87,6 +98,7 @@ class _Receipts:
 
     def handle_sync(self, request: Any, send: Send) -> Any:
         sf, exchange, options = self._call(request, request.read(), send)
+        _refuse_unrecorded_in_replay(sf, exchange.described)
         token = _INSIDE.set(True)
         try:
             value = sf.execute_sync(_send_sync, exchange, options=options).value
@@ -94,10 +106,11 @@ class _Receipts:
             value = answer.value
         finally:
             _INSIDE.reset(token)
-        return _response(request, value)
+        return _response(request, value, exchange.live_headers)
 
     async def handle_async(self, request: Any, send: Callable[[Any], Awaitable[Any]]) -> Any:
         sf, exchange, options = self._call(request, await request.aread(), send)
+        _refuse_unrecorded_in_replay(sf, exchange.described)
         token = _INSIDE.set(True)
         try:
             value = (await sf.execute(_send_async, exchange, options=options)).value
@@ -105,7 +118,34 @@ class _Receipts:
             value = answer.value
         finally:
             _INSIDE.reset(token)
-        return _response(request, value)
+        return _response(request, value, exchange.live_headers)
+
+
+class NotRecorded(ReplayMissError):
+    """Replay reached a request of a method receipts never record (``PUT``, ``DELETE``,
+    ``PATCH``, ...): replay never sends it. A :class:`ReplayMissError`, so the pytest plugin
+    fails the test."""
+
+    def __init__(self, described: Described) -> None:
+        key = described.key
+        SingleflightError.__init__(
+            self, f"{described.tool_name}: {key['method']} {key['url']} is never recorded "
+                  f"(HTTP receipts record GET, HEAD and POST), so replay neither answers nor "
+                  f"sends it; run this test in record mode, or stub that request in the test")
+        self.tool_name = described.tool_name
+        self.inputs = f"{key['method']} {key['url']}"
+
+
+def _refuse_unrecorded_in_replay(sf: Any, described: Described) -> None:
+    if described.flag is not None:
+        return
+    engine = sf if sf is not None else _session_engine()
+    if getattr(engine, "engine", engine).current_mode() == "replay":
+        error = NotRecorded(described)
+        session = active_session()
+        if session is not None:
+            session.missed(error)  # fails its test even if the client swallows it
+        raise error
 
 
 def _session_engine() -> Any:
@@ -137,9 +177,11 @@ async def _send_async(exchange: _Exchange) -> dict[str, Any]:
 
 
 def _recorded(exchange: _Exchange, response: Any, chunks: list[bytes]) -> dict[str, Any]:
+    exchange.live_headers = [[name.decode("latin-1"), text.decode("latin-1")]
+                             for name, text in response.headers.raw]
     value: dict[str, Any] = {"status": response.status_code,
                              "headers": kept_headers(response.headers.raw), "chunks": chunks}
-    if not 200 <= response.status_code < 300:
+    if not (200 <= response.status_code < 300 or response.status_code in _REDIRECTS):
         raise _NotStored(value)
     if exchange.described.model is not None:
         value["usage"] = _usage(exchange, value)
@@ -182,10 +224,11 @@ def _module_of(request: Any) -> Any:
     return sys.modules[type(request).__module__.partition(".")[0]]
 
 
-def _response(request: Any, value: dict[str, Any]) -> Any:
+def _response(request: Any, value: dict[str, Any], live_headers: list[list[str]] | None) -> Any:
     module = _module_of(request)
     stream = _stream_type(module)(value["chunks"])
-    return module.Response(value["status"], headers=[tuple(h) for h in value["headers"]],
+    headers = value["headers"] if live_headers is None else live_headers
+    return module.Response(value["status"], headers=[tuple(h) for h in headers],
                            stream=stream, request=request)
 
 
