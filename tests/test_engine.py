@@ -370,6 +370,11 @@ def test_options_are_validated() -> None:
         ToolExecutionOptions(ttl_seconds=0)
     with pytest.raises(ValueError, match="estimated_cost_usd"):
         ToolExecutionOptions(estimated_cost_usd=-1)
+    # a flag is a bool: the string "false" would turn sharing on
+    with pytest.raises(ValueError, match="bounded_read must be True or False, got 'false'"):
+        ToolExecutionOptions().replace(bounded_read="false")
+    with pytest.raises(ValueError, match="redact takes a list of argument names"):
+        ToolExecutionOptions(redact=5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"unknown tool option.*ttl_secs.*aliases: ttl, cost"):
         ToolExecutionOptions().replace(ttl_secs=5)
     # ttl= and cost= are aliases, never both names at once

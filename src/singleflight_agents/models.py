@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,10 @@ _NUMBERS: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
+_FLAGS = ("deterministic", "bounded_read", "side_effecting", "share_failures", "allow_pickle",
+          "store_inputs")
+
+
 def check_text(value: object, where: str, fix: str = "pass plain text") -> str:
     """``value`` if it is a string that UTF-8 can encode (what every store keeps), else a
     one-line ``ValueError`` naming ``where``: a lone surrogate, as ``os.fsdecode`` makes of
@@ -163,9 +167,14 @@ class ToolExecutionOptions:
             check_text(self.tool_name, "ToolExecutionOptions.tool_name")
         for name in ("scope", "namespace", "version"):
             check_text(getattr(self, name), f"ToolExecutionOptions.{name}")
+        for name in _FLAGS:
+            if type(getattr(self, name)) is not bool:  # "false" would be true
+                raise ValueError(f"ToolExecutionOptions.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
         redact = self.redact
         if redact is not None and not callable(redact):
-            if isinstance(redact, str) or not all(isinstance(p, str) for p in redact):
+            if (isinstance(redact, str | bytes) or not isinstance(redact, Iterable)
+                    or not all(isinstance(p, str) for p in redact)):
                 raise ValueError("ToolExecutionOptions.redact takes a list of argument names or "
                                  "dotted paths, or a function of the arguments")
             for path in redact:
