@@ -423,6 +423,7 @@ def test_threads_calling_a_wrapped_tool_share_one_execution(sqlite_sf: Singlefli
     assert RUNS["search_docs"] == 1
 
 
+@pytest.mark.slow
 async def test_demo_runs_offline(sqlite_sf: Singleflight) -> None:
     lines: list[str] = []
     summary = await run_langgraph_demo(sqlite_sf, emit=lines.append)

@@ -283,6 +283,7 @@ def test_a_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         adapters.wrap_function_tool  # noqa: B018
 
 
+@pytest.mark.slow
 async def test_the_demo_runs_offline(sqlite_sf: Singleflight) -> None:
     from singleflight_agents.demo_openai import run_openai_demo
 

@@ -27,6 +27,7 @@ SEED = int(os.environ.get("SINGLEFLIGHT_CHAOS_SEED", "20261127"))
 pytestmark = pytest.mark.timeout(60)  # about 12-15 s per store; the driver bounds the rest
 
 
+@pytest.mark.slow
 def test_chaos_no_duplicates_no_hangs_right_values(store_url: str, tmp_path: Path) -> None:
     report = chaos.run(store_url, SECRET, str(tmp_path), processes=8, seconds=10.0, seed=SEED,
                        grace=10.0)

@@ -25,6 +25,7 @@ def filled(db_path: Path) -> Path:
     return db_path
 
 
+@pytest.mark.slow
 def test_demo_shows_six_versus_three(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
     result = subprocess.run([sys.executable, "-m", "singleflight_agents", "demo", "--db", str(db)],

@@ -65,6 +65,7 @@ def _executed(report: Any) -> dict[str, int]:
     return {tool: row["executed"] for tool, row in report["tools"].items()}
 
 
+@pytest.mark.slow
 def test_example_project_records_then_replays_without_a_key(tmp_path: Path) -> None:
     project = _copy(tmp_path, "example_project")
 
@@ -121,6 +122,7 @@ def test_example_project_records_then_replays_without_a_key(tmp_path: Path) -> N
     assert report["executed"] == 0 and report["replay_misses"] == 1, report
 
 
+@pytest.mark.slow
 def test_example_project_under_xdist_runs_each_distinct_call_once(tmp_path: Path) -> None:
     pytest.importorskip("xdist")
     project = _copy(tmp_path, "example_project")

@@ -374,6 +374,7 @@ print(json.dumps(keys))
 """
 
 
+@pytest.mark.slow
 @given(st.lists(VALUES | st.sets(TEXT, min_size=2), min_size=40, max_size=40))
 @settings(max_examples=2, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

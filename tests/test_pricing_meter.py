@@ -190,6 +190,7 @@ def test_report_without_model_turns_has_no_model_section(sf: Singleflight) -> No
     assert "model tokens" not in text and "no price" not in text
 
 
+@pytest.mark.slow
 def test_plugin_refuses_a_bad_price_table_in_one_line(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     pytester.path.joinpath("prices.json").write_text('{"gpt-4.1": {"in": 2}}')

@@ -75,6 +75,7 @@ def _engine(env: dict[str, str], **kwargs: Any) -> Singleflight:
 # -- 1. many processes, many keys --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_8_processes_20_keys_execute_each_key_once(env: dict[str, str], procs: list[Any]) -> None:
     keys = [f"k{i:02d}" for i in range(20)]
     # On SQLite there is no store file yet: the 8 processes also race to create the
@@ -119,6 +120,7 @@ def test_8_processes_20_keys_execute_each_key_once(env: dict[str, str], procs: l
 # -- 2. a holder that outlives its lease term many times over ------------------------------
 
 
+@pytest.mark.slow
 def test_slow_holder_keeps_its_lease_and_runs_once(env: dict[str, str], procs: list[Any]) -> None:
     # On Redis the waiters take the lease over the moment it lapses, so this is also
     # the test that the heartbeat (every third of the term) keeps it from lapsing.
@@ -164,6 +166,7 @@ def test_slow_holder_keeps_its_lease_and_runs_once(env: dict[str, str], procs: l
 # -- 3. a holder killed mid-execution --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_holder_is_taken_over(env: dict[str, str], procs: list[Any]) -> None:
     """SQLite sees the holder's lock file unlocked by the kernel at once: takeover in
     well under 3 s with the default 10 s lease. Redis cannot see a death: the waiter
@@ -214,6 +217,7 @@ def test_killed_holder_is_taken_over(env: dict[str, str], procs: list[Any]) -> N
 # -- 4. a failure while another process waits ------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share_failures", [False, True])
 def test_failure_reaches_a_waiting_process(env: dict[str, str], procs: list[Any],
                                            share_failures: bool) -> None:
@@ -296,6 +300,7 @@ def test_a_lease_lost_to_a_newer_token_cannot_write(store_url: str, stale_writes
         new_store.close()
 
 
+@pytest.mark.slow
 def test_engine_holder_fenced_out_by_a_takeover_keeps_the_newerunsigned_receipt(
         env: dict[str, str], procs: list[Any]) -> None:
     """The same through the engine across processes: the old holder's result is not
@@ -336,6 +341,7 @@ def test_engine_holder_fenced_out_by_a_takeover_keeps_the_newerunsigned_receipt(
 # -- 6. a forked child using the parent's engine -------------------------------------------
 
 
+@pytest.mark.slow
 def test_forked_child_shares_the_parents_engine(env: dict[str, str], procs: list[Any]) -> None:
     waiting = FORK.Event()
     go = threading.Event()
@@ -386,6 +392,7 @@ def test_forked_child_shares_the_parents_engine(env: dict[str, str], procs: list
 # -- SQLite only: the race of opening a fresh store ---------------------------------------
 
 
+@pytest.mark.slow
 def test_opening_a_fresh_store_waits_for_a_concurrent_writer(tmp_path: Path) -> None:
     """Reproduces, deterministically, the state that 8 processes opening one fresh store
     hit now and then: the first opener has committed the schema and is about to switch

@@ -176,6 +176,7 @@ def test_record_mode_executes_once_and_reports(project: Project) -> None:
 # -- 2. xdist ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_xdist_workers_share_executions_and_controller_reports_once(
         project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     step_summary = tmp_path / "step_summary.md"
@@ -699,6 +700,7 @@ def test_hooks_adjust_tool_options_and_see_every_outcome(project: Project) -> No
 # -- 11. report files -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_report_files_and_github_step_summary(project: Project, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     step_summary = tmp_path / "step_summary.md"
@@ -911,6 +913,7 @@ def test_urls_in_messages_carry_no_password() -> None:
     assert redact_url("/tmp/receipts.db") == "/tmp/receipts.db"
 
 
+@pytest.mark.slow
 def test_a_crashed_xdist_worker_does_not_break_the_report(project: Project) -> None:
     _write(project, "test_crash", """
         import os

@@ -290,6 +290,7 @@ def test_lost_before_a_call_runs_it_without_sharing(server: PrivateRedis,
     assert elapsed < WAIT  # a refused connection fails fast: milliseconds, in practice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["sync", "async"])
 def test_lost_while_a_call_waits_and_another_runs(server: PrivateRedis, engines: list[Singleflight],
                                                   procs: list[Any], tmp_path: Path,
@@ -372,6 +373,7 @@ def test_lost_right_after_the_lease_is_taken_still_runs_the_tool(server: Private
     assert caught, "losing the store should be reported"
 
 
+@pytest.mark.slow
 def test_unresponsive_redis_does_not_hold_a_call_past_its_wait_timeout(
         server: PrivateRedis, engines: list[Singleflight]) -> None:
     sf = _engine(engines, server.url())

@@ -364,6 +364,7 @@ except ReplayMissError as exc:
 '''
 
 
+@pytest.mark.slow
 def test_processes_a_session_starts_are_governed_by_it(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -606,6 +607,7 @@ def test_the_command_line_is_not_governed_by_an_inherited_session(tmp_path: Path
     assert Singleflight(tmp_path / "run.db").summary()["calls"] == 0
 
 
+@pytest.mark.slow
 def test_plugin_replay_holds_calls_made_while_conftest_is_imported(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SINGLEFLIGHT_SECRET", raising=False)
