@@ -25,7 +25,7 @@ from typing import Any
 from . import __version__, codec
 from .demo import run_demo
 from .engine import Singleflight
-from .models import Receipt, SingleflightError
+from .models import RECEIPT_FIELDS, Receipt, SingleflightError
 from .reporting import format_json, format_markdown, format_summary
 from .sessions import ignore_inherited_session
 from .signing import ENV_SECRET, Signer, key_path_for, load_key
@@ -288,9 +288,11 @@ def _verifies(signer: Signer, receipt: Receipt) -> bool:
 
 def _self_check(signer: Signer) -> list[str]:
     now = time.time()
-    sample = signer.sign(Receipt("0" * 64, "self.check", "default", "default", "1", "{}", "",
-                                 codec.JSON, codec.encode({"ok": (1, 2)})[1], now, now, 0.0,
-                                 0.0, "self-check", 0, ""))
+    sample = signer.sign(Receipt(
+        fingerprint="0" * 64, tool_name="self.check", namespace="default", scope="default",
+        version="1", inputs="{}", inputs_sha256="", codec=codec.JSON,
+        output=codec.encode({"ok": (1, 2)})[1], created_at=now, expires_at=now, latency_ms=0.0,
+        cost_usd=0.0, executor="self-check", token=0, key_id=""))
     problems = []
     if not signer.verify(sample):
         problems.append("self-check: a freshly signed receipt does not verify")
@@ -378,11 +380,11 @@ def _receipt_from(data: Any, where: str) -> Receipt:
     if not isinstance(data, dict):
         raise UsageError(f"{where}: a JSON {type(data).__name__}, not a receipt exported by "
                          f"{PROG}")
-    missing = [field.name for field in dataclasses.fields(Receipt) if field.name not in data]
+    missing = [name for name in RECEIPT_FIELDS if name not in data]
     if missing:
         raise UsageError(f"{where}: no field {missing[0]!r}, so not a receipt exported by "
                          f"{PROG}")
-    return Receipt(**{field.name: data[field.name] for field in dataclasses.fields(Receipt)})
+    return Receipt(*(data[name] for name in RECEIPT_FIELDS))
 
 
 def _import(args: argparse.Namespace, db: str | None) -> int:

@@ -244,6 +244,19 @@ class Receipt:
         return dataclasses.asdict(self)
 
 
+# The receipt's layout, defined once: the stores' columns and fields, the signed message and
+# export/import all derive from the dataclass above.
+RECEIPT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Receipt))
+RECEIPT_NUMBERS: dict[str, type] = {f.name: {"float": float, "int": int}[str(f.type)]
+                                    for f in dataclasses.fields(Receipt)
+                                    if str(f.type) in ("float", "int")}
+
+
+def receipt_row(receipt: Receipt) -> tuple[Any, ...]:
+    """The receipt's fields in :data:`RECEIPT_FIELDS` order (``Receipt(*row)`` rebuilds it)."""
+    return tuple(getattr(receipt, name) for name in RECEIPT_FIELDS)
+
+
 @dataclass(frozen=True, slots=True)
 class ExecutionOutcome:
     """What one call returned and how: ``source`` is a :class:`Source`."""

@@ -12,14 +12,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import operator
 import os
 import stat
 import warnings
 from pathlib import Path
 
-from .models import Receipt, StoreError
+from .models import RECEIPT_FIELDS, RECEIPT_NUMBERS, Receipt, StoreError
 
 ENV_SECRET = "SINGLEFLIGHT_SECRET"
+
+
+# Every field but the signature itself, in the receipt's order.
+_SIGNED = operator.attrgetter(*RECEIPT_FIELDS[:-1])
+_NUMBER_AT = tuple((RECEIPT_FIELDS.index(name), kind) for name, kind in RECEIPT_NUMBERS.items())
 
 
 class Signer:
@@ -34,13 +40,11 @@ class Signer:
     def _digest(self, receipt: Receipt) -> str:
         # The repr of a tuple of str, None, float and int is unambiguous (quoted, escaped)
         # and built in C. Numbers are normalised, since a store may hand back 1.0 for 1.
-        r = receipt
-        message = repr((
-            r.fingerprint, r.tool_name, r.namespace, r.scope, r.version, r.inputs,
-            r.inputs_sha256, r.codec, r.output, _number(r.created_at), _number(r.expires_at),
-            _number(r.latency_ms), _number(r.cost_usd), r.executor, int(_number(r.token)),
-            r.key_id,
-        )).encode()
+        values = list(_SIGNED(receipt))
+        for index, kind in _NUMBER_AT:
+            number = _number(values[index])
+            values[index] = int(number) if kind is int else number
+        message = repr(tuple(values)).encode()
         mac = self._mac.copy()
         mac.update(message)
         return mac.hexdigest()

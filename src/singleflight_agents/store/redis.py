@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlencode
 
 import redis
 
-from ..models import Receipt, StoreError
+from ..models import RECEIPT_FIELDS, RECEIPT_NUMBERS, Receipt, StoreError
 from . import redact_url
 from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
 
@@ -84,16 +84,14 @@ return 1
 """
 _LEASE_RETENTION_MS = 24 * 3600 * 1000  # a lease hash outlives any holder, then goes
 _RECHECK_SECONDS = 1.0
-_FLOATS = {"created_at", "expires_at", "latency_ms", "cost_usd"}
-_FIELDS = tuple(Receipt.__dataclass_fields__)
 translated = translating(redis.RedisError)
 
 
 def _receipt(fields: Mapping[str, str]) -> Receipt:
     values: dict[str, Any] = {}
-    for name in _FIELDS:
+    for name in RECEIPT_FIELDS:
         raw = values[name] = fields.get(name)  # an absent "inputs" is None (not stored)
-        convert = float if name in _FLOATS else int if name == "token" else None
+        convert = RECEIPT_NUMBERS.get(name)
         if convert is not None and raw is not None:
             # A value edited into nonsense is left as found: its signature check fails.
             with contextlib.suppress(ValueError):
@@ -220,7 +218,7 @@ class RedisStore(ReceiptStore):
     @translated
     def put(self, receipt: Receipt, lease: Lease) -> bool:
         fields: list[Any] = []
-        for name in _FIELDS:
+        for name in RECEIPT_FIELDS:
             value = getattr(receipt, name)
             if value is not None:
                 fields += [name, repr(value) if type(value) is float else value]

@@ -22,14 +22,12 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from ..models import Receipt, StoreError
+from ..models import RECEIPT_FIELDS, Receipt, StoreError, receipt_row
 from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
 
 SCHEMA_VERSION = 1
-_RECEIPT_COLUMNS = (
-    "fingerprint, tool_name, namespace, scope, version, inputs, inputs_sha256, codec, output, "
-    "created_at, expires_at, latency_ms, cost_usd, executor, token, key_id, signature"
-)
+_RECEIPT_COLUMNS = ", ".join(RECEIPT_FIELDS)  # one column per field, in the receipt's order
+_RECEIPT_VALUES = ", ".join("?" * len(RECEIPT_FIELDS))
 _SCHEMA = f"""
 CREATE TABLE receipts ({_RECEIPT_COLUMNS.replace("fingerprint,", "fingerprint TEXT PRIMARY KEY,", 1)});
 CREATE INDEX receipts_by_expiry ON receipts (expires_at);
@@ -430,7 +428,7 @@ class SQLiteStore(ReceiptStore):
                 if row is None or row[0] != lease.token or row[1] != "held":
                     return False
                 conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
-                             f"({', '.join('?' * 17)})", _receipt_row(receipt))
+                             f"({_RECEIPT_VALUES})", receipt_row(receipt))
                 conn.execute("UPDATE leases SET state = 'done', expires_at = ? "
                              "WHERE fingerprint = ?", (time.time(), lease.key))
             return True
@@ -499,7 +497,7 @@ class SQLiteStore(ReceiptStore):
     def import_receipt(self, receipt: Receipt) -> None:
         with self._write() as conn:
             conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
-                         f"({', '.join('?' * 17)})", _receipt_row(receipt))
+                         f"({_RECEIPT_VALUES})", receipt_row(receipt))
 
     @_translated
     def prune(self, now: float) -> dict[str, int]:
@@ -540,8 +538,3 @@ def _ensure_seen_table(conn: sqlite3.Connection) -> None:
                  "NOT NULL, at REAL NOT NULL, PRIMARY KEY (run_id, fingerprint)) WITHOUT ROWID")
 
 
-def _receipt_row(receipt: Receipt) -> tuple[object, ...]:
-    return (receipt.fingerprint, receipt.tool_name, receipt.namespace, receipt.scope,
-            receipt.version, receipt.inputs, receipt.inputs_sha256, receipt.codec, receipt.output,
-            receipt.created_at, receipt.expires_at, receipt.latency_ms, receipt.cost_usd,
-            receipt.executor, receipt.token, receipt.key_id, receipt.signature)
