@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,11 +46,23 @@ def redis_url() -> Iterator[str]:
     client.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+# A third backend runs the shared suite (docs/stores.md): the module that registers it, and a
+# URL template with {name}, a name of each test's own.
+EXTRA_BACKEND = os.environ.get("SINGLEFLIGHT_TEST_BACKEND")
+EXTRA_STORE_URL = os.environ.get("SINGLEFLIGHT_TEST_STORE_URL")
+if EXTRA_BACKEND:
+    importlib.import_module(EXTRA_BACKEND)
+
+
+@pytest.fixture(params=["sqlite", "redis"] + (["extra"] if EXTRA_STORE_URL else []))
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each store backend in turn: an SQLite file, or a Redis prefix of this test's own."""
+    """Each store backend in turn: an SQLite file, a Redis prefix of this test's own, and
+    the backend under test named by $SINGLEFLIGHT_TEST_STORE_URL."""
     if request.param == "sqlite":
         return str(tmp_path / "receipts.db")
+    if request.param == "extra":
+        assert EXTRA_STORE_URL is not None
+        return EXTRA_STORE_URL.format(name=f"sftest-{uuid.uuid4().hex[:12]}", tmp=tmp_path)
     url: str = request.getfixturevalue("redis_url")
     return url
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -119,6 +120,19 @@ def test_prune_drops_expired_receipts(db_path: Path, capsys: pytest.CaptureFixtu
     assert main(["prune", "--db", str(db_path)]) == 0
     assert "pruned 1 expired receipts" in capsys.readouterr().out
     assert sqlite3.connect(db_path).execute("SELECT count(*) FROM receipts").fetchone() == (1,)
+
+
+def test_prune_reports_the_true_sizes_of_the_store(db_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    big = "x" * 4000
+    with Singleflight(db_path) as sf:
+        for i in range(300):
+            sf.execute_sync(str.upper, f"{i}{big}", options=SHARED.replace(ttl_seconds=0.001))
+    assert main(["prune", "--db", str(db_path)]) == 0
+    before, after = map(int, re.search(r"; (\d+) -> (\d+) bytes", capsys.readouterr().out).groups())
+    wal = db_path.with_name(db_path.name + "-wal")
+    on_disk = db_path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    assert after == on_disk and after < before / 10
 
 
 @pytest.mark.parametrize("argv", [

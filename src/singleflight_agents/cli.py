@@ -35,7 +35,6 @@ from .store import (
     REDIS_SCHEMES,
     ReceiptStore,
     SQLiteStore,
-    keyed_receipts,
     open_store,
     sqlite_path,
 )
@@ -155,8 +154,7 @@ def _existing_store(db: str | None) -> Iterator[ReceiptStore]:
 
 
 def _signer(store: ReceiptStore) -> Signer:
-    key_path = key_path_for(store.path) if isinstance(store, SQLiteStore) else None
-    return Signer(load_key(None, key_path, create=False))
+    return Signer(load_key(None, store.key_path, create=False))
 
 
 def _demo(args: argparse.Namespace, db: str | None) -> int:
@@ -242,7 +240,7 @@ def _verify(args: argparse.Namespace, db: str | None) -> int:
         bad: list[str] = []
         now = time.time()
         total = expired = foreign = 0
-        for key, receipt in keyed_receipts(store):
+        for key, receipt in store.keyed_receipts():
             total += 1
             foreign += receipt.key_id != signer.key_id
             problem = _problem(signer, key, receipt)
@@ -305,10 +303,9 @@ def _self_check(signer: Signer) -> list[str]:
 
 def _prune(args: argparse.Namespace, db: str | None) -> int:
     with _existing_store(db) as store:
-        path = store.path if isinstance(store, SQLiteStore) else None
-        before = path.stat().st_size if path else 0
         removed = store.prune(time.time())
-        size = f"; {before} -> {path.stat().st_size} bytes" if path else ""
+        size = (f"; {removed['bytes_before']} -> {removed['bytes_after']} bytes"
+                if "bytes_after" in removed else "")
     print(f"pruned {removed['receipts']} expired receipts, {removed['leases']} finished "
           f"leases, {removed['lock_files']} stale lock files{size}")
     return 0

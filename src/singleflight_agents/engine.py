@@ -26,9 +26,9 @@ from .heartbeat import Heartbeat
 from .models import ExecutionOutcome, Receipt, StoreError, ToolExecutionOptions, check_mode, check_text
 from .pricing import PriceSource, PriceTable
 from .sessions import DEFAULT_RECORD_COMMAND, ENV_RUN_ID, active_session, check_replayable, new_run_id
-from .signing import Signer, key_path_for, load_key
+from .signing import Signer, load_key
 from .stats import Stats, summarize
-from .store import ReceiptStore, SQLiteStore, is_sqlite_url, open_store, sqlite_path
+from .store import ReceiptStore, is_sqlite_url, open_store, sqlite_path
 
 __all__ = ["Singleflight", "default_tool_name"]
 
@@ -121,9 +121,8 @@ class Singleflight:
             if self._backend is None:
                 where = self._where
                 store = where if isinstance(where, ReceiptStore) else open_store(where)
-                key_path = key_path_for(store.path) if isinstance(store, SQLiteStore) else None
                 try:
-                    signer = Signer(load_key(self._secret, key_path, create=not replay))
+                    signer = Signer(load_key(self._secret, store.key_path, create=not replay))
                 except BaseException:
                     if store is not where:
                         store.close()

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
-from ..models import Receipt, StoreError
-from .base import Busy, Failure, Lease, ReceiptStore
+from ..models import StoreError
+from .base import Admin, Busy, Failure, Lease, ReceiptsAndLeases, ReceiptStore, Statistics
 from .sqlite import SQLiteStore
 
 DEFAULT_PATH = Path(".singleflight") / "receipts.db"
 
-__all__ = ["DEFAULT_PATH", "REDIS_SCHEMES", "Busy", "Failure", "Lease", "ReceiptStore",
-           "SQLiteStore", "is_sqlite_url", "keyed_receipts", "open_store", "redact_url",
-           "sqlite_path"]
+__all__ = ["DEFAULT_PATH", "REDIS_SCHEMES", "Admin", "Busy", "Failure", "Lease",
+           "ReceiptStore", "ReceiptsAndLeases", "SQLiteStore", "Statistics", "is_sqlite_url",
+           "open_store", "redact_url", "register_backend", "sqlite_path"]
 
 
 def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
@@ -42,9 +43,38 @@ def sqlite_path(url: str | os.PathLike[str] | None) -> Path:
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+ENTRY_POINTS = "singleflight_agents.stores"  # a package's backends, found by URL scheme
+_BACKENDS: dict[str, Callable[[str], ReceiptStore]] = {}
+
+
+def register_backend(scheme: str, opener: Callable[[str], ReceiptStore]) -> None:
+    """Open store URLs ``<scheme>://...`` with ``opener(url)`` (a third backend; see
+    docs/stores.md). A package may instead name its opener in the ``singleflight_agents.stores``
+    entry-point group, under the scheme, and be found without an import."""
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or scheme in ("sqlite", "redis", "rediss",
+                                                                      "unix"):
+        raise ValueError(f"register_backend(): {scheme!r} is not a scheme of its own; give the "
+                         f"part of the URL before :// (lower-case), not sqlite or redis")
+    _BACKENDS[scheme] = opener
+
+
+def _opener(url: object) -> Callable[[str], ReceiptStore] | None:
+    if not isinstance(url, str) or "://" not in url:
+        return None
+    scheme = url.split("://", 1)[0]
+    if scheme in _BACKENDS or scheme in ("sqlite", "redis", "rediss", "unix"):
+        return _BACKENDS.get(scheme)
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINTS, name=scheme):
+        _BACKENDS[scheme] = entry.load()
+        return _BACKENDS[scheme]
+    return None
+
+
 def is_sqlite_url(url: str | os.PathLike[str] | None) -> bool:
     """Whether ``url`` names an SQLite file (a path, ``sqlite://`` or the default)."""
-    return not (isinstance(url, str) and url.startswith(REDIS_SCHEMES))
+    return not (isinstance(url, str) and url.startswith(REDIS_SCHEMES)) and _opener(url) is None
 
 
 def redact_url(url: str) -> str:
@@ -66,19 +96,18 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{rest}" + (f"?{query}" if query else "")
 
 
-def keyed_receipts(store: ReceiptStore) -> Iterator[tuple[object, Receipt]]:
-    """Every receipt with the key the engine looks it up by, which must be its fingerprint.
-    On SQLite the key *is* the fingerprint column, so only a Redis key can differ."""
-    keyed = getattr(store, "keyed_receipts", None)  # the Redis store's own
-    if keyed is not None:
-        return iter(keyed())
-    return ((receipt.fingerprint, receipt) for receipt in store.iter_receipts())
-
-
 def open_store(url: str | os.PathLike[str] | None = None) -> ReceiptStore:
     """The store for ``url``: ``redis://``, ``rediss://`` and ``unix://`` URLs open a
     :class:`RedisStore` (extra ``[redis]``), anything else an SQLite file (see
     :func:`sqlite_path`), created if missing."""
+    opener = _opener(url)
+    if opener is not None:
+        assert isinstance(url, str)
+        store = opener(url)
+        if not isinstance(store, ReceiptStore):
+            raise StoreError(f"the backend for {redact_url(url)!r} opened a "
+                             f"{type(store).__name__}, not a ReceiptStore")
+        return store
     if not is_sqlite_url(url):
         assert isinstance(url, str)
         try:

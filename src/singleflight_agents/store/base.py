@@ -6,6 +6,7 @@ import abc
 import functools
 import json
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ..models import Receipt, StoreError
@@ -76,15 +77,9 @@ class Failure:
         self.token, self.error_type, self.message = token, error_type, message
 
 
-class ReceiptStore(abc.ABC):
-    """Receipts, leases and statistics of one deduplication domain.
-
-    Every method is blocking and thread-safe. ``identity`` names the domain: two store
-    objects with the same identity see the same data.
-    """
-
-    url: str
-    identity: str
+class ReceiptsAndLeases(abc.ABC):
+    """What the engine needs on every shared call: receipts read and written, leases taken,
+    renewed and given back, and a wait for a lease's holder."""
 
     @abc.abstractmethod
     def get(self, key: str) -> Receipt | None:
@@ -114,6 +109,10 @@ class ReceiptStore(abc.ABC):
     def wait(self, key: str, timeout: float) -> None:
         """Block until ``key``'s holder finishes or dies, or ``timeout`` seconds pass."""
 
+
+class Statistics(abc.ABC):
+    """The run's counters, written by every process of the run and summed for the report."""
+
     @abc.abstractmethod
     def save_stats(
         self, run_id: str, process_id: str, counters: Mapping[str, Mapping[str, float]]
@@ -133,9 +132,19 @@ class ReceiptStore(abc.ABC):
     def latest_run(self) -> str | None:
         """The run whose statistics were written last."""
 
+
+class Admin(abc.ABC):
+    """What the command line does to a store: list, import, prune and check it."""
+
     @abc.abstractmethod
     def iter_receipts(self) -> Iterator[Receipt]:
         """Every receipt, ordered by tool name then fingerprint."""
+
+    def keyed_receipts(self) -> Iterator[tuple[str, Receipt]]:
+        """Every receipt with the key the engine looks it up by, which must be its
+        fingerprint (``verify`` checks it). A backend whose key can differ from the
+        fingerprint column (Redis: the key is the entry's name) says so here."""
+        return ((receipt.fingerprint, receipt) for receipt in self.iter_receipts())
 
     @abc.abstractmethod
     def import_receipt(self, receipt: Receipt) -> None:
@@ -143,11 +152,28 @@ class ReceiptStore(abc.ABC):
 
     @abc.abstractmethod
     def prune(self, now: float) -> dict[str, int]:
-        """Drop expired receipts and finished or dead leases; reclaim space."""
+        """Drop expired receipts and finished or dead leases; reclaim space. Counts by kind
+        (``receipts``, ``leases``, ...), plus ``bytes_before`` and ``bytes_after`` for a
+        store that is a file."""
 
     @abc.abstractmethod
     def check(self) -> list[str]:
         """Problems found by the backend's own integrity check (empty when healthy)."""
+
+
+class ReceiptStore(ReceiptsAndLeases, Statistics, Admin):
+    """Receipts, leases and statistics of one deduplication domain: the interface each
+    backend implements (see docs/stores.md).
+
+    Every method is blocking and thread-safe. ``identity`` names the domain: two store
+    objects with the same identity see the same data. ``key_path`` is where the signing key
+    lives beside the store when it is a file (never inside the store it protects); ``None``
+    when the key must come from ``secret=`` or ``$SINGLEFLIGHT_SECRET``.
+    """
+
+    url: str
+    identity: str
+    key_path: Path | None = None
 
     @abc.abstractmethod
     def close(self) -> None:

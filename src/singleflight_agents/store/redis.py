@@ -317,12 +317,15 @@ class RedisStore(ReceiptStore):
     # -- maintenance ----------------------------------------------------------------
 
     def iter_receipts(self) -> Iterator[Receipt]:
-        return iter([receipt for _, receipt in self.keyed_receipts()])
+        return iter([receipt for _, receipt in self._keyed()])
 
-    @translated
-    def keyed_receipts(self) -> list[tuple[str, Receipt]]:
+    def keyed_receipts(self) -> Iterator[tuple[str, Receipt]]:
         """Every receipt with the fingerprint its key names: the engine serves a receipt
         only under its own fingerprint, and a hash can be renamed onto another key."""
+        return iter(self._keyed())
+
+    @translated
+    def _keyed(self) -> list[tuple[str, Receipt]]:
         start = len(self.prefix) + 2
         found = []
         for name in self._redis.scan_iter(match=f"{self.prefix}r:*", count=500):

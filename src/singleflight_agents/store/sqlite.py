@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from ..models import RECEIPT_FIELDS, Receipt, StoreError, receipt_row
+from ..signing import key_path_for
 from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
 
 SCHEMA_VERSION = 1
@@ -262,6 +263,7 @@ class SQLiteStore(ReceiptStore):
         self._local = threading.local()
         self._open_file()
         self.identity = f"sqlite:{os.path.realpath(self.path)}"
+        self.key_path = key_path_for(self.path)
         self._has_seen = False  # the table of mode "off", made once per store and process
         self._locks = _KeyLocks(self.path.with_name(self.path.name + ".locks"))
 
@@ -503,6 +505,7 @@ class SQLiteStore(ReceiptStore):
     def prune(self, now: float) -> dict[str, int]:
         # First: a lock directory that is not ours is refused before anything is deleted.
         lock_files = self._locks.prune()
+        before = self._bytes()
         with self._write() as conn:
             receipts = conn.execute("DELETE FROM receipts WHERE expires_at <= ?", (now,)).rowcount
             # A held lease may belong to a live holder whose heartbeat lags: only drop those
@@ -514,7 +517,17 @@ class SQLiteStore(ReceiptStore):
         conn = self._conn()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.execute("VACUUM")
-        return {"receipts": receipts, "leases": leases, "lock_files": lock_files}
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # VACUUM wrote the shrunk file to the WAL
+        return {"receipts": receipts, "leases": leases, "lock_files": lock_files,
+                "bytes_before": before, "bytes_after": self._bytes()}
+
+    def _bytes(self) -> int:
+        """The store's size on disk: the file and its write-ahead log."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
 
     @_translated
     def check(self) -> list[str]:
