@@ -490,7 +490,7 @@ def test_wake_ups_resume_after_a_restart(server: PrivateRedis, engines: list[Sin
         client.close()
         holder_store.close()
     print(f"\nwoken {before * 1000:.1f} ms before the restart, {after * 1000:.1f} ms after")
-    assert before < 0.5 and after < 0.5  # the message, not the 1 s re-check
+    assert before < 0.9 and after < 0.9  # the message, not the 1 s re-check (margin for load)
 
 
 def test_a_holder_from_before_a_restart_is_fenced_out(server: PrivateRedis) -> None:
