@@ -109,15 +109,23 @@ def test_redact_is_a_function_of_the_identity(sf: Singleflight) -> None:
     sf.do_sync("t.redacted", {"q": "a", "token": "secret-1"}, lambda: 1, options=options)
     stored = [r.inputs for r in sf.store.iter_receipts() if r.tool_name == "t.redacted"]
     assert stored == ['{"q":"a","token":"[redacted]"}']
-    with pytest.raises(TypeError, match="redact= as a function of the identity"):
-        sf.do_sync("t.paths", {"q": "a"}, lambda: 1, options=SHARED.replace(redact=["q"]))
+    paths = SHARED.replace(redact=["request.headers.authorization"])
+    identity = {"request": {"headers": {"authorization": "Bearer sk-12345"}, "q": "a"},
+                "echo": "sent with Bearer sk-12345"}
+    sf.do_sync("t.paths", identity, lambda: 1, options=paths)
+    stored = [r.inputs for r in sf.store.iter_receipts() if r.tool_name == "t.paths"]
+    assert stored == ['{"echo":"sent with [redacted]","request":{"headers":{"authorization":'
+                      '"[redacted]"},"q":"a"}}']
+    with pytest.raises(ValueError, match="meets a list"):
+        sf.do_sync("t.list", {"items": [{"k": "v"}]}, lambda: 1,
+                   options=SHARED.replace(redact=["items.k"]))
 
 
 def test_replay_serves_receipts_and_a_miss_raises(sf: Singleflight, store_url: str) -> None:
     sf.do_sync("t.replayed", "a", lambda: "recorded", options=SHARED)
     with Session(store_url, mode="replay", secret=SECRET) as run, run.scope("t"):
         assert sf.do_sync("t.replayed", "a", lambda: "live", options=SHARED).value == "recorded"
-        with pytest.raises(ReplayMissError, match="t.replayed: no receipt to replay"):
+        with pytest.raises(ReplayMissError, match=r"t\.replayed: no receipt to replay"):
             sf.do_sync("t.replayed", "b", lambda: "live", options=SHARED)
 
 

@@ -21,7 +21,14 @@ from ._accounting import flush_finally, flush_stats, owner_id
 from ._call import Call, default_tool_name
 from ._drive import drive_async, drive_sync
 from ._flow import flow
-from .fingerprint import binder, check_redact, encode_inputs, fingerprint_of, shown_inputs
+from .fingerprint import (
+    binder,
+    check_redact,
+    encode_inputs,
+    fingerprint_of,
+    shown_identity,
+    shown_inputs,
+)
 from .heartbeat import Heartbeat
 from .models import ExecutionOutcome, Receipt, StoreError, ToolExecutionOptions, check_mode, check_text
 from .pricing import PriceSource, PriceTable
@@ -199,8 +206,8 @@ class Singleflight:
         """Run ``fn()`` once for all callers of ``tool_name`` with equal ``identity`` (any
         JSON-able value: the call's arguments as they should be keyed), from async code.
         ``fn`` runs on the event loop; what it returns is awaited if it is awaitable.
-        ``options``: its ``tool_name`` and ``key`` are not used; ``redact`` is a function of
-        ``identity``."""
+        ``options``: its ``tool_name`` and ``key`` are not used; ``redact`` names dotted
+        paths into ``identity``, or is a function of it."""
         return await self._run(self._prepare_do(tool_name, identity, fn, options, True))
 
     def do_sync(self, tool_name: str, identity: Any, fn: Callable[[], Any], /, *,
@@ -290,10 +297,7 @@ class Singleflight:
         call = self._call(fn, options, check_text(tool_name, "do() tool name"), is_async)
         if options.shared:
             redact = options.redact
-            if redact is not None and not callable(redact):
-                raise TypeError(f"{tool_name}: do() takes redact= as a function of the identity "
-                                f"(paths name a function's parameters, and do() has none)")
-            shown = None if redact is None else encode_inputs(call.tool_name, redact(identity))
+            shown = None if redact is None else shown_identity(call.tool_name, redact, identity)
             self._key(call, identity, shown)
         return call
 

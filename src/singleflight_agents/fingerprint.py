@@ -147,16 +147,30 @@ def shown_inputs(tool_name: str, func: Callable[..., Any],
     # Found in the Python values, not in their encoding: a record says which fields it has
     # even when its encoding leaves one out (a pydantic Field(exclude=True)).
     values = paths.values(binder(func).bind(args, kwargs) if keyed else ident)
+    return _masked(ident, paths, values if keyed else [])
+
+
+def shown_identity(tool_name: str, redact: Sequence[str] | Callable[[Any], Any],
+                   identity: Any) -> str:
+    """What is stored of a call keyed on ``identity`` (``Singleflight.do``): its canonical
+    JSON with ``redact``'s dotted paths into it masked, and each value found there masked
+    wherever else it shows; or ``redact(identity)``."""
+    if callable(redact):
+        return encode_inputs(tool_name, redact(identity))
+    paths = _IdentityPaths(tuple(redact), tool_name)
+    return _masked(identity, paths, paths.values(identity))
+
+
+def _masked(ident: Any, paths: _Redactor, secret_values: list[Any]) -> str:
     tagged = to_tagged(ident, True)
     for parts in paths.parts:
         tagged = _mask(tagged, parts, 0)
-    if keyed:
-        secrets = _secrets(values)
-        if secrets:
-            # Longest first: a secret inside another is masked with it, not cut out of it.
-            texts = sorted({s for s in secrets if isinstance(s, str) and len(s) >= 4},
-                           key=len, reverse=True)
-            tagged = _scrub(tagged, secrets, texts)
+    secrets = _secrets(secret_values)
+    if secrets:
+        # Longest first: a secret inside another is masked with it, not cut out of it.
+        texts = sorted({s for s in secrets if isinstance(s, str) and len(s) >= 4},
+                       key=len, reverse=True)
+        tagged = _scrub(tagged, secrets, texts)
     return canonical_text(tagged)
 
 
@@ -222,6 +236,19 @@ class _Redactor:
     def values(self, arguments: dict[str, Any]) -> list[Any]:
         """What the paths lead to in ``arguments`` (absent ones left out); a record without
         the field a path names raises."""
+        found = (_find(arguments, parts, self) for parts in self.parts)
+        return [value for value in found if value is not _MISSING]
+
+
+class _IdentityPaths(_Redactor):
+    """``redact=`` paths into an identity (no signature to check them against)."""
+
+    def __init__(self, paths: tuple[str, ...], tool_name: str) -> None:
+        self.tool_name = tool_name
+        self.parts = [tuple(path.split(".")) for path in paths]
+        self.paths = dict(zip(self.parts, paths, strict=True))
+
+    def values(self, arguments: Any) -> list[Any]:
         found = (_find(arguments, parts, self) for parts in self.parts)
         return [value for value in found if value is not _MISSING]
 
