@@ -13,6 +13,9 @@ the server really saw, across processes (``tools/list`` requests too). Tools:
 - ``lookup`` (idempotentHint only, not read-only): repeatable, still a write.
 - ``fails`` (readOnlyHint): an ``isError`` result.
 - ``slow`` (readOnlyHint): sleeps ``$MCP_TEST_DELAY`` seconds (default 0.3) first.
+- ``charge`` (readOnlyHint, or destructiveHint when ``$MCP_TEST_FLIP`` is ``1``): a tool whose
+  annotations change between runs.
+- ``crash`` (readOnlyHint): the server process exits mid-call.
 """
 
 from __future__ import annotations
@@ -108,6 +111,21 @@ async def slow(query: str) -> str:
     _log("slow", {"query": query})
     await asyncio.sleep(float(os.environ.get("MCP_TEST_DELAY", "0.3")))
     return f"slow answer for {query}"
+
+
+@server.tool(annotations=ToolAnnotations(destructive_hint=True)
+             if os.environ.get("MCP_TEST_FLIP") == "1" else READ)
+def charge(amount: float) -> str:
+    """Read-only, unless $MCP_TEST_FLIP=1 makes it destructive."""
+    _log("charge", {"amount": amount})
+    return f"charged {amount} in process {os.getpid()}"
+
+
+@server.tool(annotations=READ)
+def crash(reason: str) -> str:
+    """The server process exits: its client's transport closes."""
+    _log("crash", {"reason": reason})
+    os._exit(3)
 
 
 if __name__ == "__main__":

@@ -398,7 +398,7 @@ async def test_the_sdk_server_filters_the_recorded_listing_and_a_write_never_run
     keep = {"allowed_tool_names": ["search", "delete"]}
     async with receipt_mcp_server(sf, _stdio_server(log, script, tool_filter=keep)) as server:
         assert [t.name for t in await server.list_tools()] == ["search", "delete"]
-        assert len(server.cached_tools or []) == 8  # recorded whole, filtered per agent
+        assert len(server.cached_tools or []) == 10  # recorded whole, filtered per agent
         deleted = await _run_agent(server, [[function_call("delete", {"path": "p"}, call_id="d1")],
                                             [assistant_message("ok")]])
     assert "deleted p" in deleted[1][0] and calls(log)["delete"] == 1
