@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import SECRET
-from mcp import Client, StdioServerParameters
+from mcp import Client, MCPError, StdioServerParameters
 
 from singleflight_agents import ReplayMissError, Session, Singleflight
 from singleflight_agents.adapters import receipt_mcp_client, receipt_mcp_server
@@ -37,9 +37,14 @@ def calls(log: Path) -> Counter[str]:
     return Counter(json.loads(line)[0] for line in log.read_text().splitlines())
 
 
-def params(log: Path, script: Path = SERVER) -> StdioServerParameters:
+def pids(log: Path) -> set[int]:
+    """The server processes that ran something."""
+    return {json.loads(line)[2] for line in log.read_text().splitlines()}
+
+
+def params(log: Path, script: Path = SERVER, **env: str) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable, args=[str(script), "stdio"],
-                                 env={"MCP_TEST_LOG": str(log)})
+                                 env={"MCP_TEST_LOG": str(log), **env})
 
 
 def replay(store_url: str) -> Session:
@@ -100,7 +105,8 @@ async def test_neither_json_rpc_ids_nor_sessions_are_keyed(sf: Singleflight, log
             await client.call_tool("weather", {"city": "Oslo"})  # a request id used up
             answers.append(await client.call_tool("search", {"query": "q"}))
     assert answers[0] == answers[1]
-    assert calls(log) == {"tools/list": 1, "weather": 1, "search": 1}
+    # Each client read the listing once (in record mode, flags come from the server itself).
+    assert calls(log) == {"tools/list": 2, "weather": 1, "search": 1}
     stored = {r.tool_name: r.inputs for r in sf.store.iter_receipts()}
     assert stored["mcp:tests/search"] == '{"arguments":{"limit":3,"query":"q"}}'
     assert stored["mcp:tests:tools/list"] == '{"cursor":null}'
@@ -137,7 +143,7 @@ async def test_annotations_map_to_flags_and_tools_overrides_them(sf: Singlefligh
     assert not delete.shared  # destructiveHint still says side_effecting: it always wins
     assert not search.shared
     assert weather.shared and weather.ttl_seconds == 5
-    assert calls(log) == {"tools/list": 1}  # the second client's listing came from its receipt
+    assert calls(log) == {"tools/list": 2}  # record mode: each client read the server's flags
 
 
 async def test_a_tools_entry_naming_no_listed_tool_warns(sf: Singleflight, log: Path) -> None:
@@ -167,6 +173,14 @@ def test_bad_options_are_refused_by_name(sf: Singleflight, tmp_path: Path) -> No
         receipt_mcp_client(sf, 42, name="x")
     with pytest.raises(TypeError, match="expected a Singleflight engine"):
         receipt_mcp_client(object(), target)
+    with pytest.raises(ValueError, match="holds a control character: pass name= a single line"):
+        receipt_mcp_client(sf, target, name="a\nb")
+    with pytest.raises(TypeError, match=r"^receipt_mcp_client\(\) redact= takes a list .*got int$"):
+        receipt_mcp_client(sf, target, redact=5)
+    with pytest.raises(TypeError, match=r"tools\['a'\]: redact= takes a list .*got str$"):
+        receipt_mcp_client(sf, target, tools={"a": {"redact": "query"}})
+    with pytest.raises(ValueError, match="listing_ttl= must be a number of seconds"):
+        receipt_mcp_client(sf, target, listing_ttl=-1)
 
 
 def test_server_names_hold_no_credentials(sf: Singleflight) -> None:
@@ -180,6 +194,58 @@ def test_server_names_hold_no_credentials(sf: Singleflight) -> None:
     assert receipt_mcp_client(sf, url, name="docs").name == "docs"
     with pytest.raises(ValueError, match="not an http"):
         receipt_mcp_client(sf, "stdio://x")
+    docker = StdioServerParameters(command="docker", args=[
+        "run", "-i", "-e", "GITHUB_PERSONAL_ACCESS_TOKEN=ghp_SECRET1", "--env=DB=postgres://u:pw@h/db",
+        "-e", "HOME", "ghcr.io/github/github-mcp-server"])
+    assert receipt_mcp_client(sf, docker).name == (
+        "stdio:docker run -i -e GITHUB_PERSONAL_ACCESS_TOKEN=<redacted> --env=DB=<redacted> "
+        "-e HOME ghcr.io/github/github-mcp-server")
+    remote = StdioServerParameters(command="npx", args=[
+        "-y", "mcp-remote", "https://user:pw@mcp.example.com/sse?token=SECRET2#f",
+        "--header", "Authorization: Bearer SECRET3", "-H", "X-Api-Key:SECRET4",
+        "--header=Cookie: a=SECRET5", "X-Auth-Token: SECRET6", "AUTH_TOKEN=SECRET7",
+        "--url=https://mcp.example.com/u/Zx9Kq2Lm8Np4Rt6Vw1Yb3Cd5/sse", "sk-proj-SECRET8",
+        "localhost:8080", "server-2024-production-v2"])
+    named = receipt_mcp_client(sf, remote).name
+    assert named == (
+        "stdio:npx -y mcp-remote https://mcp.example.com/sse --header Authorization: <redacted> "
+        "-H X-Api-Key: <redacted> --header=Cookie: <redacted> X-Auth-Token: <redacted> "
+        "AUTH_TOKEN=<redacted> --url=https://mcp.example.com/u/<redacted>/sse <redacted> "
+        "localhost:8080 server-2024-production-v2")
+    assert "SECRET" not in named and "pw" not in named
+    assert receipt_mcp_client(sf, "https://actions.zapier.com/mcp/sk-ak-SECRET9/sse").name == \
+        "https://actions.zapier.com/mcp/<redacted>/sse"
+
+
+async def test_a_tool_that_turned_destructive_runs_in_the_next_record_run(
+        sf: Singleflight, store_url: str, log: Path) -> None:
+    async with receipt_mcp_client(sf, params(log), name="pay") as client:
+        first = await client.call_tool("charge", {"amount": 5})  # read-only: recorded
+    flipped = params(log, MCP_TEST_FLIP="1")  # the next run: the server says destructive
+    async with receipt_mcp_client(sf, flipped, name="pay") as client:
+        with pytest.warns(RuntimeWarning, match=r"'pay' now declares charge \(read-only -> "
+                                                r"destructive\), unlike its recorded listing"):
+            options = await client.tool_options("charge")
+        assert options.side_effecting and not options.shared
+        second = await client.call_tool("charge", {"amount": 5})
+    assert second != first and calls(log)["charge"] == 2  # it ran, in the new process
+    # listing_ttl= trusts a recent recorded listing in record mode instead: no server started.
+    async with receipt_mcp_client(sf, flipped, name="pay", listing_ttl=3600) as client:
+        assert await client.call_tool("charge", {"amount": 5}) == first
+        assert not client.connected
+    with replay(store_url):  # replay follows the recorded listing
+        async with receipt_mcp_client(sf, flipped, name="pay") as client:
+            assert await client.call_tool("charge", {"amount": 5}) == first
+    assert calls(log) == {"tools/list": 2, "charge": 2}
+
+
+async def test_the_listing_is_kept_as_long_as_the_longest_lived_call(
+        sf: Singleflight, log: Path) -> None:
+    async with receipt_mcp_client(sf, params(log), name="tests", ttl=60,
+                                  tools={"weather": {"ttl": 7200}}) as client:
+        await client.tool_options("weather")
+    (listing,) = [r for r in sf.store.iter_receipts() if r.tool_name == "mcp:tests:tools/list"]
+    assert listing.expires_at - listing.created_at == pytest.approx(7200)
 
 
 # -- what always runs, and what is never stored ------------------------------------------------------
@@ -229,7 +295,8 @@ async def test_replay_serves_everything_with_the_server_removed(
                       await client.list_tools()]
             with pytest.raises(ReplayMissError, match=rf"^mcp:tests/search: {MISS}"):
                 await client.call_tool("search", {"query": "new"})
-            with pytest.raises(ServerNotStarted, match=r"^mcp:tests/delete: replay never starts"):
+            with pytest.raises(ServerNotStarted, match=r"^mcp:tests/delete: replay never starts.*"
+                               r"tools=\{'delete': \{'side_effecting': False, 'deterministic'"):
                 await client.call_tool("delete", {"path": "x"})
             with pytest.raises(ReplayMissError, match=r"^mcp:tests/note: declares no safety flag"):
                 await client.call_tool("note", {"text": "x"})
@@ -275,6 +342,37 @@ async def test_a_connect_function_is_called_only_when_a_call_must_run(
         async with receipt_mcp_client(sf, connect, name="tests") as client:
             await client.call_tool("search", {"query": "q"})
     assert opened == [1]
+
+
+async def test_a_server_that_died_is_started_again_by_the_next_call(
+        sf: Singleflight, log: Path) -> None:
+    async with receipt_mcp_client(sf, params(log), name="tests") as client:
+        await client.call_tool("search", {"query": "a"})
+        crashed = await asyncio.gather(*[client.call_tool("crash", {"reason": "r"})
+                                         for _ in range(2)], return_exceptions=True)
+        assert [type(e) for e in crashed] == [MCPError, MCPError] and not client.connected
+        again = await client.call_tool("search", {"query": "b"})
+        assert again.structured_content == {"query": "b", "hits": ["b-0", "b-1", "b-2"]}
+        assert client.connected
+    assert calls(log)["crash"] == 1 and len(pids(log)) == 2
+
+
+def test_an_unentered_client_is_copied_for_each_connection(sf: Singleflight, log: Path) -> None:
+    given = Client(params(log))
+    client = receipt_mcp_client(sf, given, name="tests")
+
+    async def search(*queries: str) -> list[str]:
+        found = []
+        for query in queries:  # close() between two calls: the next opens another connection
+            found.append((await client.call_tool("search", {"query": query})).structured_content)
+            await client.close()
+        return [answer["query"] for answer in found if answer]
+
+    assert asyncio.run(search("a", "b")) == ["a", "b"]
+    assert asyncio.run(search("c")) == ["c"]  # another event loop
+    assert not client.connected and len(pids(log)) == 3
+    with pytest.raises(RuntimeError, match="within an async context manager"):
+        given.session  # noqa: B018  (the user's Client was never entered)
 
 
 # -- streamable HTTP ---------------------------------------------------------------------------------
@@ -414,6 +512,73 @@ async def test_the_sdk_server_filters_the_recorded_listing_and_a_write_never_run
     assert calls(log)["delete"] == 1
 
 
+async def test_the_sdk_servers_filter_stays_on_it_however_often_it_is_wrapped(
+        sf: Singleflight, log: Path, script: Path) -> None:
+    _sdk()
+    keep = {"allowed_tool_names": ["search", "delete"]}
+    inner = _stdio_server(log, script, tool_filter=keep)
+    for wrapped in (receipt_mcp_server(sf, inner), receipt_mcp_server(sf, inner),
+                    receipt_mcp_server(sf, receipt_mcp_server(sf, inner))):
+        async with wrapped:
+            assert [t.name for t in await wrapped.list_tools()] == ["search", "delete"]
+            assert len(wrapped.cached_tools or []) == 10 and wrapped.tool_filter is keep
+        assert inner.tool_filter is keep
+    await inner.connect()
+    try:
+        assert [t.name for t in await inner.list_tools()] == ["search", "delete"]
+    finally:
+        await inner.cleanup()
+
+
+async def test_the_sdk_wrapper_connects_again_when_its_server_died(
+        sf: Singleflight, log: Path, script: Path) -> None:
+    _sdk()
+    async with receipt_mcp_server(sf, _stdio_server(log, script)) as server:
+        await server.call_tool("search", {"query": "a"})
+        with pytest.raises(MCPError, match="Connection closed"):
+            await server.call_tool("crash", {"reason": "r"})
+        again = await server.call_tool("search", {"query": "b"})
+    assert again.structured_content == {"query": "b", "hits": ["b-0", "b-1", "b-2"]}
+    assert len(pids(log)) == 2
+
+
+def test_the_sdk_wrapper_connects_again_on_another_event_loop(
+        sf: Singleflight, log: Path, script: Path) -> None:
+    _sdk()
+    server = receipt_mcp_server(sf, _stdio_server(log, script))
+
+    async def search(query: str) -> Any:
+        return (await server.call_tool("search", {"query": query})).structured_content
+
+    assert [asyncio.run(search(q))["query"] for q in "abc"] == ["a", "b", "c"]
+    asyncio.run(server.cleanup())
+    assert not server.connected and server.server.session is None  # type: ignore[attr-defined]
+    assert len(pids(log)) == 3
+
+
+async def test_prompts_and_resources_are_refused_in_replay_under_the_servers_label(
+        sf: Singleflight, store_url: str) -> None:
+    _sdk()
+    from agents.mcp import MCPServerStreamableHttp
+
+    url = "https://user:hunter2@mcp.example.com/mcp?token=SECRET"
+    await sf.execute(len, "x")  # replay needs a store that exists
+    with replay(store_url) as run, run.scope("t") as scope:
+        server = receipt_mcp_server(sf, MCPServerStreamableHttp(params={"url": url}))
+        for request in (server.list_prompts, lambda: server.get_prompt("p"),
+                        server.list_resources, server.list_resource_templates,
+                        lambda: server.read_resource("file:///x")):
+            with pytest.raises(ServerNotStarted):
+                await request()
+    label = "https://mcp.example.com/mcp"
+    assert [m.tool_name for m in scope.misses] == [
+        f"mcp:{label}:{method}" for method in ("prompts/list", "prompts/get", "resources/list",
+                                               "resources/templates/list", "resources/read")]
+    assert str(scope.misses[0]) == (
+        f"mcp:{label}:prompts/list: replay never starts or contacts MCP server {label!r}, and "
+        f"prompts and resources are not recorded; run it in record mode")
+
+
 # -- imports, the demo, pytest-xdist -----------------------------------------------------------------
 
 
@@ -499,9 +664,10 @@ def test_an_eval_suite_records_once_under_xdist_then_replays_with_the_server_rem
     assert set((pytester.path / "workers.log").read_text().split()) == {"gw0", "gw1"}
     # One search per distinct call, across workers. The mcp client itself lists the tools once
     # on every connection that runs a tool (to validate structured output), so the server may
-    # see up to one listing per executed search; our recorded listing is run at most once.
+    # see up to one listing per executed search; our recorded listing is run once, and in
+    # record mode each test's client reads the server's flags once more unless it ran it.
     recorded_calls = calls(log)
-    assert recorded_calls["search"] == 3 and 1 <= recorded_calls["tools/list"] <= 3
+    assert recorded_calls["search"] == 3 and 1 <= recorded_calls["tools/list"] <= 6 + 3
     assert "12 calls, 4 executed" in recorded.stdout.str()
 
     script.unlink()  # the server's executable is gone

@@ -11,7 +11,8 @@ A call is one engine call of the tool ``mcp:<server>/<tool>``, keyed on its argu
 canonical form (never on JSON-RPC ids, session ids or ``_meta``). Its flags come from the
 tool's annotations (``readOnlyHint`` -> ``bounded_read``, else ``destructiveHint`` ->
 ``side_effecting``, else not shared), read from the server's listing, itself recorded as
-``mcp:<server>:tools/list``. A result is stored as its JSON (wire names, exactly the fields the
+``mcp:<server>:tools/list`` (read from the server in record mode, unless ``listing_ttl=``
+trusts a recent receipt). A result is stored as its JSON (wire names, exactly the fields the
 server sent) and rebuilt with ``model_validate``; an ``isError`` result reaches its callers but
 is never stored. The server is started or contacted only by a call that must run, never in
 replay. This module imports ``mcp``, never ``agents``.
@@ -19,28 +20,26 @@ replay. This module imports ``mcp``, never ``agents``.
 
 from __future__ import annotations
 
-import os
-import re
+import json
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-from mcp import StdioServerParameters
 from mcp.client.client import Client
 from mcp.types import CallToolResult, ListToolsResult, PaginatedRequestParams
 
 from ..engine import Singleflight
-from ..models import ReplayMissError, SingleflightError, ToolExecutionOptions, check_text
+from ..models import ReplayMissError, SingleflightError, Source, ToolExecutionOptions
 from ..sessions import active_session
-from ._mcp_connect import Connection
+from ._mcp_connect import Connection, checked_options, label_of, overrides, server_name
 
 __all__ = ["ReceiptMCPClient", "receipt_mcp_client"]
 
 PREFIX = "mcp:"
-_FIXED = ("tool_name", "meter")
 _MAX_PAGES = 100
-_CREDENTIAL = re.compile(r"key|token|secret|passw|auth|credential|cookie", re.IGNORECASE)
+RECORD = "run it in record mode"
+UNLISTED = ("its tool listing has no receipt", RECORD)
 Send = Callable[[], Awaitable[Any]]
 
 
@@ -56,13 +55,19 @@ class ServerNotStarted(ReplayMissError):
     """Replay reached a call only the MCP server could answer: replay never starts or
     contacts a server. A :class:`ReplayMissError`, so the pytest plugin fails the test."""
 
-    def __init__(self, what: str, server: str, why: str) -> None:
+    def __init__(self, what: str, server: str, why: str, fix: str = RECORD) -> None:
         SingleflightError.__init__(
             self, f"{what}: replay never starts or contacts MCP server {server!r}, and {why}; "
-                  f"run it in record mode, or give the tool deterministic=True or "
-                  f"bounded_read=True (tools=...) if its answer may be replayed")
+                  f"{fix}")
         self.tool_name = what
         self.inputs = ""
+
+
+def call_refused(tool: str) -> tuple[str, str]:
+    """Why replay refuses a call that reached the server, and the fix."""
+    return ("this call can only run there (a side-effecting call runs in every mode)",
+            f"{RECORD}, or, if a recorded answer may stand in for it, give it tools="
+            f"{{{tool!r}: {{'side_effecting': False, 'deterministic': True}}}}")
 
 
 class _Invocation:
@@ -131,12 +136,8 @@ class Core:
     """What both wrappers share: the server's name, each tool's options, the engine calls."""
 
     def __init__(self, sf: Any, label: str, tools: Mapping[str, Mapping[str, Any]] | None,
-                 options: Mapping[str, Any], *, wrapper: str) -> None:
-        options = dict(options)
-        for fixed in _FIXED:
-            if fixed in options:
-                raise TypeError(f"{wrapper}() sets {fixed} itself (mcp:<server>/<tool>); it "
-                                f"cannot be given")
+                 options: Mapping[str, Any], *, listing_ttl: float, wrapper: str) -> None:
+        options = checked_options(options, f"{wrapper}()")
         fixture_options = getattr(sf, "options", None)
         if isinstance(sf, Singleflight):
             base = ToolExecutionOptions().replace(**options)
@@ -147,19 +148,27 @@ class Core:
         else:
             raise TypeError(f"{wrapper}() expected a Singleflight engine or the singleflight "
                             f"fixture, got {type(sf).__name__}")
-        if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"{wrapper}() needs a server name: pass name= (got {label!r})")
-        self.label = check_text(label, f"{wrapper}() server name")
+        self.label = server_name(label, wrapper)
         self.wrapper = wrapper
         self.sf = sf
         self.base = base
-        self.overrides = _overrides(tools, base, wrapper)
+        self.overrides = overrides(tools, base, wrapper)
+        if isinstance(listing_ttl, bool) or not isinstance(listing_ttl, int | float) or not (
+                0 <= listing_ttl <= 315_360_000):
+            raise ValueError(f"{wrapper}() listing_ttl= must be a number of seconds from 0 to "
+                             f"315360000 (10 years), got {listing_ttl!r}")
+        self.listing_ttl = float(listing_ttl)
+        # Kept as long as any call's receipt: replay needs the listing to replay a call.
+        ttl = max([base.ttl_seconds, *(base.replace(**o).ttl_seconds
+                                       for o in self.overrides.values())])
         self.listing = base.replace(
             tool_name=f"{PREFIX}{self.label}:tools/list", key=_listing_key, redact=None,
-            deterministic=False, bounded_read=True, side_effecting=False, estimated_cost_usd=0.0)
+            deterministic=False, bounded_read=True, side_effecting=False, estimated_cost_usd=0.0,
+            ttl_seconds=ttl)
         self.annotations: dict[str, Any] | None = None  # by tool, once a listing was read
         self.defaults: dict[str, dict[str, Any]] = {}  # by tool: its schema's defaults
         self._options: dict[str, ToolExecutionOptions] = {}
+        self._live: dict[str, dict[str, Any]] = {}  # listing pages this wrapper read live
 
     def learn(self, tools: Sequence[Any]) -> None:
         """Take each tool's annotations from a whole listing (wire names)."""
@@ -172,6 +181,11 @@ class Core:
             warnings.warn(f"{self.wrapper}(): tools= names {', '.join(map(repr, unknown))}, "
                           f"which MCP server {self.label!r} does not list", RuntimeWarning,
                           stacklevel=3)
+
+    def forget(self) -> None:
+        """Read the listing again: from the server, in record mode."""
+        self._live.clear()
+        self.annotations = None
 
     def options_for(self, tool: str) -> ToolExecutionOptions:
         """The options of ``tool``'s calls: the wrapper's, its annotations' flag, then its
@@ -195,21 +209,47 @@ class Core:
     def mode(self) -> str:
         return self.engine.current_mode()
 
-    def refuse_in_replay(self, what: str, why: str) -> None:
+    def refuse_in_replay(self, what: str, why: str, fix: str = RECORD) -> None:
         """In replay, a :class:`ServerNotStarted` (also listed in the open scope), before
         anything reaches the server."""
         if self.mode() == "replay":
-            error = ServerNotStarted(what, self.label, why)
+            error = ServerNotStarted(what, self.label, why, fix)
             session = active_session()
             if session is not None:
                 session.missed(error)  # fails its test even if the agent swallows it
             raise error
 
     async def list(self, page: dict[str, Any], send: Send) -> dict[str, Any]:
+        """One listing page through receipts. In record mode a page served from a receipt
+        older than ``listing_ttl`` is read from the server instead (once per wrapper): the
+        flags of the calls that follow must be the server's as it is now."""
         outcome = await self.sf.execute(_run_listing, _Invocation(send), page,
                                         options=self.listing)
         value: dict[str, Any] = outcome.value
+        which = json.dumps(page, sort_keys=True)
+        receipt = outcome.receipt
+        if outcome.source != Source.CACHE_HIT:
+            self._live[which] = value  # read from the server just now
+        elif self.mode() == "record" and (
+                receipt is None or time.time() - receipt.created_at >= self.listing_ttl):
+            live = self._live.get(which)
+            if live is None:
+                live = self._live[which] = dump(await send())
+                self._compare(value, live)
+            return live
         return value
+
+    def _compare(self, recorded: dict[str, Any], live: dict[str, Any]) -> None:
+        """Warn when the server's flags differ from those of its recorded listing."""
+        was, now = _flags_by_tool(recorded), _flags_by_tool(live)
+        changed = [f"{tool} ({_flag_name(was.get(tool))} -> {_flag_name(now.get(tool))})"
+                   for tool in sorted(set(was) | set(now)) if was.get(tool) != now.get(tool)]
+        if changed:
+            warnings.warn(
+                f"{self.wrapper}(): MCP server {self.label!r} now declares "
+                f"{', '.join(changed)}, unlike its recorded listing: this run follows the "
+                f"server; replay follows the recorded listing until it expires (re-record it "
+                f"with --singleflight-mode=refresh)", RuntimeWarning, stacklevel=4)
 
     async def call(self, options: ToolExecutionOptions, arguments: dict[str, Any],
                    send: Send) -> dict[str, Any]:
@@ -222,79 +262,25 @@ class Core:
         return value
 
 
+def _flags_by_tool(listing: dict[str, Any]) -> dict[str, dict[str, bool] | None]:
+    tools = listing.get("tools")
+    return {t["name"]: flags_of(t.get("annotations")) for t in tools or ()
+            if isinstance(t, dict) and isinstance(t.get("name"), str)}
+
+
+def _flag_name(flags: dict[str, bool] | None) -> str:
+    if flags is None:
+        return "not listed"
+    return "read-only" if flags.get("bounded_read") else \
+        "destructive" if flags.get("side_effecting") else "no flag"
+
+
 def _defaults(schema: Any) -> dict[str, Any]:
     properties = schema.get("properties") if isinstance(schema, dict) else None
     if not isinstance(properties, dict):
         return {}
     return {name: spec["default"] for name, spec in properties.items()
             if isinstance(spec, dict) and "default" in spec}
-
-
-def _overrides(tools: Mapping[str, Mapping[str, Any]] | None, base: ToolExecutionOptions,
-               wrapper: str) -> dict[str, dict[str, Any]]:
-    """``tools=`` checked now: each entry a mapping of tool options, unknown names refused."""
-    if tools is None:
-        return {}
-    if not isinstance(tools, Mapping):
-        raise TypeError(f"{wrapper}() tools= takes a mapping of tool name to options, like "
-                        f"{{'search': {{'bounded_read': True}}}}; got {type(tools).__name__}")
-    checked: dict[str, dict[str, Any]] = {}
-    for tool, options in tools.items():
-        if not isinstance(tool, str) or not isinstance(options, Mapping):
-            raise TypeError(f"{wrapper}() tools=: {tool!r} must be a tool name mapped to a "
-                            f"mapping of options, got {type(options).__name__}")
-        for fixed in _FIXED:
-            if fixed in options:
-                raise TypeError(f"{wrapper}() tools[{tool!r}]: {fixed} is set by the wrapper "
-                                f"(mcp:<server>/<tool>); it cannot be given")
-        try:
-            base.replace(**options)  # unknown names and bad values fail now
-        except TypeError as exc:
-            raise TypeError(f"{wrapper}() tools[{tool!r}]: {exc}") from None
-        except ValueError as exc:
-            raise ValueError(f"{wrapper}() tools[{tool!r}]: {exc}") from None
-        checked[tool] = dict(options)
-    return checked
-
-
-# -- server names ---------------------------------------------------------------------------
-
-
-def stdio_label(command: str, args: Sequence[str]) -> str:
-    """``stdio:<command's file name> <args>``, values of credential-like flags masked."""
-    shown, hide_next = [os.path.basename(command)], False
-    for arg in args:
-        flag, equals, _ = arg.partition("=")
-        if hide_next:
-            shown.append("<redacted>")
-            hide_next = False
-        elif flag.startswith("-") and _CREDENTIAL.search(flag):
-            shown.append(f"{flag}=<redacted>" if equals else arg)
-            hide_next = not equals
-        else:
-            shown.append(arg)
-    return "stdio:" + " ".join(shown)
-
-
-def url_label(url: str) -> str:
-    """The URL without credentials: no user part, query or fragment."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"MCP server URL {url!r} is not an http(s) URL")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def _label_of(server: Any) -> str:
-    if isinstance(server, Client):
-        server = server.server
-    if isinstance(server, StdioServerParameters):
-        return stdio_label(server.command, server.args)
-    if isinstance(server, str):
-        return url_label(server)
-    raise TypeError(f"receipt_mcp_client() cannot tell which server a {type(server).__name__} "
-                    f"reaches: pass name=, the server's name in keys and reports")
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -306,9 +292,11 @@ class ReceiptMCPClient:
     :meth:`close`) to stop a server it started."""
 
     def __init__(self, sf: Any, server: Any, *, name: str | None,
-                 tools: Mapping[str, Mapping[str, Any]] | None, options: Mapping[str, Any]) -> None:
-        label = name if name is not None else _label_of(server)
-        self._core = Core(sf, label, tools, options, wrapper="receipt_mcp_client")
+                 tools: Mapping[str, Mapping[str, Any]] | None, listing_ttl: float,
+                 options: Mapping[str, Any]) -> None:
+        label = name if name is not None else label_of(server)
+        self._core = Core(sf, label, tools, options, listing_ttl=listing_ttl,
+                          wrapper="receipt_mcp_client")
         self._connection = Connection(server, self._core)
 
     @property
@@ -346,8 +334,9 @@ class ReceiptMCPClient:
             extra["progress_callback"] = progress_callback
 
         async def send() -> Any:
-            session = await self._connection.get(options.tool_name or name)
-            return await session.call_tool(name, arguments, **extra)
+            return await self._connection.run(
+                options.tool_name or name, call_refused(name),
+                lambda session: session.call_tool(name, arguments, **extra))
 
         value = await self._core.call(options, self._core.keyed(name, arguments), send)
         return CallToolResult.model_validate(value)
@@ -371,13 +360,16 @@ class ReceiptMCPClient:
         self._core.learn(tools)
 
     async def _page(self, cursor: str | None) -> dict[str, Any]:
-        async def send() -> Any:
-            session = await self._connection.get(self._core.listing.tool_name or "tools/list")
+        async def request(session: Any) -> Any:
             if isinstance(session, Client):
                 return await session.list_tools(cursor=cursor)
             if cursor is None:
                 return await session.list_tools()
             return await session.list_tools(params=PaginatedRequestParams(cursor=cursor))
+
+        async def send() -> Any:
+            return await self._connection.run(self._core.listing.tool_name or "tools/list",
+                                              UNLISTED, request)
 
         return await self._core.list({"cursor": cursor}, send)
 
@@ -394,18 +386,23 @@ class ReceiptMCPClient:
 
 def receipt_mcp_client(sf: Any, server: Any, /, *, name: str | None = None,
                        tools: Mapping[str, Mapping[str, Any]] | None = None,
-                       **options: Any) -> ReceiptMCPClient:
+                       listing_ttl: float = 0, **options: Any) -> ReceiptMCPClient:
     """An MCP server's ``call_tool`` and ``list_tools`` through ``sf`` (an engine or the
     pytest fixture), connecting only when a call must run.
 
     ``server`` is a ``StdioServerParameters`` or a streamable-HTTP URL (opened with
     ``mcp.Client``), an ``mcp.Client``, a function returning an async context manager that
     yields a connected session, or a connected ``ClientSession`` (then replay sends it
-    nothing). ``name`` is the server's name in keys and reports (default: the command's file
-    name and arguments, or the URL without credentials; a session or function needs one).
+    nothing; an unentered ``mcp.Client`` is a template, copied for each connection). ``name``
+    is the server's name in keys and reports (default: the command's file name and arguments,
+    or the URL, with what looks like a credential masked; a session or function needs one).
     ``tools`` gives per-tool options over the annotations' flags, e.g. ``{"search":
-    {"bounded_read": True, "ttl": 60}, "delete": {"side_effecting": True}}``. Other keywords
+    {"bounded_read": True, "ttl": 60}, "delete": {"side_effecting": True}}``.
+    ``listing_ttl`` is how many seconds a recorded listing stands for the server in record
+    mode (default 0: the first listing each wrapper needs is read from the server, so the
+    flags are the server's as it is now; replay always uses the recorded one). Other keywords
     are :class:`ToolExecutionOptions` fields for every tool (``key=`` and ``redact=`` see the
     tool's arguments).
     """
-    return ReceiptMCPClient(sf, server, name=name, tools=tools, options=options)
+    return ReceiptMCPClient(sf, server, name=name, tools=tools, listing_ttl=listing_ttl,
+                            options=options)

@@ -7,16 +7,20 @@ tools and calls them through receipts, as :mod:`.mcp` does for a ``ClientSession
 ``connect()`` connects nothing: the wrapped server is connected by the first call that needs it
 (never in replay), and ``cleanup()`` closes what was opened.
 
-The server's approval policy, failure handling, guardrails, meta resolver and structured
-content setting stay in force. Its ``tool_filter`` moves to the wrapper, which records the whole
-listing once and filters it for each agent, as the SDK does.
+The server's approval policy, failure handling, guardrails, meta resolver, structured content
+setting and ``tool_filter`` stay in force. The wrapper records the server's whole listing (read
+through the server's own listing path, its filter left out on a copy: the server itself is
+never changed) and filters it for each agent with the server's ``tool_filter``, as the SDK
+does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from agents.exceptions import UserError
@@ -35,8 +39,8 @@ from mcp.types import (
 )
 from mcp.types import Tool as MCPTool
 
-from ._mcp_connect import LoopLock
-from .mcp import Core, stdio_label, url_label
+from ._mcp_connect import LoopLock, connection_closed, stdio_label, text_label, url_label
+from .mcp import PREFIX, RECORD, UNLISTED, Core, call_refused
 
 if TYPE_CHECKING:
     from agents.agent import AgentBase
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["ReceiptMCPServer", "receipt_mcp_server"]
 
 _logger = logging.getLogger("openai.agents")
-_NOT_RECORDED = "prompts and resources are not recorded"
+_NOT_RECORDED = ("prompts and resources are not recorded", RECORD)
 
 
 def _label_of(server: MCPServer) -> str:
@@ -57,7 +61,7 @@ def _label_of(server: MCPServer) -> str:
     url = params.get("url") if isinstance(params, Mapping) else None
     if isinstance(url, str) and name in (f"streamable_http: {url}", f"sse: {url}"):
         return url_label(url)
-    return get_mcp_server_log_name(name)
+    return text_label(get_mcp_server_log_name(name))
 
 
 class ReceiptMCPServer(MCPServer):
@@ -67,7 +71,8 @@ class ReceiptMCPServer(MCPServer):
     server: MCPServer  # the wrapped server
 
     def __init__(self, sf: Any, server: MCPServer, *, name: str | None,
-                 tools: Mapping[str, Mapping[str, Any]] | None, options: Mapping[str, Any]) -> None:
+                 tools: Mapping[str, Mapping[str, Any]] | None, listing_ttl: float,
+                 options: Mapping[str, Any]) -> None:
         if isinstance(server, ReceiptMCPServer):
             server = server.server  # wrapping again wraps the original
         if not isinstance(server, MCPServer):
@@ -83,14 +88,17 @@ class ReceiptMCPServer(MCPServer):
         self._failure_error_function = server._failure_error_function
         self.server = server
         self._core = Core(sf, name if name is not None else _label_of(server), tools, options,
-                          wrapper="receipt_mcp_server")
-        # The wrapper filters: the recorded listing is the whole one, whichever agent asked.
-        self.tool_filter: Any = getattr(server, "tool_filter", None)
-        if self.tool_filter is not None:
-            setattr(server, "tool_filter", None)  # noqa: B010
+                          listing_ttl=listing_ttl, wrapper="receipt_mcp_server")
         self._tools: list[MCPTool] | None = None
         self._opened = False  # whether the wrapper connected the server (and cleans it up)
+        self._loop: asyncio.AbstractEventLoop | None = None  # where it was connected
+        self._closed = False  # its transport closed: the next call that must run reconnects
         self._lock = LoopLock()
+
+    @property
+    def tool_filter(self) -> Any:
+        """The wrapped server's ``tool_filter``, applied to the recorded listing."""
+        return getattr(self.server, "tool_filter", None)
 
     @property
     def name(self) -> str:
@@ -117,22 +125,37 @@ class ReceiptMCPServer(MCPServer):
             self._opened = False
             await cast(Any, self.server).cleanup()  # untyped in the SDK
 
-    async def _ensure(self, what: str, why: str) -> None:
-        self._core.refuse_in_replay(what, why)
-        if self._opened:
+    async def _ensure(self, what: str, refusal: tuple[str, str]) -> None:
+        self._core.refuse_in_replay(what, *refusal)
+        loop = asyncio.get_running_loop()
+        if self._opened and self._loop is loop and not self._closed:
             return
         async with self._lock.get():
+            if self._opened and (self._loop is not loop or self._closed):
+                await self.cleanup()  # connected on another loop, or its server died
             # A server connected by its owner before it was wrapped is used as it is.
             if not self._opened and getattr(self.server, "session", None) is None:
                 await cast(Any, self.server).connect()
-                self._opened = True
+                self._opened, self._loop, self._closed = True, loop, False
+
+    async def _request(self, what: str, refusal: tuple[str, str],
+                       request: Callable[[], Awaitable[Any]]) -> Any:
+        """``request()`` on the connected server; one that finds the transport closed has the
+        next call reconnect the server (if the wrapper connected it)."""
+        await self._ensure(what, refusal)
+        try:
+            return await request()
+        except Exception as exc:
+            if connection_closed(exc) and self._opened:
+                self._closed = True
+            raise
 
     async def _listing(self, run_context: RunContextWrapper[Any] | None,
                        agent: AgentBase | None) -> list[MCPTool]:
         async def send() -> ListToolsResult:
-            await self._ensure(self._core.listing.tool_name or "tools/list",
-                               "its tool listing has no receipt")
-            return ListToolsResult(tools=await self.server.list_tools(run_context, agent))
+            tools = await self._request(self._core.listing.tool_name or "tools/list", UNLISTED,
+                                        lambda: self._unfiltered(run_context, agent))
+            return ListToolsResult(tools=tools)
 
         value = await self._core.list({"all_pages": True}, send)
         listed = value.get("tools", [])
@@ -140,6 +163,16 @@ class ReceiptMCPServer(MCPServer):
         tools = [MCPTool.model_validate(tool) for tool in listed]
         self._tools = tools
         return tools
+
+    async def _unfiltered(self, run_context: RunContextWrapper[Any] | None,
+                          agent: AgentBase | None) -> list[MCPTool]:
+        """The server's whole listing, through its own listing path (pages, retries, its
+        cache): with a ``tool_filter``, on a shallow copy without it, the server untouched."""
+        server = self.server
+        if getattr(server, "tool_filter", None) is not None:
+            server = copy.copy(server)
+            server.tool_filter = None  # type: ignore[attr-defined]
+        return await server.list_tools(run_context, agent)
 
     async def list_tools(self, run_context: RunContextWrapper[Any] | None = None,
                          agent: AgentBase | None = None) -> list[MCPTool]:
@@ -154,13 +187,15 @@ class ReceiptMCPServer(MCPServer):
             await self._listing(None, None)
         options = self._core.options_for(tool_name)
 
-        async def send() -> CallToolResult:
-            await self._ensure(options.tool_name or tool_name,
-                               "this call can only run there (a side-effecting or failing "
-                               "call is never recorded)")
+        def request() -> Awaitable[CallToolResult]:
             if meta is None:
-                return await self.server.call_tool(tool_name, arguments)
-            return await self.server.call_tool(tool_name, arguments, meta=meta)
+                return self.server.call_tool(tool_name, arguments)
+            return self.server.call_tool(tool_name, arguments, meta=meta)
+
+        async def send() -> CallToolResult:
+            result: CallToolResult = await self._request(
+                options.tool_name or tool_name, call_refused(tool_name), request)
+            return result
 
         value = await self._core.call(options, self._core.keyed(tool_name, arguments), send)
         return CallToolResult.model_validate(value)
@@ -200,33 +235,42 @@ class ReceiptMCPServer(MCPServer):
         return None if self._tools is None else [t.model_copy(deep=True) for t in self._tools]
 
     def invalidate_tools_cache(self) -> None:
-        """Forget the listing read (its receipt stays, for its TTL)."""
+        """Forget the listing read: the next is read again (from the server, in record mode;
+        its receipt stays, for its TTL)."""
         self._tools = None
+        self._core.forget()
         invalidate = getattr(self.server, "invalidate_tools_cache", None)
         if callable(invalidate):
             invalidate()
 
     # Prompts and resources reach the server itself (connecting it if need be); never in replay.
 
+    async def _unrecorded(self, method: str, request: Callable[[], Awaitable[Any]]) -> Any:
+        return await self._request(f"{PREFIX}{self.label}:{method}", _NOT_RECORDED, request)
+
     async def list_prompts(self) -> ListPromptsResult:
-        await self._ensure(f"{self.name} prompts/list", _NOT_RECORDED)
-        return await self.server.list_prompts()
+        result: ListPromptsResult = await self._unrecorded("prompts/list", self.server.list_prompts)
+        return result
 
     async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None) -> GetPromptResult:
-        await self._ensure(f"{self.name} prompts/get", _NOT_RECORDED)
-        return await self.server.get_prompt(name, arguments)
+        result: GetPromptResult = await self._unrecorded(
+            "prompts/get", lambda: self.server.get_prompt(name, arguments))
+        return result
 
     async def list_resources(self, cursor: str | None = None) -> ListResourcesResult:
-        await self._ensure(f"{self.name} resources/list", _NOT_RECORDED)
-        return await self.server.list_resources(cursor)
+        result: ListResourcesResult = await self._unrecorded(
+            "resources/list", lambda: self.server.list_resources(cursor))
+        return result
 
     async def list_resource_templates(self, cursor: str | None = None) -> ListResourceTemplatesResult:
-        await self._ensure(f"{self.name} resources/templates/list", _NOT_RECORDED)
-        return await self.server.list_resource_templates(cursor)
+        result: ListResourceTemplatesResult = await self._unrecorded(
+            "resources/templates/list", lambda: self.server.list_resource_templates(cursor))
+        return result
 
     async def read_resource(self, uri: str) -> ReadResourceResult:
-        await self._ensure(f"{self.name} resources/read", _NOT_RECORDED)
-        return await self.server.read_resource(uri)
+        result: ReadResourceResult = await self._unrecorded(
+            "resources/read", lambda: self.server.read_resource(uri))
+        return result
 
     async def __aenter__(self) -> ReceiptMCPServer:
         await self.connect()
@@ -238,13 +282,15 @@ class ReceiptMCPServer(MCPServer):
 
 def receipt_mcp_server(sf: Any, server: MCPServer, /, *, name: str | None = None,
                        tools: Mapping[str, Mapping[str, Any]] | None = None,
-                       **options: Any) -> ReceiptMCPServer:
+                       listing_ttl: float = 0, **options: Any) -> ReceiptMCPServer:
     """``server`` (an ``agents.mcp.MCPServer``) with its tools listed and called through
     ``sf`` (an engine or the pytest fixture), connected only when a call must run.
 
     ``name`` is the server's name in keys and reports (default: the name given to the SDK's
-    server, else its command and arguments or its URL without credentials). ``tools`` and the
-    other keywords are as for :func:`~singleflight_agents.adapters.receipt_mcp_client`: flags
-    come from the tools' annotations, ``tools=`` overrides them per tool.
+    server, else its command and arguments or its URL, with what looks like a credential
+    masked). ``tools``, ``listing_ttl`` and the other keywords are as for
+    :func:`~singleflight_agents.adapters.receipt_mcp_client`: flags come from the tools'
+    annotations (read from the server in record mode), ``tools=`` overrides them per tool.
     """
-    return ReceiptMCPServer(sf, server, name=name, tools=tools, options=options)
+    return ReceiptMCPServer(sf, server, name=name, tools=tools, listing_ttl=listing_ttl,
+                            options=options)
