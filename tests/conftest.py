@@ -123,13 +123,21 @@ class SpyEngine(Singleflight):
             event.set()
         return event
 
-    async def execute(self, func: Callable[..., Any], /, *args: Any, options: Any = None,
-                      **kwargs: Any) -> Any:
+    def _enter(self) -> None:
         self.entered += 1
         for n, event in self._milestones.items():
             if self.entered >= n:
                 event.set()
+
+    async def execute(self, func: Callable[..., Any], /, *args: Any, options: Any = None,
+                      **kwargs: Any) -> Any:
+        self._enter()
         return await super().execute(func, *args, options=options, **kwargs)
+
+    async def do(self, tool_name: str, identity: Any, fn: Callable[[], Any], /, *,
+                 options: Any = None) -> Any:
+        self._enter()
+        return await super().do(tool_name, identity, fn, options=options)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from langchain_core.messages import BaseMessage, HumanMessage
 
 from singleflight_agents import Singleflight, SingleflightError
 from singleflight_agents.adapters import receipt_chat_model
-from singleflight_agents.adapters._turns import _key
+from singleflight_agents.adapters._turns import turn_identity
 from singleflight_agents.adapters.openai_models import receipt_model
 from singleflight_agents.codec import canonical_json
 
@@ -132,7 +132,7 @@ async def test_a_user_key_cannot_make_a_stream_share_a_plain_turns_receipt(sqlit
 
 def test_keys_normalise_json_numbers_only() -> None:
     def keyed(request: Any, stream: bool = False, user: Any = None) -> str:
-        return canonical_json(_key(user)(None, request, stream))
+        return canonical_json(turn_identity(request, stream, user))
 
     assert keyed({"t": 1.0}) == keyed({"t": 1})
     assert keyed({"t": True}) != keyed({"t": 1})

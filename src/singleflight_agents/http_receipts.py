@@ -53,7 +53,7 @@ class _NotStored(Exception):
 
 
 class _Exchange:
-    """The engine's argument: the request, how to send it, and what keys it."""
+    """One request through receipts: the request, how to send it, and what keys it."""
 
     __slots__ = ("body", "described", "live_headers", "request", "send")
 
@@ -62,10 +62,6 @@ class _Exchange:
         # The response's headers as they came (cookies, request ids), when this very call sent
         # the request: they reach its caller, never a receipt.
         self.live_headers: list[list[str]] | None = None
-
-
-def _key(exchange: _Exchange) -> dict[str, Any]:
-    return exchange.described.key
 
 
 class _Receipts:
@@ -81,14 +77,15 @@ class _Receipts:
             raise TypeError("HTTP receipts take no share_failures: an error answer (a 429, a "
                             "500) is returned to the calls sharing its flight as a response, "
                             "and never stored")
-        self.base = ToolExecutionOptions().replace(**options)
+        # Receipts and miss messages show the method, URL and model: never the body.
+        self.base = ToolExecutionOptions().replace(**options, redact=_http_keys.shown)
         self.key_headers = _http_keys.KEY_HEADERS + check_key_headers(key_headers)
         self.sf = sf
 
     def _call(self, request: Any, body: bytes, send: Send) -> tuple[Any, _Exchange,
                                                                      ToolExecutionOptions]:
         described = Described(request, body, self.key_headers)
-        options = self.base.replace(tool_name=described.tool_name, key=_key, redact=_http_keys.shown)
+        options = self.base
         if described.flag is not None:
             options = options.replace(**{described.flag: True})
         sf = self.sf if self.sf is not None else _session_engine()
@@ -101,7 +98,8 @@ class _Receipts:
         _refuse_unrecorded_in_replay(sf, exchange.described)
         token = _INSIDE.set(True)
         try:
-            value = sf.execute_sync(_send_sync, exchange, options=options).value
+            value = sf.do_sync(exchange.described.tool_name, exchange.described.key,
+                               functools.partial(_send_sync, exchange), options=options).value
         except _NotStored as answer:
             value = answer.value
         finally:
@@ -113,7 +111,8 @@ class _Receipts:
         _refuse_unrecorded_in_replay(sf, exchange.described)
         token = _INSIDE.set(True)
         try:
-            value = (await sf.execute(_send_async, exchange, options=options)).value
+            value = (await sf.do(exchange.described.tool_name, exchange.described.key,
+                                 functools.partial(_send_async, exchange), options=options)).value
         except _NotStored as answer:
             value = answer.value
         finally:
@@ -156,8 +155,6 @@ def _session_engine() -> Any:
     return session.engine
 
 
-# The engine runs these two module-level functions (it caches what it learns about a
-# callable: a per-request closure must not stay alive in that cache).
 def _send_sync(exchange: _Exchange) -> dict[str, Any]:
     response = exchange.send(exchange.request)
     try:

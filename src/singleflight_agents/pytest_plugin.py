@@ -487,7 +487,8 @@ class SingleflightFixture:
 
     ``wrap(func, **options)`` returns a deduplicated version of ``func`` (sync stays sync,
     async stays async); ``tool(**options)`` is the same as a decorator; ``execute`` and
-    ``execute_sync`` make one call and return its :class:`ExecutionOutcome`. Options are
+    ``execute_sync`` make one call, ``do`` and ``do_sync`` one call keyed on an identity
+    (see ``Singleflight.do``), and return its :class:`ExecutionOutcome`. Options are
     :class:`ToolExecutionOptions` fields (``ttl=``, ``cost=`` as aliases); the marker's
     keywords and the command line give the defaults. As everywhere, a tool is shared only
     when it says ``deterministic=True`` or ``bounded_read=True``. ``outcomes`` lists every
@@ -549,6 +550,14 @@ class SingleflightFixture:
                      options: ToolExecutionOptions | None = None, **kwargs: Any) -> ExecutionOutcome:
         return self.engine.execute_sync(func, *args, options=options or self.options(func),
                                         **kwargs)
+
+    async def do(self, tool_name: str, identity: Any, fn: Callable[[], Any], /, *,
+                 options: ToolExecutionOptions | None = None) -> ExecutionOutcome:
+        return await self.engine.do(tool_name, identity, fn, options=options or self.options(fn))
+
+    def do_sync(self, tool_name: str, identity: Any, fn: Callable[[], Any], /, *,
+                options: ToolExecutionOptions | None = None) -> ExecutionOutcome:
+        return self.engine.do_sync(tool_name, identity, fn, options=options or self.options(fn))
 
     @property
     def stats(self) -> dict[str, Any]:

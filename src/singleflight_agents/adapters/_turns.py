@@ -10,6 +10,7 @@ This module imports no framework.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -25,11 +26,11 @@ Request = dict[str, Any]
 class Executor(Protocol):
     """A :class:`Singleflight` engine, or the pytest plugin's ``singleflight`` fixture."""
 
-    async def execute(self, func: Callable[..., Any], /, *args: Any,
-                      options: ToolExecutionOptions | None = None, **kwargs: Any) -> ExecutionOutcome: ...
+    async def do(self, tool_name: str, identity: Any, fn: Callable[[], Any], /, *,
+                 options: ToolExecutionOptions | None = None) -> ExecutionOutcome: ...
 
-    def execute_sync(self, func: Callable[..., Any], /, *args: Any,
-                     options: ToolExecutionOptions | None = None, **kwargs: Any) -> ExecutionOutcome: ...
+    def do_sync(self, tool_name: str, identity: Any, fn: Callable[[], Any], /, *,
+                options: ToolExecutionOptions | None = None) -> ExecutionOutcome: ...
 
 
 class Turns:
@@ -60,8 +61,9 @@ class Turns:
         table = None if prices is None else PriceTable.load(prices)
         self.model_name = model_name
         # The marker's cost= is for tools: turns are priced from the table, by their usage.
-        self.options = base.replace(tool_name=MODEL_PREFIX + model_name, estimated_cost_usd=0.0,
-                                    meter=_meter(table, engine, model_name), key=_key(base.key))
+        self.tool_name = MODEL_PREFIX + model_name
+        self.options = base.replace(tool_name=self.tool_name, estimated_cost_usd=0.0,
+                                    meter=_meter(table, engine, model_name), key=None)
         self.unshared = self.options.replace(deterministic=False, bounded_read=False)
         self.user_key = base.key
         self.engine = engine
@@ -72,33 +74,22 @@ class Turns:
         """Run ``call(request)`` as this model's turn, keyed on ``request`` (and whether it is a
         stream, which no ``key=`` can drop); ``shared=False`` runs it every time."""
         options = self.options if shared else self.unshared
-        return await self._sf.execute(_call_async, call, request, stream, options=options)
+        return await self._sf.do(self.tool_name, self._identity(request, stream),
+                                 functools.partial(call, request), options=options)
 
     def run_sync(self, call: Callable[[Request], dict[str, Any]], request: Request) -> ExecutionOutcome:
-        return self._sf.execute_sync(_call_sync, call, request, False, options=self.options)
+        return self._sf.do_sync(self.tool_name, self._identity(request, False),
+                                functools.partial(call, request), options=self.options)
+
+    def _identity(self, request: Request, stream: bool) -> Any:
+        return turn_identity(request, stream, self.user_key)
 
 
-# The engine executes these two fixed functions, never the per-turn closure itself: it caches
-# what it learns about a callable (its signature), and a closure holding a conversation must not
-# stay alive in that cache.
-async def _call_async(call: Callable[[Request], Awaitable[dict[str, Any]]], request: Request,
-                      stream: bool) -> dict[str, Any]:
-    return await call(request)
-
-
-def _call_sync(call: Callable[[Request], dict[str, Any]], request: Request,
-               stream: bool) -> dict[str, Any]:
-    return call(request)
-
-
-def _key(user_key: Callable[..., Any] | None) -> Callable[..., Any]:
-    """The request (or what ``key=`` makes of it) with its numbers as JSON sees them: the
-    closure never is keyed, and a stream is never the same turn as a plain call."""
-    def key(call: object, request: Request, stream: bool) -> Any:
-        keyed = {"request": json_numbers(user_key(request) if user_key is not None else request)}
-        return {**keyed, "stream": True} if stream else keyed
-
-    return key
+def turn_identity(request: Request, stream: bool, user_key: Callable[..., Any] | None) -> Any:
+    """What a turn is keyed on: the request (or what ``key=`` makes of it) with its numbers as
+    JSON sees them; a stream is never the same turn as a plain call."""
+    keyed = {"request": json_numbers(user_key(request) if user_key is not None else request)}
+    return {**keyed, "stream": True} if stream else keyed
 
 
 def json_numbers(value: Any) -> Any:

@@ -41,17 +41,12 @@ _CALL_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 @dataclasses.dataclass(slots=True)
 class _Invocation:
-    """One call, passed to the engine as a single argument: no node or tool argument name
-    can then clash with the engine's own keywords (``options=``)."""
+    """One call of a node or a tool: what runs, and the tool call it answers."""
 
     func: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    ident: Callable[[_Invocation], Any]  # what identifies the call
     call_id: str | None = None
-
-    def key(self) -> Any:
-        return self.ident(self)
 
 
 # The tool whose own run is in progress: a tool whose _arun hands over to _run (say through
@@ -90,9 +85,25 @@ def _finish(inv: _Invocation, result: tuple[str | None, Any]) -> Any:
     return value
 
 
-def _options(options: dict[str, Any], default_name: Callable[[bool], str]) -> ToolExecutionOptions:
-    base = ToolExecutionOptions().replace(**{**options, "key": _Invocation.key})
-    return base if base.tool_name else base.replace(tool_name=default_name(base.shared))
+class _Runs:
+    """Runs a node's or a tool's calls through the engine, keyed on ``ident(invocation)``."""
+
+    def __init__(self, sf: Singleflight, options: dict[str, Any],
+                 default_name: Callable[[bool], str], ident: Callable[[_Invocation], Any]) -> None:
+        base = ToolExecutionOptions().replace(**options)
+        self.options = base if base.tool_name else base.replace(tool_name=default_name(base.shared))
+        self.name: str = self.options.tool_name or ""
+        self.sf, self.ident = sf, ident
+
+    def sync(self, inv: _Invocation) -> Any:
+        outcome = self.sf.do_sync(self.name, self.ident(inv), functools.partial(_call, inv),
+                                  options=self.options)
+        return _finish(inv, outcome.value)
+
+    async def run(self, inv: _Invocation) -> Any:
+        outcome = await self.sf.do(self.name, self.ident(inv), functools.partial(_acall, inv),
+                                   options=self.options)
+        return _finish(inv, outcome.value)
 
 
 def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] | None = None,
@@ -105,24 +116,22 @@ def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] 
     part that matters. Default ``tool_name``: the function's ``module.qualname``, as for
     every Python function (a closure, method or partial must be named).
     """
-    opts = _options(options, lambda shared: default_tool_name(func, shared))
     params = list(inspect.signature(func).parameters)  # the first one takes the state
 
     def ident(inv: _Invocation) -> Any:
         state = inv.args[0] if inv.args else inv.kwargs[params[0]]
         return key(state) if key is not None else state
 
+    runs = _Runs(sf, options, lambda shared: default_tool_name(func, shared), ident)
     wrapper: Any
     if is_async_callable(func):
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            inv = _Invocation(func, args, kwargs, ident)
-            return _finish(inv, (await sf.execute(_acall, inv, options=opts)).value)
+            return await runs.run(_Invocation(func, args, kwargs))
     else:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            inv = _Invocation(func, args, kwargs, ident)
-            return _finish(inv, sf.execute_sync(_call, inv, options=opts).value)
+            return runs.sync(_Invocation(func, args, kwargs))
     # LangGraph's injection and schema inference see the node's parameters and annotations
     # through __wrapped__ (an explicit __signature__ would resolve them in this module).
     return cast(F, wrapper)
@@ -143,8 +152,6 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
         raise TypeError(f"tool {base_tool.name!r} is wrapped already")
     user_key = options.pop("key", None)
     source = getattr(base_tool, "func", None) or getattr(base_tool, "coroutine", None)
-    opts = _options(options, lambda shared: f"langchain.tool.{base_tool.name}" if source is None
-                    else default_tool_name(source, shared))  # a factory's tools must be named
     # The key: what the model supplies (the tool-call schema, defaults applied); injected
     # state, store, runtime, call id, config and callbacks are not part of it.
     schema = base_tool.tool_call_schema
@@ -163,6 +170,9 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
         supplied = {k: v for k, v in {**defaults, **inv.kwargs}.items() if k in names} | given
         return user_key(**supplied) if user_key is not None else supplied
 
+    runs = _Runs(sf, options, lambda shared: f"langchain.tool.{base_tool.name}" if source is None
+                 else default_tool_name(source, shared), ident)  # a factory's tools must be named
+
     cls = type(base_tool)
     base_run, base_arun = cls._run, cls._arun
     namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
@@ -172,15 +182,15 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
     def _run(self: BaseTool, *args: Any, **kwargs: Any) -> Any:
         if _RUNNING.get() is self:  # called by this tool's own run
             return base_run(self, *args, **kwargs)
-        inv = _Invocation(functools.partial(base_run, self), args, kwargs, ident, _CALL_ID.get())
-        return _finish(inv, sf.execute_sync(_call, inv, options=opts).value)
+        return runs.sync(_Invocation(functools.partial(base_run, self), args, kwargs,
+                                     _CALL_ID.get()))
 
     @functools.wraps(base_arun)
     async def _arun(self: BaseTool, *args: Any, **kwargs: Any) -> Any:
         if _RUNNING.get() is self:
             return await base_arun(self, *args, **kwargs)
-        inv = _Invocation(functools.partial(base_arun, self), args, kwargs, ident, _CALL_ID.get())
-        return _finish(inv, (await sf.execute(_acall, inv, options=opts)).value)
+        return await runs.run(_Invocation(functools.partial(base_arun, self), args, kwargs,
+                                          _CALL_ID.get()))
 
     def run(self: BaseTool, *args: Any, tool_call_id: str | None = None, **kwargs: Any) -> Any:
         token = _CALL_ID.set(tool_call_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -143,11 +144,8 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
                         f"{type(tool).__name__}")
     base = ToolExecutionOptions().replace(**options)  # TypeError naming unknown options
     user_key = base.key
-
-    def key(invoker: Invoker, ctx: ToolContext[Any], arguments: str, parsed: dict[str, Any]) -> Any:
-        return user_key(**parsed) if user_key is not None else parsed
-
-    opts = base.replace(tool_name=base.tool_name or f"openai.tool.{tool.name}", key=key)
+    name = base.tool_name or f"openai.tool.{tool.name}"
+    opts = base.replace(tool_name=name, key=None)
     original = tool.on_invoke_tool
     handles_failures = callable(getattr(original, _BINDS_TO_TOOL, None))
     raw = copy.copy(tool)  # the SDK's invoker, rebound to this copy
@@ -163,8 +161,9 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
         if parsed is None:  # not a JSON object: the tool reports it; nothing to share
             return await raw.on_invoke_tool(ctx, arguments)
         parsed = {**defaults, **parsed}  # an omitted default is the same call
-        outcome = await sf.execute(_call_invoker, raw.on_invoke_tool, ctx, arguments, parsed,
-                                   options=opts)
+        identity = user_key(**parsed) if user_key is not None else parsed
+        outcome = await sf.do(name, identity, functools.partial(raw.on_invoke_tool, ctx, arguments),
+                              options=opts)
         return outcome.value
 
     invoker: Invoker = invoke
@@ -180,12 +179,6 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
     wrapped = copy.copy(tool)
     wrapped.on_invoke_tool = invoker
     return copy.copy(wrapped)  # copying binds the SDK's invoker to the tool it belongs to
-
-
-async def _call_invoker(invoker: Invoker, ctx: ToolContext[Any], arguments: str,
-                        parsed: dict[str, Any]) -> Any:
-    """What the engine executes; ``parsed`` only identifies the call (see ``key``)."""
-    return await invoker(ctx, arguments)
 
 
 def _parse(arguments: str) -> dict[str, Any] | None:

@@ -12,10 +12,11 @@ its validated arguments.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 try:
@@ -134,16 +135,13 @@ class SingleflightToolset(WrapperToolset[Any]):
 
     engine: Singleflight
     options: ToolExecutionOptions
-    _per_tool: dict[str, ToolExecutionOptions] = field(default_factory=dict, init=False, repr=False,
-                                                       compare=False)
+    identity: Callable[[dict[str, Any], RunContext[Any], ToolsetTool[Any]], Any]
 
     async def call_tool(self, name: str, tool_args: dict[str, Any], ctx: RunContext[Any],
                         tool: ToolsetTool[Any]) -> Any:
-        options = self._per_tool.get(name)
-        if options is None:
-            options = self._per_tool[name] = self.options.replace(tool_name=TOOL_PREFIX + name)
-        outcome = await self.engine.execute(_call_wrapped, self.wrapped, name, tool_args, ctx, tool,
-                                            options=options)
+        run = functools.partial(self.wrapped.call_tool, name, tool_args, ctx, tool)
+        outcome = await self.engine.do(TOOL_PREFIX + name, self.identity(tool_args, ctx, tool),
+                                       run, options=self.options)
         return outcome.value
 
 
@@ -174,23 +172,13 @@ def wrap_pydantic_ai_toolset(sf: Singleflight, toolset: AbstractToolset[Any], /,
     user_key = base.key
     key_takes_context = user_key is not None and _takes_context(user_key)
 
-    def key(wrapped: AbstractToolset[Any], name: str, arguments: dict[str, Any],
-            ctx: RunContext[Any], tool: ToolsetTool[Any]) -> Any:
+    def identity(arguments: dict[str, Any], ctx: RunContext[Any], tool: ToolsetTool[Any]) -> Any:
         arguments = _with_defaults(tool, arguments)
         if user_key is None:
             return arguments
         return user_key(ctx, **arguments) if key_takes_context else user_key(**arguments)
 
-    redact = base.redact
-    if redact is not None and not callable(redact):  # paths name the tool's arguments
-        redact = tuple(f"arguments.{path}" for path in redact)
-    return SingleflightToolset(toolset, sf, base.replace(key=key, redact=redact))
-
-
-async def _call_wrapped(wrapped: AbstractToolset[Any], name: str, arguments: dict[str, Any],
-                        ctx: RunContext[Any], tool: ToolsetTool[Any]) -> Any:
-    """What the engine executes: the wrapped toolset's own call (the key says what is keyed)."""
-    return await wrapped.call_tool(name, arguments, ctx, tool)
+    return SingleflightToolset(toolset, sf, base.replace(key=None), identity)
 
 
 def _with_defaults(tool: ToolsetTool[Any], arguments: dict[str, Any]) -> dict[str, Any]:
