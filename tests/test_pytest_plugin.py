@@ -870,7 +870,7 @@ def test_ini_paths_are_taken_from_the_rootdir(project: Project, monkeypatch: pyt
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    ("singleflight_mode = sometimes", "singleflight_mode = 'sometimes'; use one of record, replay*"),
+    ("singleflight_mode = sometimes", "singleflight_mode must be one of record, replay*"),
     ("singleflight_ttl = soon", "singleflight_ttl = 'soon': give a positive number of seconds*"),
 ])
 def test_bad_ini_values_are_usage_errors(project: Project, option: str, message: str) -> None:

@@ -43,7 +43,7 @@ def finish(sf: Singleflight, call: Call, result: Result, started: float) -> Exec
     outcome = ExecutionOutcome(
         value=result.value, source=source, tool_name=call.tool_name, fingerprint=call.key,
         receipt=result.receipt, elapsed_ms=(time.perf_counter() - started) * 1000,
-        takeover=result.takeover,
+        takeover=result.takeover, dollars_saved=counters.get("dollars_saved", 0.0),
     )
     if call.session is not None:
         call.session.observe(outcome)

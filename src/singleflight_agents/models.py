@@ -268,3 +268,5 @@ class ExecutionOutcome:
     receipt: Receipt | None = None
     elapsed_ms: float = 0.0
     takeover: bool = False
+    # What not running it saved: the tool's estimated cost, or the turn's priced tokens.
+    dollars_saved: float = 0.0

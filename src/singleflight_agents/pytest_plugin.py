@@ -14,27 +14,24 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import importlib
-import json
 import math
 import os
 import shlex
 from collections import Counter
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import hookspecs
+from .models import MODES, check_mode
 
 if TYPE_CHECKING:
     from .engine import Singleflight
     from .models import ExecutionOutcome, ReplayMissError, ToolExecutionOptions
     from .sessions import Scope, Session
 
-MODES = ("record", "replay", "refresh", "off")  # models.MODES, without importing it here
 _NOT_MARKER = {"tool_name", "key", "meter"}  # per tool, never per test
 _STATE = pytest.StashKey["_Run"]()
 _TEST = pytest.StashKey["SingleflightFixture"]()
@@ -257,7 +254,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     summary = state.summary()
     if summary is None:
         return
-    from .reporting import format_line, format_markdown, format_summary
+    from .reporting import append_step_summary, format_line, format_summary, write_report
 
     mode = state.session.run_mode  # the mode the run had (an outer replay session holds it)
 
@@ -267,16 +264,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_sep("=", "singleflight")
         terminalreporter.write_line(format_summary(summary, mode, prices=state.session.prices))
     for target in state.reports:
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".json":
-            path.write_text(json.dumps({"mode": mode, **summary}, indent=2, sort_keys=True))
-        else:
-            path.write_text(format_markdown(summary, mode))
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if step_summary:
-        with open(step_summary, "a") as handle:
-            handle.write(format_markdown(summary, mode))
+        write_report(target, summary, mode)
+    append_step_summary(summary, mode)
 
 
 @pytest.fixture
@@ -338,9 +327,10 @@ def _marker_options(item: pytest.Item, kwargs: Mapping[str, Any]) -> dict[str, A
                                         f"takes a list of import paths like ['pkg.mod.func']")
             continue
         if name == "mode":  # the test's, not a tool's: a session in replay or off wins
-            if value not in MODES:
-                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.singleflight(mode="
-                                        f"{value!r}): use one of {', '.join(MODES)}")
+            try:
+                check_mode(value, f"{item.nodeid}: @pytest.mark.singleflight(mode=...)")
+            except ValueError as exc:
+                raise pytest.UsageError(str(exc)) from None
             continue
         field = OPTION_ALIASES.get(name, name)
         if field not in known:
@@ -396,9 +386,10 @@ class _Run:
         self.db = config.getoption("singleflight_db") or _from_rootdir(
             config, config.getini("singleflight_db") or ".singleflight/receipts.db")
         self.mode: str = config.getoption("singleflight_mode") or config.getini("singleflight_mode")
-        if self.mode not in MODES:
-            raise pytest.UsageError(f"singleflight_mode = {self.mode!r}; use one of "
-                                    f"{', '.join(MODES)}")
+        try:
+            check_mode(self.mode, "singleflight_mode")
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         ttl = config.getoption("singleflight_ttl")
         ttl = config.getini("singleflight_ttl") if ttl is None else ttl
         try:
@@ -448,19 +439,9 @@ class _Run:
         if not self.used:
             return None
         from .models import StoreError
-        from .stats import summarize
-        from .store import is_sqlite_url, open_store, redact_url, sqlite_path
 
-        if is_sqlite_url(self.db) and not sqlite_path(self.db).exists():
-            return None  # a report never creates the store
         try:
-            store = open_store(self.db)
-            try:
-                rows = store.load_stats(self.run_id)
-            finally:
-                store.close()
-            return summarize(rows, db_path=redact_url(store.url), run_id=self.run_id) \
-                if rows else None
+            return self.session.stored_summary()
         except StoreError as exc:
             self.problems.append(f"no report: {exc}")
             return None
@@ -525,18 +506,8 @@ class SingleflightFixture:
 
     def wrap(self, func: Callable[..., Any], **options: Any) -> Any:
         opts = self.options(func, **options)
-        from .fingerprint import is_async_callable
-
-        if is_async_callable(func):  # async functions, objects and partials alike
-            @functools.wraps(func)
-            async def run_async(*args: Any, **kwargs: Any) -> Any:
-                return (await self.engine.execute(func, *args, options=opts, **kwargs)).value
-            return run_async
-
-        @functools.wraps(func)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            return self.engine.execute_sync(func, *args, options=opts, **kwargs).value
-        return run
+        return self.engine.tool(func, **{f.name: getattr(opts, f.name)
+                                         for f in dataclasses.fields(opts)})
 
     def tool(self, **options: Any) -> Callable[[Callable[..., Any]], Any]:
         return lambda func: self.wrap(func, **options)
@@ -565,5 +536,5 @@ class SingleflightFixture:
         sources = Counter(str(o.source) for o in self.outcomes)
         saved = [o for o in self.outcomes if o.source in ("cache_hit", "shared_wait")]
         return {"calls": len(self.outcomes), **sources,
-                "dollars_saved": sum(o.receipt.cost_usd for o in saved if o.receipt),
+                "dollars_saved": sum(o.dollars_saved for o in saved),
                 "latency_saved_ms": sum(o.receipt.latency_ms for o in saved if o.receipt)}

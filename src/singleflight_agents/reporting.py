@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .models import MODEL_PREFIX
@@ -202,3 +204,21 @@ def _model_rows(summary: dict[str, Any]) -> list[str]:
 
 def format_json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2, sort_keys=True)
+
+
+def write_report(path: str | os.PathLike[str], summary: dict[str, Any], mode: str) -> None:
+    """``summary`` as a file: JSON for a ``.json`` name, else Markdown; folders created."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix == ".json":
+        target.write_text(format_json({"mode": mode, **summary}))
+    else:
+        target.write_text(format_markdown(summary, mode))
+
+
+def append_step_summary(summary: dict[str, Any], mode: str) -> None:
+    """Add the Markdown report to the GitHub Actions job summary, when there is one."""
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        with open(step_summary, "a") as handle:
+            handle.write(format_markdown(summary, mode))

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._http_keys import Hosts
 from .models import (
@@ -256,6 +256,24 @@ class Session:
         engine = self._engine
         if engine is not None and engine.opened:
             engine.flush_stats()
+
+    def stored_summary(self) -> dict[str, Any] | None:
+        """This run's statistics as the store holds them (every process of the run), or
+        ``None`` if it holds none; never creates the store. Raises ``StoreError``."""
+        from .stats import summarize
+        from .store import ReceiptStore, is_sqlite_url, open_store, redact_url, sqlite_path
+
+        where = self.store
+        if not isinstance(where, ReceiptStore) and is_sqlite_url(where) \
+                and not sqlite_path(where).exists():
+            return None
+        store = where if isinstance(where, ReceiptStore) else open_store(where)
+        try:
+            rows = store.load_stats(self.run_id)
+        finally:
+            if store is not where:
+                store.close()
+        return summarize(rows, db_path=redact_url(store.url), run_id=self.run_id) if rows else None
 
     @property
     def run_mode(self) -> str:
