@@ -20,6 +20,7 @@ replay. This module imports ``mcp``, never ``agents``.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -70,43 +71,21 @@ def call_refused(tool: str) -> tuple[str, str]:
             f"{{{tool!r}: {{'side_effecting': False, 'deterministic': True}}}}")
 
 
-class _Invocation:
-    """The engine's first argument: how to reach the server, never keyed."""
-
-    __slots__ = ("send",)
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-
-
 def dump(model: Any) -> dict[str, Any]:
     """A result as its wire JSON: aliases, and only the fields the server sent."""
     value: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
     return value
 
 
-# The engine runs these module-level functions (it caches what it learns about a callable: a
-# per-call closure must not stay alive in that cache); ``arguments`` and ``page`` are the key.
-async def _run_call(invocation: _Invocation, arguments: Any) -> dict[str, Any]:
-    value = dump(await invocation.send())
+async def _run_call(send: Send) -> dict[str, Any]:
+    value = dump(await send())
     if value.get("isError"):
         raise _NotStored(value)
     return value
 
 
-async def _run_listing(invocation: _Invocation, page: Any) -> dict[str, Any]:
-    return dump(await invocation.send())
-
-
-def _listing_key(invocation: _Invocation, page: Any) -> Any:
-    return page
-
-
-def _call_key(user_key: Callable[..., Any] | None) -> Callable[..., Any]:
-    def key(invocation: _Invocation, arguments: Any) -> Any:
-        return {"arguments": arguments if user_key is None else user_key(**arguments)}
-
-    return key
+async def _run_listing(send: Send) -> dict[str, Any]:
+    return dump(await send())
 
 
 def _under_arguments(redact: Any) -> Any:
@@ -162,12 +141,13 @@ class Core:
         ttl = max([base.ttl_seconds, *(base.replace(**o).ttl_seconds
                                        for o in self.overrides.values())])
         self.listing = base.replace(
-            tool_name=f"{PREFIX}{self.label}:tools/list", key=_listing_key, redact=None,
+            tool_name=f"{PREFIX}{self.label}:tools/list", key=None, redact=None,
             deterministic=False, bounded_read=True, side_effecting=False, estimated_cost_usd=0.0,
             ttl_seconds=ttl)
         self.annotations: dict[str, Any] | None = None  # by tool, once a listing was read
         self.defaults: dict[str, dict[str, Any]] = {}  # by tool: its schema's defaults
         self._options: dict[str, ToolExecutionOptions] = {}
+        self._keys: dict[str, Callable[..., Any] | None] = {}  # by tool: its key=
         self._live: dict[str, dict[str, Any]] = {}  # listing pages this wrapper read live
 
     def learn(self, tools: Sequence[Any]) -> None:
@@ -195,16 +175,19 @@ class Core:
             annotations = (self.annotations or {}).get(tool)
             options = self.base.replace(**flags_of(annotations)).replace(
                 **self.overrides.get(tool, {}))
-            found = options.replace(tool_name=f"{PREFIX}{self.label}/{tool}",
-                                    key=_call_key(options.key),
+            self._keys[tool] = options.key
+            found = options.replace(tool_name=f"{PREFIX}{self.label}/{tool}", key=None,
                                     redact=_under_arguments(options.redact))
             self._options[tool] = found
         return found
 
-    def keyed(self, tool: str, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The arguments as keyed: an omitted argument with a default in the tool's schema is
-        the same call as one that gives the default."""
-        return {**self.defaults.get(tool, {}), **(arguments or {})}
+    def identity(self, tool: str, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What a call is keyed on: its arguments, where an omitted argument with a default in
+        the tool's schema is the same call as one that gives the default (or what the tool's
+        ``key=`` makes of them). Call :meth:`options_for` first."""
+        given = {**self.defaults.get(tool, {}), **(arguments or {})}
+        user_key = self._keys.get(tool)
+        return {"arguments": given if user_key is None else user_key(**given)}
 
     def mode(self) -> str:
         return self.engine.current_mode()
@@ -223,8 +206,8 @@ class Core:
         """One listing page through receipts. In record mode a page served from a receipt
         older than ``listing_ttl`` is read from the server instead (once per wrapper): the
         flags of the calls that follow must be the server's as it is now."""
-        outcome = await self.sf.execute(_run_listing, _Invocation(send), page,
-                                        options=self.listing)
+        outcome = await self.sf.do(self.listing.tool_name or "", page,
+                                   functools.partial(_run_listing, send), options=self.listing)
         value: dict[str, Any] = outcome.value
         which = json.dumps(page, sort_keys=True)
         receipt = outcome.receipt
@@ -251,11 +234,11 @@ class Core:
                 f"server; replay follows the recorded listing until it expires (re-record it "
                 f"with --singleflight-mode=refresh)", RuntimeWarning, stacklevel=4)
 
-    async def call(self, options: ToolExecutionOptions, arguments: dict[str, Any],
+    async def call(self, options: ToolExecutionOptions, identity: dict[str, Any],
                    send: Send) -> dict[str, Any]:
         try:
-            outcome = await self.sf.execute(_run_call, _Invocation(send), arguments,
-                                            options=options)
+            outcome = await self.sf.do(options.tool_name or "", identity,
+                                       functools.partial(_run_call, send), options=options)
         except _NotStored as failed:
             return failed.value
         value: dict[str, Any] = outcome.value
@@ -338,7 +321,7 @@ class ReceiptMCPClient:
                 options.tool_name or name, call_refused(name),
                 lambda session: session.call_tool(name, arguments, **extra))
 
-        value = await self._core.call(options, self._core.keyed(name, arguments), send)
+        value = await self._core.call(options, self._core.identity(name, arguments), send)
         return CallToolResult.model_validate(value)
 
     async def tool_options(self, name: str) -> ToolExecutionOptions:

@@ -197,7 +197,7 @@ class ReceiptMCPServer(MCPServer):
                 options.tool_name or tool_name, call_refused(tool_name), request)
             return result
 
-        value = await self._core.call(options, self._core.keyed(tool_name, arguments), send)
+        value = await self._core.call(options, self._core.identity(tool_name, arguments), send)
         return CallToolResult.model_validate(value)
 
     async def _filtered(self, tools: list[MCPTool], run_context: RunContextWrapper[Any] | None,
