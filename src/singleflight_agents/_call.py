@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .fingerprint import binder, encode_inputs, fingerprint_of, shown_identity, shown_inputs
 from .models import Receipt, Source, ToolExecutionOptions, check_text
+from .sessions import active_session
 
 if TYPE_CHECKING:
     import asyncio
@@ -58,3 +61,56 @@ def default_tool_name(func: Callable[..., Any], shared: bool) -> str:
                         f"tool_name= so that calls of different tools cannot share results")
     return check_text(name, "the tool name made of the function's module and name",
                       "pass tool_name= with plain text")
+
+
+def call_of_function(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                     options: ToolExecutionOptions | None, mode: str) -> Call:
+    """``func(*args, **kwargs)`` as a call, keyed on its bound arguments (or ``key=``'s)."""
+    if options is None:
+        options = getattr(func, "singleflight_options", None) or ToolExecutionOptions()
+    func = getattr(func, "__wrapped__", func) if hasattr(func, "singleflight_options") else func
+    if not callable(func):
+        raise TypeError(f"expected a callable tool, got {type(func).__name__}")
+    bind = binder(func)
+    call = _new(functools.partial(func, *args, **kwargs), options,
+                options.tool_name or default_tool_name(func, options.shared), bind.is_async, mode)
+    if options.shared:
+        ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
+        shown = None
+        if options.redact is not None:
+            shown = shown_inputs(call.tool_name, func, options.redact, ident, args, kwargs,
+                                 keyed=options.key is not None)
+        _key(call, ident, shown)
+    return call
+
+
+def call_of_identity(tool_name: str, identity: Any, fn: Callable[[], Any],
+                     options: ToolExecutionOptions | None, is_async: bool, mode: str) -> Call:
+    """``fn()`` as a call of ``tool_name``, keyed on ``identity`` (``Singleflight.do``)."""
+    options = options or ToolExecutionOptions()
+    if not callable(fn):
+        raise TypeError(f"do() expected a function to run, got {type(fn).__name__}")
+    if not isinstance(tool_name, str) or not tool_name.strip():
+        raise ValueError(f"do() needs a tool name, the name its receipts and statistics go "
+                         f"under; got {tool_name!r}")
+    call = _new(fn, options, check_text(tool_name, "do() tool name"), is_async, mode)
+    if options.shared:
+        redact = options.redact
+        shown = None if redact is None else shown_identity(call.tool_name, redact, identity)
+        _key(call, identity, shown)
+    return call
+
+
+def _new(fn: Callable[[], Any], options: ToolExecutionOptions, tool_name: str, is_async: bool,
+         mode: str) -> Call:
+    session = active_session()  # the run's mode while a session governs, else the engine's
+    return Call(fn, options, tool_name, is_async, session,
+                mode if session is None else session.mode_now())
+
+
+def _key(call: Call, identity: Any, shown: str | None) -> None:
+    options = call.options
+    call.inputs = encode_inputs(call.tool_name, identity)
+    call.shown_inputs = call.inputs if shown is None else shown
+    call.key = fingerprint_of(call.tool_name, call.inputs, namespace=options.namespace,
+                              scope=options.scope, version=options.version)

@@ -13,45 +13,29 @@ import os
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._accounting import flush_finally, flush_stats, owner_id
-from ._call import Call, default_tool_name
+from ._accounting import flush_stats, owner_id
+from ._backend import Backend, open_backend
+from ._call import Call, call_of_function, call_of_identity, default_tool_name
 from ._drive import drive_async, drive_sync
 from ._flow import flow
 from .fingerprint import (
     binder,
     check_redact,
-    encode_inputs,
-    fingerprint_of,
-    shown_identity,
-    shown_inputs,
 )
 from .heartbeat import Heartbeat
 from .models import ExecutionOutcome, Receipt, StoreError, ToolExecutionOptions, check_mode, check_text
 from .pricing import PriceSource, PriceTable
-from .sessions import DEFAULT_RECORD_COMMAND, ENV_RUN_ID, active_session, check_replayable, new_run_id
-from .signing import Signer, load_key
+from .sessions import DEFAULT_RECORD_COMMAND, ENV_RUN_ID, active_session, new_run_id
+from .signing import Signer, secret_key
 from .stats import Stats, summarize
-from .store import ReceiptStore, is_sqlite_url, open_store, sqlite_path
+from .store import ReceiptStore, is_sqlite_url, sqlite_path
 
 __all__ = ["Singleflight", "default_tool_name"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class _Backend:
-    """What an engine opens on first use: its store, the key that signs for it, the
-    heartbeat that renews its leases, and the flush of its statistics at exit."""
-
-    __slots__ = ("flush_at_end", "heartbeat", "signer", "store")
-
-    def __init__(self, store: ReceiptStore, signer: Signer, heartbeat: Heartbeat,
-                 flush_at_end: weakref.finalize[Any, Any]) -> None:
-        self.store, self.signer, self.heartbeat = store, signer, heartbeat
-        self.flush_at_end = flush_at_end
 
 
 class Singleflight:
@@ -91,9 +75,8 @@ class Singleflight:
         where = store if store is not None else db_path
         if not isinstance(where, ReceiptStore) and is_sqlite_url(where):
             sqlite_path(where)  # a bad URL fails here, not at the first call
-        if secret is not None and len(secret.strip() if isinstance(secret, str) else secret) < 16:
-            raise StoreError("the signing secret from secret= is shorter than 16 bytes; use "
-                             "a long random one")
+        if secret is not None:
+            secret_key(secret)  # a short secret fails here, not at the first call
         self._where, self._secret = where, secret
         self.mode = check_mode(mode, "Singleflight mode")
         self.record_command = record_command
@@ -107,7 +90,7 @@ class Singleflight:
         self._last_flush = 0.0
         self._warned: set[str] = set()
         self._verified: dict[str, Receipt] = {}  # receipt objects already checked, by key
-        self._backend: _Backend | None = None
+        self._backend: Backend | None = None
         self._open_lock = threading.Lock()
 
     @property
@@ -121,23 +104,13 @@ class Singleflight:
         if self._backend is None:
             self._open(replay=True)
 
-    def _open(self, replay: bool = False) -> _Backend:
-        if replay:  # checked before anything is opened: a replay creates no file
-            check_replayable(self._where, self._secret, self.record_command)
+    def _open(self, replay: bool = False) -> Backend:
         with self._open_lock:
             if self._backend is None:
-                where = self._where
-                store = where if isinstance(where, ReceiptStore) else open_store(where)
-                try:
-                    signer = Signer(load_key(self._secret, store.key_path, create=not replay))
-                except BaseException:
-                    if store is not where:
-                        store.close()
-                    raise
-                # Pending counts are written at close, at exit, or when the engine is collected.
-                flush = weakref.finalize(self, flush_finally, store, self._stats, self.run_id,
-                                         self._instance)
-                self._backend = _Backend(store, signer, Heartbeat(store), flush)
+                self._backend = open_backend(
+                    self, self._where, self._secret, replay=replay,
+                    record_command=self.record_command, stats=self._stats, run_id=self.run_id,
+                    instance=self._instance)
             return self._backend
 
     @property
@@ -269,51 +242,11 @@ class Singleflight:
 
     def _prepare(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  options: ToolExecutionOptions | None) -> Call:
-        if options is None:
-            options = getattr(func, "singleflight_options", None) or ToolExecutionOptions()
-        func = getattr(func, "__wrapped__", func) if hasattr(func, "singleflight_options") else func
-        if not callable(func):
-            raise TypeError(f"expected a callable tool, got {type(func).__name__}")
-        bind = binder(func)
-        call = self._call(functools.partial(func, *args, **kwargs), options,
-                          options.tool_name or default_tool_name(func, options.shared), bind.is_async)
-        if options.shared:
-            ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
-            shown = None
-            if options.redact is not None:
-                shown = shown_inputs(call.tool_name, func, options.redact, ident, args, kwargs,
-                                     keyed=options.key is not None)
-            self._key(call, ident, shown)
-        return call
+        return call_of_function(func, args, kwargs, options, self.mode)
 
     def _prepare_do(self, tool_name: str, identity: Any, fn: Callable[[], Any],
                     options: ToolExecutionOptions | None, is_async: bool) -> Call:
-        options = options or ToolExecutionOptions()
-        if not callable(fn):
-            raise TypeError(f"do() expected a function to run, got {type(fn).__name__}")
-        if not isinstance(tool_name, str) or not tool_name.strip():
-            raise ValueError(f"do() needs a tool name, the name its receipts and statistics go "
-                             f"under; got {tool_name!r}")
-        call = self._call(fn, options, check_text(tool_name, "do() tool name"), is_async)
-        if options.shared:
-            redact = options.redact
-            shown = None if redact is None else shown_identity(call.tool_name, redact, identity)
-            self._key(call, identity, shown)
-        return call
-
-    def _call(self, fn: Callable[[], Any], options: ToolExecutionOptions, tool_name: str,
-              is_async: bool) -> Call:
-        session = active_session()
-        return Call(fn, options, tool_name, is_async, session,
-                    self.mode if session is None else session.mode_now())
-
-    @staticmethod
-    def _key(call: Call, identity: Any, shown: str | None) -> None:
-        options = call.options
-        call.inputs = encode_inputs(call.tool_name, identity)
-        call.shown_inputs = call.inputs if shown is None else shown
-        call.key = fingerprint_of(call.tool_name, call.inputs, namespace=options.namespace,
-                                  scope=options.scope, version=options.version)
+        return call_of_identity(tool_name, identity, fn, options, is_async, self.mode)
 
     def _engine_for(self, call: Call) -> Singleflight:
         """The engine the call runs on: the session's, unless this one opted out."""

@@ -68,19 +68,24 @@ def key_path_for(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".key")
 
 
+def secret_key(secret: str | bytes, source: str = "secret=") -> bytes:
+    """The key a secret gives: a string stripped, as the key file is (`export
+    SINGLEFLIGHT_SECRET="$(cat x.key)"`, or a secret pasted with its newline, is the same
+    key); shorter than 16 bytes is refused."""
+    key = secret.strip().encode() if isinstance(secret, str) else secret
+    if len(key) < 16:
+        raise StoreError(f"the signing secret from {source} is shorter than 16 bytes; use a "
+                         f"long random one")
+    return key
+
+
 def load_key(secret: str | bytes | None, key_path: Path | None, create: bool = True) -> bytes:
     """The signing key, from the first source that has one; ``create`` makes the key file."""
     source = "secret="
     if secret is None:
         secret, source = os.environ.get(ENV_SECRET) or None, f"${ENV_SECRET}"
     if secret is not None:
-        # Stripped as the key file is: `export SINGLEFLIGHT_SECRET="$(cat x.key)"` or a secret
-        # pasted with its newline is the same key.
-        key = secret.strip().encode() if isinstance(secret, str) else secret
-        if len(key) < 16:
-            raise StoreError(f"the signing secret from {source} is shorter than 16 bytes; "
-                             f"use a long random one")
-        return key
+        return secret_key(secret, source)
     if key_path is None:
         raise StoreError(f"no signing key: pass secret= or set {ENV_SECRET}")
     if not create and not os.path.lexists(key_path):
