@@ -98,6 +98,7 @@ async def test_identical_calls_run_once_and_results_round_trip_exactly(
     assert tools["mcp:tests:tools/list"]["executed"] == 1
 
 
+@pytest.mark.slow
 async def test_neither_json_rpc_ids_nor_sessions_are_keyed(sf: Singleflight, log: Path) -> None:
     answers = []
     for _ in range(2):  # two server processes, two sessions, new request ids
@@ -125,6 +126,7 @@ async def test_redact_keeps_an_argument_out_of_the_receipt(sf: Singleflight, log
 # -- flags from annotations ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_annotations_map_to_flags_and_tools_overrides_them(sf: Singleflight,
                                                                  log: Path) -> None:
     async with receipt_mcp_client(sf, params(log), name="tests") as client:
@@ -217,6 +219,7 @@ def test_server_names_hold_no_credentials(sf: Singleflight) -> None:
         "https://actions.zapier.com/mcp/<redacted>/sse"
 
 
+@pytest.mark.slow
 async def test_a_tool_that_turned_destructive_runs_in_the_next_record_run(
         sf: Singleflight, store_url: str, log: Path) -> None:
     async with receipt_mcp_client(sf, params(log), name="pay") as client:
@@ -344,6 +347,7 @@ async def test_a_connect_function_is_called_only_when_a_call_must_run(
     assert opened == [1]
 
 
+@pytest.mark.slow
 async def test_a_server_that_died_is_started_again_by_the_next_call(
         sf: Singleflight, log: Path) -> None:
     async with receipt_mcp_client(sf, params(log), name="tests") as client:
@@ -357,6 +361,7 @@ async def test_a_server_that_died_is_started_again_by_the_next_call(
     assert calls(log)["crash"] == 1 and len(pids(log)) == 2
 
 
+@pytest.mark.slow
 def test_an_unentered_client_is_copied_for_each_connection(sf: Singleflight, log: Path) -> None:
     given = Client(params(log))
     client = receipt_mcp_client(sf, given, name="tests")
@@ -512,6 +517,7 @@ async def test_the_sdk_server_filters_the_recorded_listing_and_a_write_never_run
     assert calls(log)["delete"] == 1
 
 
+@pytest.mark.slow
 async def test_the_sdk_servers_filter_stays_on_it_however_often_it_is_wrapped(
         sf: Singleflight, log: Path, script: Path) -> None:
     _sdk()
@@ -530,6 +536,7 @@ async def test_the_sdk_servers_filter_stays_on_it_however_often_it_is_wrapped(
         await inner.cleanup()
 
 
+@pytest.mark.slow
 async def test_the_sdk_wrapper_connects_again_when_its_server_died(
         sf: Singleflight, log: Path, script: Path) -> None:
     _sdk()
@@ -542,6 +549,7 @@ async def test_the_sdk_wrapper_connects_again_when_its_server_died(
     assert len(pids(log)) == 2
 
 
+@pytest.mark.slow
 def test_the_sdk_wrapper_connects_again_on_another_event_loop(
         sf: Singleflight, log: Path, script: Path) -> None:
     _sdk()
@@ -590,6 +598,7 @@ def test_importing_the_package_imports_neither_mcp_nor_agents() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+@pytest.mark.slow
 async def test_the_demo_records_then_replays_without_its_server(sf: Singleflight) -> None:
     _sdk()
     from singleflight_agents.demo_mcp import run_mcp_demo
@@ -602,6 +611,7 @@ async def test_the_demo_records_then_replays_without_its_server(sf: Singleflight
     assert "server started: no, tool calls run: 0" in lines[2]
 
 
+@pytest.mark.slow
 def test_the_demo_command_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _sdk()
     from singleflight_agents.demo_mcp import main

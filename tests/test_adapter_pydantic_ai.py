@@ -578,6 +578,7 @@ def test_a_missing_pydantic_ai_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
         adapters.pydantic_ai_tool  # noqa: B018
 
 
+@pytest.mark.slow
 async def test_the_demo_runs_offline(sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location("pydantic_ai_demo",
                                                   ROOT / "examples" / "pydantic_ai_demo.py")

@@ -36,6 +36,9 @@ TESTS = sum(CALLS.values())
 Ran = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
 
 
+pytestmark = pytest.mark.slow  # pytest runs of the example, with a live server
+
+
 def _copy_example(root: Path) -> Path:
     project = root / "example_project"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(

@@ -63,6 +63,7 @@ def _report(pytester: pytest.Pytester) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow
 def test_record_once_then_replay_without_a_key_or_a_server(pytester: pytest.Pytester,
                                                            server: Server) -> None:
     pytester.makepyfile(**HTTP_PROJECTS)
@@ -80,6 +81,7 @@ def test_record_once_then_replay_without_a_key_or_a_server(pytester: pytest.Pyte
     assert b"sk-plugin-test-key" not in (pytester.path / "r.db").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_ini_key_routes_and_a_replay_miss_fails_its_test(pytester: pytest.Pytester,
                                                              server: Server) -> None:
     pytester.makeini("[pytest]\nsingleflight_http = 127.0.0.1 api.openai.com\n")
@@ -93,6 +95,7 @@ def test_the_ini_key_routes_and_a_replay_miss_fails_its_test(pytester: pytest.Py
     assert len(server.provider.seen) == 2
 
 
+@pytest.mark.slow
 def test_the_marker_routes_its_own_tests_only(pytester: pytest.Pytester, server: Server) -> None:
     pytester.makepyfile(test_marker='''
         import os
@@ -125,6 +128,7 @@ def test_the_marker_routes_its_own_tests_only(pytester: pytest.Pytester, server:
                                                       "'https://api.openai.com' is not a host*"),
     (("--singleflight-http=api.openai.com:443",), "*no scheme, port or path*"),
 ])
+@pytest.mark.slow
 def test_a_bad_host_is_one_line_before_any_test(pytester: pytest.Pytester, args: tuple[str, ...],
                                                 message: str) -> None:
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
@@ -134,6 +138,7 @@ def test_a_bad_host_is_one_line_before_any_test(pytester: pytest.Pytester, args:
     assert "Traceback" not in result.stderr.str()
 
 
+@pytest.mark.slow
 def test_a_bad_marker_host_is_named(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x='''
         import pytest
@@ -158,6 +163,7 @@ def test_xdist_workers_make_one_request_per_distinct_call(pytester: pytest.Pytes
     assert (row["calls"], row["executed"]) == (8, 4)
 
 
+@pytest.mark.slow
 def test_a_miss_the_sdk_retried_is_listed_once(pytester: pytest.Pytester, server: Server) -> None:
     pytester.makepyfile(test_retry='''
         import os

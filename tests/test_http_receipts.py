@@ -234,6 +234,7 @@ def test_replay_makes_no_request_and_a_miss_names_the_call_not_its_body(tmp_path
     assert "sk-test" not in message
 
 
+@pytest.mark.slow
 def test_a_session_routes_default_clients_of_listed_hosts_only(tmp_path: Any) -> None:
     db = str(tmp_path / "r.db")
     with Server() as server, sa.session(db, http=["127.0.0.1"]):
@@ -316,6 +317,7 @@ def test_receipts_hold_json_answers_as_sent(sf: Singleflight) -> None:
     assert "x-request-id" not in answers[1].headers and "set-cookie" not in answers[1].headers
 
 
+@pytest.mark.slow
 def test_a_child_process_that_imports_the_package_is_routed_too(tmp_path: Any) -> None:
     child = ("import sys, httpx, singleflight_agents\n"
              "r = httpx.post(sys.argv[1] + '/v1/messages', json={'model': 'claude-x', "
@@ -359,6 +361,7 @@ def test_the_session_ttl_is_the_lifetime_of_its_http_receipts(tmp_path: Any) -> 
         sa.session(ttl=-1)
 
 
+@pytest.mark.slow
 def test_an_sdk_retrying_a_replay_miss_misses_each_attempt(tmp_path: Any) -> None:
     provider = Provider()
     db = str(tmp_path / "r.db")
