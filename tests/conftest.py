@@ -54,10 +54,21 @@ if EXTRA_BACKEND:
     importlib.import_module(EXTRA_BACKEND)
 
 
-@pytest.fixture(params=["sqlite", "redis"] + (["extra"] if EXTRA_STORE_URL else []))
+STORES = ["sqlite", "redis"] + (["extra"] if EXTRA_STORE_URL else [])
+# For modules whose tests each start a server process: the fast loop (-m "not slow") runs them
+# on SQLite only; CI's full run on every store.
+STORES_REDIS_SLOW = [pytest.param(s, marks=pytest.mark.slow) if s != "sqlite" else s
+                     for s in STORES]
+
+
+@pytest.fixture(params=STORES)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each store backend in turn: an SQLite file, a Redis prefix of this test's own, and
     the backend under test named by $SINGLEFLIGHT_TEST_STORE_URL."""
+    return store_url_of(request, tmp_path)
+
+
+def store_url_of(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "receipts.db")
     if request.param == "extra":

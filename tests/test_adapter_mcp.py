@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET
+from conftest import SECRET, STORES_REDIS_SLOW, store_url_of
 from mcp import Client, MCPError, StdioServerParameters
 
 from singleflight_agents import ReplayMissError, Session, Singleflight
@@ -53,6 +53,12 @@ def replay(store_url: str) -> Session:
 
 def wire(result: Any) -> Any:
     return result.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+@pytest.fixture(params=STORES_REDIS_SLOW)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every store, Redis and others in the full run only: each test starts a server."""
+    return store_url_of(request, tmp_path)
 
 
 @pytest.fixture
