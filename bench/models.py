@@ -27,6 +27,7 @@ from typing import Any
 from agents import Agent, ModelSettings, ModelTracing, RunConfig, Runner, function_tool
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
 from common import (
+    SECRET,
     Config,
     Results,
     ms,
@@ -47,6 +48,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import PrivateAttr
 
+from singleflight_agents import Singleflight
 from singleflight_agents.adapters import receipt_chat_model, receipt_model
 
 CONFIG = RunConfig(tracing_disabled=True)
@@ -392,18 +394,19 @@ def _eval_suite(cfg: Config, res: Results, stores: Sequence[str]) -> None:
                     wall = asyncio.run(_run_suite(receipt_model(
                         sf, cold, model_name="scripted-eval", deterministic=True, scope=scope)))
                     record(f"{store}_cold", len(cold.calls), wall)
-                with open_engine(url) as replayer:  # a second engine: a fresh CI job
+                # A second engine in replay mode: a fresh CI job.
+                with Singleflight(store=url, secret=SECRET, mode="replay") as replayer:
                     warm = ScriptedModel()  # any call would raise UnexpectedModelCall
                     wall = asyncio.run(_run_suite(receipt_model(
                         replayer, warm, model_name="scripted-eval", deterministic=True,
-                        scope=scope, mode="replay")))
+                        scope=scope)))
                     record(f"{store}_replay", len(warm.calls), wall)
 
     distinct = len(EVAL_CITIES)
     expected = {"plain": 2 * EVAL_CASES, **{f"{s}_cold": 2 * distinct for s in stores},
                 **{f"{s}_replay": 0 for s in stores}}
     labels = {"plain": "plain ScriptedModel", "cold": "receipt_model, recording (cold store)",
-              "replay": "receipt_model, second engine, mode=replay"}
+              "replay": "receipt_model, second engine in replay mode"}
     order = ["plain"] + [f"{s}_{kind}" for kind in ("cold", "replay") for s in stores]
     for key in order:
         store, _, kind = key.rpartition("_")
