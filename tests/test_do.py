@@ -136,3 +136,33 @@ def test_bad_arguments_are_refused_by_name(sf: Singleflight) -> None:
         sf.do_sync("t.x", {"a": object()}, lambda: 1, options=SHARED)
     with pytest.raises(ValueError, match="tool name"):
         sf.do_sync("", 1, lambda: 1, options=SHARED)
+
+
+def test_max_age_reruns_an_older_receipt_outside_replay_and_replay_still_serves_it(
+        sf: Singleflight, store_url: str) -> None:
+    answers = iter(["first", "second", "third"])
+    fresh = SHARED.replace(max_age_seconds=0)
+    assert sf.do_sync("t.listing", 1, lambda: next(answers), options=fresh).value == "first"
+    again = sf.do_sync("t.listing", 1, lambda: next(answers), options=fresh)
+    assert (again.source, again.value) == (Source.EXECUTED, "second")  # replaced, not served
+    assert sf.do_sync("t.listing", 1, lambda: "unused", options=SHARED).value == "second"
+    with Session(store_url, mode="replay", secret=SECRET):
+        assert sf.do_sync("t.listing", 1, lambda: "live", options=fresh).value == "second"
+    with pytest.raises(ValueError, match="max_age_seconds must be None, or a number"):
+        SHARED.replace(max_age_seconds=-1)
+
+
+async def test_max_age_zero_still_shares_a_call_in_flight(sf: Singleflight) -> None:
+    release = asyncio.Event()
+    runs = []
+
+    async def listing() -> str:
+        runs.append(1)
+        await release.wait()
+        return "tools"
+
+    fresh = SHARED.replace(max_age_seconds=0)
+    tasks = [asyncio.create_task(sf.do("t.flight", 1, listing, options=fresh)) for _ in range(4)]
+    await asyncio.sleep(0)  # every task has joined the flight: none yields before it waits
+    release.set()
+    assert [o.value for o in await asyncio.gather(*tasks)] == ["tools"] * 4 and len(runs) == 1

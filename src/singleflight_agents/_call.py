@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +21,14 @@ if TYPE_CHECKING:
 # Plain classes, not dataclasses: each dataclass costs milliseconds at import.
 
 class Call:
-    __slots__ = ("duplicate", "flight_key", "fn", "inputs", "is_async", "key", "loop", "mode",
-                 "options", "session", "shown_inputs", "tampered", "tool_name")
+    __slots__ = ("began", "duplicate", "flight_key", "fn", "inputs", "is_async", "key", "loop",
+                 "mode", "options", "session", "shown_inputs", "tampered", "tool_name")
 
     def __init__(self, fn: Callable[[], Any], options: ToolExecutionOptions, tool_name: str,
                  is_async: bool, session: Session | None, mode: str) -> None:
         self.fn, self.options, self.tool_name, self.is_async = fn, options, tool_name, is_async
         self.session, self.mode = session, mode  # the run's, as they were when the call began
+        self.began = time.time()
         # The loop an async entry runs on; None for a sync entry (which may block its thread).
         self.loop: asyncio.AbstractEventLoop | None = None
         self.key = self.inputs = ""  # set for shared calls only

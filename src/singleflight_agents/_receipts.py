@@ -29,6 +29,9 @@ def lookup(sf: Singleflight, call: Call) -> Result | None:
     mode = call.mode
     if mode != "replay" and receipt.expires_at <= time.time():
         return None
+    max_age = call.options.max_age_seconds
+    if max_age is not None and mode != "replay" and receipt.created_at < call.began - max_age:
+        return None
     if mode == "refresh" and receipt.created_at < (
             sf.refresh_since if call.session is None else call.session.started):
         return None

@@ -87,6 +87,8 @@ _NUMBERS: dict[str, tuple[Callable[[float], bool], str]] = {
     "wait_timeout_seconds": (lambda v: 0 < v <= _YEARS_10,
                              "a positive number of seconds, at most 315360000 (10 years)"),
     "estimated_cost_usd": (lambda v: 0 <= v <= 1e6, "a number of dollars from 0 to 1000000"),
+    "max_age_seconds": (lambda v: 0 <= v <= _YEARS_10,
+                        "None, or a number of seconds from 0 to 315360000 (10 years)"),
 }
 
 
@@ -134,6 +136,11 @@ class ToolExecutionOptions:
     call. ``meter(result)`` returns what producing a result cost, ``(tokens_in,
     tokens_out, dollars)`` with ``dollars=None`` when unpriced: an execution counts it as
     spent, a receipt or a shared wait as saved (the model wrappers set it).
+    ``max_age_seconds`` (default ``None``: up to ``ttl_seconds``) serves a receipt outside
+    replay only if it was made at most that long before the call began: an older one runs
+    again and is replaced, while it is still kept for ``ttl_seconds``, so replay serves it
+    meanwhile. ``0`` runs every call that finds no receipt made since it began (calls in
+    flight still share); what a listing that must reflect the server now wants.
 
     Names (``tool_name``, ``scope``, ``namespace``, ``version``) must be text UTF-8 can
     encode. ``ttl_seconds`` and ``wait_timeout_seconds`` are at most 10 years,
@@ -145,6 +152,7 @@ class ToolExecutionOptions:
     namespace: str = "default"
     version: str = "1"
     ttl_seconds: float = 3600.0
+    max_age_seconds: float | None = None
     lease_seconds: float = 10.0
     wait_timeout_seconds: float = 300.0
     estimated_cost_usd: float = 0.0
@@ -161,6 +169,8 @@ class ToolExecutionOptions:
     def __post_init__(self) -> None:
         for name, (in_range, bounds) in _NUMBERS.items():
             value = getattr(self, name)
+            if value is None and name == "max_age_seconds":
+                continue
             if not isinstance(value, int | float) or isinstance(value, bool) or not in_range(value):
                 raise ValueError(f"ToolExecutionOptions.{name} must be {bounds}, got {value!r}")
         if self.tool_name is not None:
