@@ -44,6 +44,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, PrivateAttr
 
 from ..pricing import PriceSource, PriceTable
+from ._langchain_compat import agenerate, generate, identifying_params, llm_type, ls_params
 from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 
 __all__ = ["ReceiptChatModel", "receipt_chat_model"]
@@ -70,10 +71,10 @@ class ReceiptChatModel(BaseChatModel):
 
     @property
     def _identifying_params(self) -> Mapping[str, Any]:
-        return {**self.inner._identifying_params, "singleflight_tool": self._turns.options.tool_name}
+        return {**identifying_params(self.inner), "singleflight_tool": self._turns.options.tool_name}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        return self.inner._get_ls_params(stop=stop, **kwargs)
+        return ls_params(self.inner, stop, **kwargs)  # type: ignore[no-any-return]
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None,
                  kwargs: dict[str, Any]) -> Request:
@@ -84,8 +85,8 @@ class ReceiptChatModel(BaseChatModel):
             keyed.append(jsonable(entry))
         # Keys sort in this order in stored inputs and in a replay miss's (shortened) message.
         return {"messages": keyed,
-                "model": {"type": self.inner._llm_type,
-                          "params": jsonable(self.inner._identifying_params),
+                "model": {"type": llm_type(self.inner),
+                          "params": jsonable(identifying_params(self.inner)),
                           "fields": _fields(self.inner)},
                 "options": _keyed({**kwargs, "stop": stop})}
 
@@ -94,7 +95,7 @@ class ReceiptChatModel(BaseChatModel):
         def call(request: Request) -> dict[str, Any]:
             if self.inner.rate_limiter is not None:
                 self.inner.rate_limiter.acquire(blocking=True)
-            return _stored(self.inner._generate(messages, stop=stop, **kwargs))
+            return _stored(generate(self.inner, messages, stop, **kwargs))
 
         return _result(self._turns.run_sync(call, self._request(messages, stop, kwargs)).value)
 
@@ -104,7 +105,7 @@ class ReceiptChatModel(BaseChatModel):
         async def call(request: Request) -> dict[str, Any]:
             if self.inner.rate_limiter is not None:
                 await self.inner.rate_limiter.aacquire(blocking=True)
-            return _stored(await self.inner._agenerate(messages, stop=stop, **kwargs))
+            return _stored(await agenerate(self.inner, messages, stop, **kwargs))
 
         return _result((await self._turns.run(call, self._request(messages, stop, kwargs))).value)
 

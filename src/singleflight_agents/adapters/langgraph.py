@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 from ..engine import Singleflight, default_tool_name
 from ..fingerprint import is_async_callable
 from ..models import ToolExecutionOptions
+from ._langchain_compat import overrides_arun, run_methods, swap_class
 
 __all__ = ["wrap_langchain_tool", "wrap_langchain_tools", "wrap_langgraph_node"]
 
@@ -174,7 +175,7 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
                  else default_tool_name(source, shared), ident)  # a factory's tools must be named
 
     cls = type(base_tool)
-    base_run, base_arun = cls._run, cls._arun
+    base_run, base_arun = run_methods(cls)
     namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
                                  "__doc__": cls.__doc__, "__singleflight__": True}
 
@@ -211,10 +212,10 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
     # Without a native async path, BaseTool's _arun runs _run (ours) in a thread: wrapping
     # _arun as well would make the call wait for itself.
     if (getattr(base_tool, "coroutine", None) is not None if "coroutine" in cls.model_fields
-            else base_arun is not BaseTool._arun):
+            else overrides_arun(base_arun)):
         namespace["_arun"] = _arun
     wrapped = base_tool.model_copy()  # fields, private state and the schema memo, as they are
-    object.__setattr__(wrapped, "__class__", type(cls.__name__, (cls,), namespace))
+    swap_class(wrapped, type(cls.__name__, (cls,), namespace))
     return cast(T, wrapped)
 
 

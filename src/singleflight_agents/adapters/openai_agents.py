@@ -11,7 +11,6 @@ elsewhere, keyed on its name and its JSON arguments in canonical form.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -23,12 +22,12 @@ from typing import Any, overload
 
 from agents import FunctionTool, RunContextWrapper
 from agents import function_tool as sdk_function_tool
-from agents.tool import set_function_tool_failure_error_function, with_function_tool_failure_error_handler
 from agents.tool_context import ToolContext
 
 from ..engine import Singleflight, default_tool_name
 from ..fingerprint import bind_arguments
 from ..models import OPTION_ALIASES, RUN_SETTINGS, ToolExecutionOptions
+from ._agents_compat import copy_invoker_marks, handles_failures, raise_failures, with_failure_handler
 
 __all__ = ["function_tool", "wrap_function_tool"]
 
@@ -40,10 +39,6 @@ ENGINE_KEYWORDS = frozenset(f.name for f in dataclasses.fields(ToolExecutionOpti
 # Attributes by which the SDK (0.24) recognises its own function-tool invokers. A tool built by
 # ``agents.function_tool`` turns errors into a message for the model (``failure_error_function``)
 # inside its invoker; such a message must never be stored as the tool's result.
-_BINDS_TO_TOOL = "__agents_bind_function_tool__"
-_PREPARES_ARGUMENTS = "__agents_prepare_arguments__"
-_SYNC_TOOL = "__agents_sync_function_tool__"
-_WRAPPED_CALLABLE = "__agents_function_tool_wrapped_callable__"
 
 _logger = logging.getLogger("openai.agents")
 
@@ -147,10 +142,10 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
     name = base.tool_name or f"openai.tool.{tool.name}"
     opts = base.replace(tool_name=name, key=None)
     original = tool.on_invoke_tool
-    handles_failures = callable(getattr(original, _BINDS_TO_TOOL, None))
+    sdk_failures = handles_failures(original)
     raw = copy.copy(tool)  # the SDK's invoker, rebound to this copy
-    if handles_failures:
-        set_function_tool_failure_error_function(raw, None)  # errors raise: nothing to store
+    if sdk_failures:
+        raise_failures(raw)  # errors raise: nothing to store
 
     properties = tool.params_json_schema.get("properties", {})
     defaults = {k: p["default"] for k, p in properties.items()
@@ -167,15 +162,9 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
         return outcome.value
 
     invoker: Invoker = invoke
-    if handles_failures:
-        prepare = getattr(original, "prepare_arguments", None)
-        if prepare is not None:  # approval policies inspect the validated arguments
-            setattr(invoke, _PREPARES_ARGUMENTS, prepare)
-        with contextlib.suppress(AttributeError):  # the callable `tool.__wrapped__` gives
-            setattr(invoke, _WRAPPED_CALLABLE, tool.__wrapped__)
-        invoker = with_function_tool_failure_error_handler(invoke, _log_handled_failure)
-        if getattr(original, _SYNC_TOOL, False):
-            setattr(invoker, _SYNC_TOOL, True)
+    if sdk_failures:
+        copy_invoker_marks(original, invoke, tool)
+        invoker = with_failure_handler(original, invoke, _log_handled_failure)
     wrapped = copy.copy(tool)
     wrapped.on_invoke_tool = invoker
     return copy.copy(wrapped)  # copying binds the SDK's invoker to the tool it belongs to

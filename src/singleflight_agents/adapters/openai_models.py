@@ -36,6 +36,7 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 from pydantic import TypeAdapter
 
 from ..models import SingleflightError
+from ._agents_compat import run_end_cleanup, tool_namespace
 from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 
 __all__ = ["IncompleteStreamError", "ReceiptModel", "ReceiptModelProvider", "receipt_model",
@@ -235,7 +236,7 @@ class ReceiptModel(Model):
         await self.inner.close()
 
     async def _cleanup_on_run_end(self, owner: object) -> None:
-        await self.inner._cleanup_on_run_end(owner)
+        await run_end_cleanup(self.inner, owner)
 
     def get_retry_advice(self, request: ModelRetryAdviceRequest) -> ModelRetryAdvice | None:
         return self.inner.get_retry_advice(request)
@@ -282,8 +283,7 @@ def _tool_spec(tool: Tool) -> Any:
                 "parameters": tool.params_json_schema, "strict": tool.strict_json_schema,
                 "defer_loading": tool.defer_loading, "allowed_callers": jsonable(tool.allowed_callers),
                 "output_schema": tool.output_json_schema,
-                "namespace": getattr(tool, "_tool_namespace", None),
-                "namespace_description": getattr(tool, "_tool_namespace_description", None)}
+                **tool_namespace(tool)}
     spec: dict[str, Any] = {"type": type(tool).__name__}
     if dataclasses.is_dataclass(tool):
         for field in dataclasses.fields(tool):
