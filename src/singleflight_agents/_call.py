@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
 from collections.abc import Callable
@@ -15,19 +14,23 @@ from .sessions import active_session
 if TYPE_CHECKING:
     import asyncio
 
-    from .sessions import Session
 
 
 # Plain classes, not dataclasses: each dataclass costs milliseconds at import.
 
 class Call:
-    __slots__ = ("began", "duplicate", "flight_key", "fn", "inputs", "is_async", "key", "loop",
-                 "mode", "options", "session", "shown_inputs", "tampered", "tool_name")
+    __slots__ = ("args", "began", "duplicate", "flight_key", "func", "inputs", "is_async", "key",
+                 "kwargs", "loop", "mode", "options", "session", "shown_inputs", "tampered",
+                 "tool_name")
 
-    def __init__(self, fn: Callable[[], Any], options: ToolExecutionOptions, tool_name: str,
-                 is_async: bool, session: Session | None, mode: str) -> None:
-        self.fn, self.options, self.tool_name, self.is_async = fn, options, tool_name, is_async
-        self.session, self.mode = session, mode  # the run's, as they were when the call began
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 options: ToolExecutionOptions, tool_name: str, is_async: bool,
+                 engine_mode: str) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self.options, self.tool_name, self.is_async = options, tool_name, is_async
+        # The run's session and mode as they were when the call began (else the engine's mode).
+        self.session = session = active_session()
+        self.mode = engine_mode if session is None else session.mode_now()
         self.began = time.time()
         # The loop an async entry runs on; None for a sync entry (which may block its thread).
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -37,6 +40,10 @@ class Call:
         self.shown_inputs = ""  # what receipts and messages show: inputs, minus redactions
         self.tampered = False  # counted once per call, however often the receipt was read
         self.duplicate = False  # mode="off": an earlier call had the same key
+
+    def invoke(self) -> Any:
+        """Run the tool (a coroutine, for an async one)."""
+        return self.func(*self.args, **self.kwargs)
 
 
 class Result:
@@ -74,7 +81,7 @@ def call_of_function(func: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     if not callable(func):
         raise TypeError(f"expected a callable tool, got {type(func).__name__}")
     bind = binder(func)
-    call = _new(functools.partial(func, *args, **kwargs), options,
+    call = Call(func, args, kwargs, options,
                 options.tool_name or default_tool_name(func, options.shared), bind.is_async, mode)
     if options.shared:
         ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
@@ -95,19 +102,12 @@ def call_of_identity(tool_name: str, identity: Any, fn: Callable[[], Any],
     if not isinstance(tool_name, str) or not tool_name.strip():
         raise ValueError(f"do() needs a tool name, the name its receipts and statistics go "
                          f"under; got {tool_name!r}")
-    call = _new(fn, options, check_text(tool_name, "do() tool name"), is_async, mode)
+    call = Call(fn, (), {}, options, check_text(tool_name, "do() tool name"), is_async, mode)
     if options.shared:
         redact = options.redact
         shown = None if redact is None else shown_identity(call.tool_name, redact, identity)
         _key(call, identity, shown)
     return call
-
-
-def _new(fn: Callable[[], Any], options: ToolExecutionOptions, tool_name: str, is_async: bool,
-         mode: str) -> Call:
-    session = active_session()  # the run's mode while a session governs, else the engine's
-    return Call(fn, options, tool_name, is_async, session,
-                mode if session is None else session.mode_now())
 
 
 def _key(call: Call, identity: Any, shown: str | None) -> None:

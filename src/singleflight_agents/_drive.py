@@ -119,7 +119,7 @@ async def drive_async(call: Call, steps: Steps[T]) -> T:
             if isinstance(step, Run):
                 with running(call.flight_key):
                     if call.is_async:
-                        reply = call.fn()
+                        reply = call.invoke()
                         if inspect.isawaitable(reply):
                             reply = await reply
                     else:
@@ -136,7 +136,7 @@ async def drive_async(call: Call, steps: Steps[T]) -> T:
 
 def call_tool(call: Call) -> Any:
     """Run the tool from sync code: its value, never a coroutine."""
-    value = call.fn()
+    value = call.invoke()
     # An async tool, or a sync callable that hands one back (a wrapper, a lambda): its
     # result is what the coroutine returns, never the coroutine itself.
     if not inspect.iscoroutine(value):

@@ -1,4 +1,5 @@
-"""Every decision of a call, in one generator for both drivers (:mod:`._drive`).
+"""Every decision of a call, in one place for both drivers (:mod:`._drive`): a first look
+(:func:`begin`) that settles a warm hit at once, then one generator for the rest.
 
 A shared call goes: a receipt already stored -> the flight of this process (join it, or own
 it) -> the store's lease (hold it, or wait for its holder) -> run the tool and store its
@@ -23,23 +24,37 @@ if TYPE_CHECKING:
     from .engine import Singleflight
 
 
-def flow(sf: Singleflight, call: Call) -> Steps[ExecutionOutcome]:
-    """The whole call, counted: its outcome, or the exception it raised."""
+def begin(sf: Singleflight, call: Call) -> ExecutionOutcome | Steps[ExecutionOutcome]:
+    """The call's outcome if its first look settles it (a receipt: no generator, no driver on
+    a warm hit), else the steps that carry it out. Counted either way."""
     started = time.perf_counter()
     try:
-        result = yield from _result(sf, call)
+        start = _start(sf, call)
     except BaseException:
-        sf._stats.add(call.tool_name, calls=1, raised=1, tampered=int(call.tampered))
+        _raised(sf, call)
+        raise
+    if isinstance(start, Result):
+        return _accounting.finish(sf, call, start, started)
+    return _flow(sf, call, start, started)
+
+
+def _flow(sf: Singleflight, call: Call, start: Source | None,
+          started: float) -> Steps[ExecutionOutcome]:
+    try:
+        result = yield from _result(sf, call, start)
+    except BaseException:
+        _raised(sf, call)
         raise
     return _accounting.finish(sf, call, result, started)
 
 
-def _result(sf: Singleflight, call: Call) -> Steps[Result]:
-    start = _start(sf, call)
+def _raised(sf: Singleflight, call: Call) -> None:
+    sf._stats.add(call.tool_name, calls=1, raised=1, tampered=int(call.tampered))
+
+
+def _result(sf: Singleflight, call: Call, start: Source | None) -> Steps[Result]:
     if isinstance(start, Source):
         return (yield from _unshared(start))
-    if start is not None:
-        return start
     assert call.flight_key is not None  # set by _start for every shared call
     while True:
         flight, owner = FLIGHTS.join(call.flight_key)
@@ -79,8 +94,12 @@ def _start(sf: Singleflight, call: Call) -> Result | Source | None:
         if call.mode == "replay" and not call.options.side_effecting:
             raise miss(sf, call)  # undeclared: replay neither serves nor runs it
         return Source.EXECUTED_UNSHARED
-    sf._ensure_open(replay=call.mode == "replay")
-    call.flight_key = (sf.store.identity, call.key)
+    backend = sf._backend
+    if backend is None:
+        # A store or key that cannot be opened is a setting to fix, not a passing failure to
+        # run through: it raises, as it did when stores were opened at construction.
+        backend = sf._open(replay=call.mode == "replay")
+    call.flight_key = (backend.store.identity, call.key)
     if _off(sf, call):
         return Source.EXECUTED_UNSHARED
     try:

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from ._accounting import flush_stats, owner_id
 from ._backend import Backend, open_backend
 from ._call import Call, call_of_function, call_of_identity, default_tool_name
-from ._drive import drive_async, drive_sync
-from ._flow import flow
+from ._drive import drive_async, drive_sync, running_loop
+from ._flow import begin
 from .fingerprint import (
     binder,
     check_redact,
@@ -149,11 +149,11 @@ class Singleflight:
             if binder(f).is_async:  # also an object with an async __call__, or a partial
                 @functools.wraps(f)
                 async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    return (await self._run(self._prepare(f, args, kwargs, opts))).value
+                    return (await self._run(call_of_function(f, args, kwargs, opts, self.mode))).value
             else:
                 @functools.wraps(f)
                 def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    return self._run_sync(self._prepare(f, args, kwargs, opts)).value
+                    return self._run_sync(call_of_function(f, args, kwargs, opts, self.mode)).value
             wrapper.singleflight_options = opts
             return wrapper  # type: ignore[no-any-return]
 
@@ -253,19 +253,15 @@ class Singleflight:
         return self if call.session is None or self._own_store else call.session.engine
 
     async def _run(self, call: Call) -> ExecutionOutcome:
-        from ._drive import running_loop
-
+        got = begin(self._engine_for(call), call)
+        if isinstance(got, ExecutionOutcome):
+            return got
         call.loop = running_loop()
-        return await drive_async(call, flow(self._engine_for(call), call))
+        return await drive_async(call, got)
 
     def _run_sync(self, call: Call) -> ExecutionOutcome:
-        return drive_sync(call, flow(self._engine_for(call), call))
-
-    def _ensure_open(self, replay: bool) -> None:
-        if self._backend is None:
-            # A store or key that cannot be opened is a setting to fix, not a passing failure
-            # to run through: it raises, as it did when stores were opened at construction.
-            self._open(replay=replay)
+        got = begin(self._engine_for(call), call)
+        return got if isinstance(got, ExecutionOutcome) else drive_sync(call, got)
 
     def _warn(self, topic: str, message: str) -> None:
         if topic not in self._warned:
