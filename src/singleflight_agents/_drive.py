@@ -8,7 +8,7 @@ import contextvars
 import inspect
 import sys
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .flights import Flight, run_in_thread, running, start_thread, wait_future, wait_sync
 
@@ -69,69 +69,79 @@ class Escaped(Exception):
         self.original = original
 
 
-def _advance(steps: Steps[T], reply: Any, error: BaseException | None) -> tuple[Step | None, Any]:
-    """The flow's next step, or ``None`` and its result."""
-    try:
-        return steps.throw(error) if error is not None else steps.send(reply), None
-    except StopIteration as stop:
-        return None, stop.value
-    except Escaped as escaped:
-        raise escaped.original from None
+class _Driving(Generic[T]):
+    """Where a driver stands in the flow: what to send it next, and its result once done."""
 
+    __slots__ = ("error", "reply", "result", "steps")
 
-def _caught(exc: BaseException) -> BaseException:
-    return Escaped(exc) if isinstance(exc, StopIteration) else exc
+    def __init__(self, steps: Steps[T]) -> None:
+        self.steps = steps
+        self.reply: Any = None
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+    def next(self) -> Step | None:
+        """The flow's next step, or ``None`` when it is done (its result in ``result``)."""
+        error, self.error = self.error, None
+        try:
+            step = self.steps.throw(error) if error is not None else self.steps.send(self.reply)
+        except StopIteration as stop:
+            self.result = stop.value
+            return None
+        except Escaped as escaped:
+            raise escaped.original from None
+        self.reply = None
+        return step
+
+    def failed(self, exc: BaseException) -> None:
+        self.error = Escaped(exc) if isinstance(exc, StopIteration) else exc
 
 
 def drive_sync(call: Call, steps: Steps[T]) -> T:
     """Carry out ``steps`` blocking this thread; their result."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        step, result = _advance(steps, reply, error)
-        if step is None:
-            return result  # type: ignore[no-any-return]
-        reply, error = None, None
+    driving = _Driving(steps)
+    while (step := driving.next()) is not None:
         try:
-            if isinstance(step, Run):
-                with running(call.flight_key):
-                    reply = call_tool(call)
-            elif isinstance(step, WaitStore):
-                step.store.wait(call.key, step.timeout)
-            elif isinstance(step, WaitFlight):
-                reply = wait_sync(step.flight.future, step.timeout)
-            else:  # this thread may block: detached steps run right here
-                reply = drive_sync(call, step.steps)
+            driving.reply = _carry_out_sync(call, step)
         except BaseException as exc:
-            error = _caught(exc)
+            driving.failed(exc)
+    return cast(T, driving.result)
 
 
 async def drive_async(call: Call, steps: Steps[T]) -> T:
     """Carry out ``steps`` on the running event loop, blocking calls in threads."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        step, result = _advance(steps, reply, error)
-        if step is None:
-            return result  # type: ignore[no-any-return]
-        reply, error = None, None
+    driving = _Driving(steps)
+    while (step := driving.next()) is not None:
         try:
-            if isinstance(step, Run):
-                with running(call.flight_key):
-                    if call.is_async:
-                        reply = call.invoke()
-                        if inspect.isawaitable(reply):
-                            reply = await reply
-                    else:
-                        reply = await run_in_thread(call_tool, call)
-            elif isinstance(step, WaitStore):
-                await run_in_thread(step.store.wait, call.key, step.timeout)
-            elif isinstance(step, WaitFlight):
-                reply = await wait_future(step.flight.future, step.timeout)
-            else:
-                reply = await run_in_thread(drive_sync, call, step.steps, name="singleflight-owner")
+            driving.reply = await _carry_out_async(call, step)
         except BaseException as exc:
-            error = _caught(exc)
+            driving.failed(exc)
+    return cast(T, driving.result)
+
+
+def _carry_out_sync(call: Call, step: Step) -> Any:
+    if isinstance(step, Run):
+        with running(call.flight_key):
+            return call_tool(call)
+    if isinstance(step, WaitStore):
+        return step.store.wait(call.key, step.timeout)
+    if isinstance(step, WaitFlight):
+        return wait_sync(step.flight.future, step.timeout)
+    return drive_sync(call, step.steps)  # this thread may block: detached steps run right here
+
+
+async def _carry_out_async(call: Call, step: Step) -> Any:
+    if isinstance(step, Run):
+        with running(call.flight_key):
+            if not call.is_async:
+                return await run_in_thread(call_tool, call)
+            value = call.invoke()
+            return (await value) if inspect.isawaitable(value) else value
+    if isinstance(step, WaitStore):
+        return await run_in_thread(step.store.wait, call.key, step.timeout)
+    if isinstance(step, WaitFlight):
+        return await wait_future(step.flight.future, step.timeout)
+    return await run_in_thread(drive_sync, call, step.steps, name="singleflight-owner")
 
 
 def call_tool(call: Call) -> Any:
