@@ -25,9 +25,9 @@ from agents import function_tool as sdk_function_tool
 from agents.tool_context import ToolContext
 
 from ..engine import Singleflight, default_tool_name
-from ..fingerprint import bind_arguments
 from ..models import OPTION_ALIASES, RUN_SETTINGS, ToolExecutionOptions
 from ._agents_compat import copy_invoker_marks, handles_failures, raise_failures, with_failure_handler
+from ._context import context_free_key
 
 __all__ = ["function_tool", "wrap_function_tool"]
 
@@ -60,20 +60,8 @@ def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _context_free_key(func: ToolFunction, user_key: Callable[..., Any] | None) -> Callable[..., Any]:
-    """The ``key=`` for ``func``: its arguments bound by name, without a leading run context
-    (or ``user_key`` called without it)."""
-    first = next(iter(inspect.signature(func).parameters), None)
-
-    def key(*args: Any, **kwargs: Any) -> Any:
-        has_context = bool(args) and isinstance(args[0], RunContextWrapper)
-        if user_key is not None:
-            return user_key(*args[1:], **kwargs) if has_context else user_key(*args, **kwargs)
-        bound = bind_arguments(func, args, kwargs)
-        if has_context and first is not None:
-            bound.pop(first, None)
-        return bound
-
-    return key
+    """The ``key=`` for ``func``: its arguments without a leading run context."""
+    return context_free_key(func, user_key, lambda arg: isinstance(arg, RunContextWrapper))
 
 
 @overload

@@ -27,8 +27,8 @@ except ImportError as exc:  # the adapter's framework is an extra
                       f"pip install 'singleflight-agents[pydantic-ai]'", name=exc.name) from exc
 
 from ..engine import Singleflight
-from ..fingerprint import bind_arguments
 from ..models import ToolExecutionOptions
+from ._context import context_free_key
 
 __all__ = ["SingleflightToolset", "pydantic_ai_tool", "wrap_pydantic_ai_toolset"]
 
@@ -59,26 +59,22 @@ def _context_free_key(func: Callable[..., Any], user_key: Callable[..., Any] | N
     """The ``key=`` for ``func``: its arguments bound by name, without the ``RunContext`` PydanticAI
     passes first to a tool that takes one; or ``user_key``'s answer, given the same arguments
     without the context, unless its own first parameter is annotated ``RunContext``."""
-    first = next(iter(inspect.signature(func).parameters), None)
     key_takes_context = user_key is not None and _takes_context(user_key)
+    key = context_free_key(func, user_key, lambda arg: isinstance(arg, RunContext),
+                           keyed_with_context=key_takes_context)
+    if user_key is None or not key_takes_context:
+        return key
+    named = _name(user_key)
 
-    def key(*args: Any, **kwargs: Any) -> Any:
+    def key_needing_context(*args: Any, **kwargs: Any) -> Any:
         # PydanticAI passes the context positionally, first, and only to a tool declared to take
         # it (`@agent.tool`, or `Tool` inferring it from the annotation); a tool_plain never gets one.
-        has_context = bool(args) and isinstance(args[0], RunContext)
-        if user_key is not None:
-            if key_takes_context:
-                if not has_context:
-                    raise TypeError(f"key= {_name(user_key)} takes a RunContext, but the tool was "
-                                    f"called without one (a tool_plain, or a direct call)")
-                return user_key(*args, **kwargs)
-            return user_key(*args[1:], **kwargs) if has_context else user_key(*args, **kwargs)
-        bound = bind_arguments(func, args, kwargs)
-        if has_context and first is not None:
-            bound.pop(first, None)
-        return bound
+        if not (args and isinstance(args[0], RunContext)):
+            raise TypeError(f"key= {named} takes a RunContext, but the tool was "
+                            f"called without one (a tool_plain, or a direct call)")
+        return key(*args, **kwargs)
 
-    return key
+    return key_needing_context
 
 
 def _name(func: Callable[..., Any]) -> str:
