@@ -16,6 +16,8 @@ the server really saw, across processes (``tools/list`` requests too). Tools:
 - ``charge`` (readOnlyHint, or destructiveHint when ``$MCP_TEST_FLIP`` is ``1``): a tool whose
   annotations change between runs.
 - ``crash`` (readOnlyHint): the server process exits mid-call.
+- ``export`` (readOnlyHint), only when ``$MCP_TEST_NEW`` is ``1``: a tool a later version of
+  the server added.
 """
 
 from __future__ import annotations
@@ -126,6 +128,14 @@ def crash(reason: str) -> str:
     """The server process exits: its client's transport closes."""
     _log("crash", {"reason": reason})
     os._exit(3)
+
+
+if os.environ.get("MCP_TEST_NEW") == "1":
+    @server.tool(annotations=READ)
+    def export(name: str) -> str:
+        """A tool a later version of the server added."""
+        _log("export", {"name": name})
+        return f"exported {name}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import SECRET, STORES_REDIS_SLOW, store_url_of
 from mcp import Client, MCPError, StdioServerParameters
+from mcp.client.stdio import stdio_client
 
 from singleflight_agents import ReplayMissError, Session, Singleflight
 from singleflight_agents.adapters import receipt_mcp_client, receipt_mcp_server
@@ -181,8 +183,12 @@ def test_bad_options_are_refused_by_name(sf: Singleflight, tmp_path: Path) -> No
         receipt_mcp_client(sf, 42, name="x")
     with pytest.raises(TypeError, match="expected a Singleflight engine"):
         receipt_mcp_client(object(), target)
-    with pytest.raises(ValueError, match="holds a control character: pass name= a single line"):
-        receipt_mcp_client(sf, target, name="a\nb")
+    for unprintable in ("a\nb", "a\x85b", "a\x9b31mb", "a\u2028b", "a\tb"):  # NEL, CSI, LS
+        with pytest.raises(ValueError, match="not printable: pass name= a single line"):
+            receipt_mcp_client(sf, target, name=unprintable)
+    with pytest.raises(TypeError, match=r"^receipt_mcp_client\(\) cannot reconnect an mcp.Client "
+                                        r"built on a .*: pass the StdioServerParameters or URL"):
+        receipt_mcp_client(sf, Client(stdio_client(target)), name="x")  # opens once
     with pytest.raises(TypeError, match=r"^receipt_mcp_client\(\) redact= takes a list .*got int$"):
         receipt_mcp_client(sf, target, redact=5)
     with pytest.raises(TypeError, match=r"tools\['a'\]: redact= takes a list .*got str$"):
@@ -196,7 +202,7 @@ def test_server_names_hold_no_credentials(sf: Singleflight) -> None:
                                   args=["server.js", "--api-key=sk-1", "--token", "abc", "-v"])
     assert receipt_mcp_client(sf, stdio).name == \
         "stdio:node server.js --api-key=<redacted> --token <redacted> -v"
-    url = "https://user:pw@mcp.example.com:8443/mcp?token=abc#x"
+    url = "https://user:pw@mcp.example.com:8443/mcp;jsessionid=S1?token=abc#x"
     assert receipt_mcp_client(sf, url).name == "https://mcp.example.com:8443/mcp"
     assert receipt_mcp_client(sf, Client(url)).name == "https://mcp.example.com:8443/mcp"
     assert receipt_mcp_client(sf, url, name="docs").name == "docs"
@@ -204,48 +210,129 @@ def test_server_names_hold_no_credentials(sf: Singleflight) -> None:
         receipt_mcp_client(sf, "stdio://x")
     docker = StdioServerParameters(command="docker", args=[
         "run", "-i", "-e", "GITHUB_PERSONAL_ACCESS_TOKEN=ghp_SECRET1", "--env=DB=postgres://u:pw@h/db",
-        "-e", "HOME", "ghcr.io/github/github-mcp-server"])
+        "-e", "HOME", "-e", "REGION=eu-west-1", "ghcr.io/github/github-mcp-server"])
     assert receipt_mcp_client(sf, docker).name == (
-        "stdio:docker run -i -e GITHUB_PERSONAL_ACCESS_TOKEN=<redacted> --env=DB=<redacted> "
-        "-e HOME ghcr.io/github/github-mcp-server")
+        "stdio:docker run -i -e GITHUB_PERSONAL_ACCESS_TOKEN=<redacted> --env=DB=postgres://h/db "
+        "-e HOME -e REGION=eu-west-1 ghcr.io/github/github-mcp-server")
     remote = StdioServerParameters(command="npx", args=[
         "-y", "mcp-remote", "https://user:pw@mcp.example.com/sse?token=SECRET2#f",
         "--header", "Authorization: Bearer SECRET3", "-H", "X-Api-Key:SECRET4",
         "--header=Cookie: a=SECRET5", "X-Auth-Token: SECRET6", "AUTH_TOKEN=SECRET7",
         "--url=https://mcp.example.com/u/Zx9Kq2Lm8Np4Rt6Vw1Yb3Cd5/sse", "sk-proj-SECRET8",
-        "localhost:8080", "server-2024-production-v2"])
+        "localhost:8080", "server-2024-production-v2", "-HX-Goog-Api-Key: SECRET9"])
     named = receipt_mcp_client(sf, remote).name
     assert named == (
         "stdio:npx -y mcp-remote https://mcp.example.com/sse --header Authorization: <redacted> "
-        "-H X-Api-Key: <redacted> --header=Cookie: <redacted> X-Auth-Token: <redacted> "
-        "AUTH_TOKEN=<redacted> --url=https://mcp.example.com/u/<redacted>/sse <redacted> "
-        "localhost:8080 server-2024-production-v2")
+        "-H X-Api-Key:<redacted> --header=Cookie: <redacted> X-Auth-Token: <redacted> "
+        "AUTH_TOKEN=<redacted> --url=https://mcp.example.com/u/Zx9Kq2Lm8Np4Rt6Vw1Yb3Cd5/sse "
+        "<redacted> localhost:8080 server-2024-production-v2 -HX-Goog-Api-Key:<redacted>")
     assert "SECRET" not in named and "pw" not in named
     assert receipt_mcp_client(sf, "https://actions.zapier.com/mcp/sk-ak-SECRET9/sse").name == \
         "https://actions.zapier.com/mcp/<redacted>/sse"
 
 
+NOT_CREDENTIALS = [  # each pair: two different servers, which must keep different names
+    ["--max-tokens", "100"], ["--max-tokens", "4000"], ["--author", "alice"], ["--author", "bob"],
+    ["--keyword=refund"], ["--keyword=billing"], ["--sort-key", "date"], ["--sort-key", "name"],
+    ["--tokenizer", "cl100k_base"], ["--tokenizer", "o200k_base"], ["--monkey-patch", "yes"],
+    ["--monkey-patch", "no"], ["--pwd", "/srv/a"], ["--pwd", "/srv/b"],
+    ["--no-auth", "--port", "8080"], ["--no-auth", "--port", "9090"],
+    ["--model", "gpt-4o-mini-2024-07-18"], ["--model", "gpt-4o-mini-2024-08-06"],
+    ["--project", "123e4567-e89b-12d3-a456-426614174000"],
+    ["--project", "987e6543-e21b-12d3-a456-426614174999"],
+    ["--rev", "3f2a9c1d4b5e6f708192a3b4c5d6e7f8091a2b3c"],
+    ["--rev", "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d"],
+    ["ghcr.io/x/mcp@sha256:4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945"],
+    ["ghcr.io/x/mcp@sha256:0c8a3e1f2b9d4c6e8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f"],
+    ["/tmp/aB3dE5fG7hJ9kL1mN3pQ"], ["/tmp/xY9wV7uT5sR3qP1oN2mL"],
+    ["-e", "REGION=us-east-1"], ["-e", "REGION=eu-west-1"],
+    ["--header", "X-Tenant: acme"], ["--header", "X-Tenant: globex"],
+    ["sk-learn-mcp-server"], ["hf_mcp_server"], ["--token", "--verbose"], ["--verbose"]]
+
+
+def test_default_names_mask_no_value_that_is_not_a_credential(sf: Singleflight) -> None:
+    names = [receipt_mcp_client(sf, StdioServerParameters(command="srv", args=args)).name
+             for args in NOT_CREDENTIALS]
+    assert "<redacted>" not in " ".join(names)
+    assert len(set(names)) == len(names)  # no two different servers share receipts
+    assert names[0] == "stdio:srv --max-tokens 100"
+    assert names[-2] == "stdio:srv --token --verbose"  # a flag is no value
+
+
+def test_default_names_mask_credentials_inside_json_connection_strings_and_flags(
+        sf: Singleflight) -> None:
+    def name(*args: str) -> str:
+        return receipt_mcp_client(sf, StdioServerParameters(command="srv", args=list(args))).name
+
+    assert name("--config", '{"tavilyApiKey":"tvly-dev-Ab12","max":3}') == \
+        'stdio:srv --config {"tavilyApiKey":"<redacted>","max":3}'  # Smithery
+    assert name('--config={"model": "gpt-4o", "llm": {"key": "sk-proj-Ab12Cd34"}}') == \
+        'stdio:srv --config={"model": "gpt-4o", "llm": {"key": "<redacted>"}}'
+    assert name('{"headers": {"Authorization": "Bearer xyz"}, "x": "sk-proj-Q9"}') == \
+        'stdio:srv {"headers": {"Authorization": "<redacted>"}, "x": "<redacted>"}'
+    assert name("--connection-string", "Server=db;User Id=sa;Password=Tr0ub4dor&3;") == \
+        "stdio:srv --connection-string Server=db;User Id=sa;Password=<redacted>;"
+    assert name("--dsn", "host=db user=app password=Tr0ub4dor&3 dbname=x") == \
+        "stdio:srv --dsn host=db user=app password=<redacted> dbname=x"
+    assert name("--dsn=host=db password='a b' port=5432") == \
+        "stdio:srv --dsn=host=db password=<redacted> port=5432"
+    assert name("AccountName=a;AccountKey=Zm9v/YmFy==;EndpointSuffix=core.windows.net") == \
+        "stdio:srv AccountName=a;AccountKey=<redacted>;EndpointSuffix=core.windows.net"
+    assert name("--api-key:VALUE1", "-token", "v2", "--client-secret", "v3", "DB_PWD=v4") == \
+        "stdio:srv --api-key:<redacted> -token <redacted> --client-secret <redacted> DB_PWD=<redacted>"
+    assert name("https://u:pw@h/a;jsessionid=S1/mcp;v=2", "https://h/mcp/token/T1") == \
+        "stdio:srv https://h/a/mcp https://h/mcp/token/<redacted>"
+    assert name("ghp_Ab12", "xoxb-12-ab", "AKIAIOSFODNN7EXAMPLE", "eyJhbGciOiJI.eyJzdWIi.c2ln",
+                "Bearer Tk1") == "stdio:srv " + " ".join(["<redacted>"] * 4) + " Bearer <redacted>"
+    # A server whose only difference is its key is the same server: a rotated key keeps it.
+    assert name("--api-key", "sk-old-Key1") == name("--api-key", "sk-new-Key2")
+
+
 @pytest.mark.slow
-async def test_a_tool_that_turned_destructive_runs_in_the_next_record_run(
+async def test_a_tool_that_turned_destructive_runs_in_the_next_record_run_and_replay_follows(
         sf: Singleflight, store_url: str, log: Path) -> None:
     async with receipt_mcp_client(sf, params(log), name="pay") as client:
         first = await client.call_tool("charge", {"amount": 5})  # read-only: recorded
     flipped = params(log, MCP_TEST_FLIP="1")  # the next run: the server says destructive
     async with receipt_mcp_client(sf, flipped, name="pay") as client:
-        with pytest.warns(RuntimeWarning, match=r"'pay' now declares charge \(read-only -> "
-                                                r"destructive\), unlike its recorded listing"):
-            options = await client.tool_options("charge")
+        options = await client.tool_options("charge")
         assert options.side_effecting and not options.shared
         second = await client.call_tool("charge", {"amount": 5})
     assert second != first and calls(log)["charge"] == 2  # it ran, in the new process
-    # listing_ttl= trusts a recent recorded listing in record mode instead: no server started.
-    async with receipt_mcp_client(sf, flipped, name="pay", listing_ttl=3600) as client:
-        assert await client.call_tool("charge", {"amount": 5}) == first
-        assert not client.connected
-    with replay(store_url):  # replay follows the recorded listing
+    with replay(store_url):  # replay follows the listing the last record run stored
         async with receipt_mcp_client(sf, flipped, name="pay") as client:
-            assert await client.call_tool("charge", {"amount": 5}) == first
+            with pytest.raises(ServerNotStarted, match="a side-effecting call runs in every"):
+                await client.call_tool("charge", {"amount": 5})
+    # listing_ttl= trusts a recent stored listing outside replay instead: no server started.
+    async with receipt_mcp_client(sf, params(log), name="pay", listing_ttl=3600) as client:
+        assert (await client.tool_options("charge")).side_effecting
+        assert not client.connected
     assert calls(log) == {"tools/list": 2, "charge": 2}
+
+
+@pytest.mark.slow
+async def test_a_tool_the_server_added_replays_after_the_record_run_the_miss_asks_for(
+        sf: Singleflight, store_url: str, log: Path) -> None:
+    async with receipt_mcp_client(sf, params(log), name="tests") as client:
+        searched = await client.call_tool("search", {"query": "q"})
+    with replay(store_url) as run, run.scope("t") as scope:
+        async with receipt_mcp_client(sf, params(log), name="tests") as client:
+            with pytest.raises(ServerNotStarted, match=(
+                    r"^mcp:tests/export: .*its recorded tool listing does not list 'export'; "
+                    r"re-record with --singleflight-mode=record, which stores the server's")):
+                await client.call_tool("export", {"name": "e"})
+    assert [m.tool_name for m in scope.misses] == ["mcp:tests/export"]
+    newer = params(log, MCP_TEST_NEW="1")
+    async with receipt_mcp_client(sf, newer, name="tests") as client:  # what the miss says
+        exported = await client.call_tool("export", {"name": "e"})
+    with replay(store_url) as run, run.scope("t") as scope:
+        async with receipt_mcp_client(sf, newer, name="tests") as client:
+            assert await client.call_tool("export", {"name": "e"}) == exported
+            assert await client.call_tool("search", {"query": "q"}) == searched
+            assert "export" in [tool.name for tool in (await client.list_tools()).tools]
+            assert not client.connected
+    assert scope.misses == []
+    assert (calls(log)["search"], calls(log)["export"]) == (1, 1)
 
 
 async def test_the_listing_is_kept_as_long_as_the_longest_lived_call(
@@ -555,6 +642,65 @@ async def test_the_sdk_wrapper_connects_again_when_its_server_died(
     assert len(pids(log)) == 2
 
 
+async def test_a_late_failure_from_a_dead_sdk_connection_leaves_the_new_one_open(
+        sf: Singleflight) -> None:
+    _sdk()
+    from agents.mcp import MCPServer
+    from mcp.types import CallToolResult, TextContent, Tool
+
+    class Flaky(MCPServer):
+        """Its first connection is dead: a call on it fails, one of them late."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.session: int | None = None
+            self.connections = 0
+            self.waiting, self.release = asyncio.Event(), asyncio.Event()
+
+        @property
+        def name(self) -> str:
+            return "flaky"
+
+        async def connect(self) -> None:
+            self.connections += 1
+            self.session = self.connections
+
+        async def cleanup(self) -> None:
+            self.session = None
+
+        async def list_tools(self, run_context: Any = None, agent: Any = None) -> list[Tool]:
+            return [Tool(name="op", input_schema={"type": "object"})]  # unflagged: always runs
+
+        async def call_tool(self, tool_name: str, arguments: dict[str, Any] | None,
+                            meta: dict[str, Any] | None = None) -> CallToolResult:
+            session = self.session
+            if (arguments or {}).get("late"):
+                self.waiting.set()
+                await self.release.wait()
+            if session == 1:
+                raise MCPError(-32000, "Connection closed")
+            return CallToolResult(content=[TextContent(text=f"on connection {session}")])
+
+        async def list_prompts(self) -> Any:
+            raise NotImplementedError
+
+        async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+            raise NotImplementedError
+
+    server = Flaky()
+    async with receipt_mcp_server(sf, server) as wrapped:
+        late = asyncio.create_task(wrapped.call_tool("op", {"late": True}))
+        await server.waiting.wait()  # sent on the first connection
+        with pytest.raises(MCPError, match="Connection closed"):
+            await wrapped.call_tool("op", {})
+        assert (await wrapped.call_tool("op", {})).content[0].text == "on connection 2"  # type: ignore[union-attr]
+        server.release.set()
+        with pytest.raises(MCPError, match="Connection closed"):
+            await late  # the dead connection's late failure ...
+        assert (await wrapped.call_tool("op", {})).content[0].text == "on connection 2"  # type: ignore[union-attr]
+    assert server.connections == 2  # ... left the new one open
+
+
 @pytest.mark.slow
 def test_the_sdk_wrapper_connects_again_on_another_event_loop(
         sf: Singleflight, log: Path, script: Path) -> None:
@@ -680,11 +826,12 @@ def test_an_eval_suite_records_once_under_xdist_then_replays_with_the_server_rem
     assert set((pytester.path / "workers.log").read_text().split()) == {"gw0", "gw1"}
     # One search per distinct call, across workers. The mcp client itself lists the tools once
     # on every connection that runs a tool (to validate structured output), so the server may
-    # see up to one listing per executed search; our recorded listing is run once, and in
-    # record mode each test's client reads the server's flags once more unless it ran it.
+    # see up to one listing per executed search; in record mode each test's client reads our
+    # listing from the server and stores it, unless it shares one in flight.
     recorded_calls = calls(log)
     assert recorded_calls["search"] == 3 and 1 <= recorded_calls["tools/list"] <= 6 + 3
-    assert "12 calls, 4 executed" in recorded.stdout.str()
+    found = re.search(r"12 calls, (\d+) executed", recorded.stdout.str())
+    assert found and 3 + 1 <= int(found.group(1)) <= 3 + 6
 
     script.unlink()  # the server's executable is gone
     replayed = run("--singleflight-mode=replay")

@@ -1,32 +1,32 @@
 """What an MCP wrapper is given, and what it reaches: the server's session, opened on
 demand (the first call that must run opens it, in a task of its own; a session whose server
 died is opened again by the next call that must run; replay never gets here), the server's
-name without credentials (:func:`stdio_label`, :func:`url_label`), the options checked."""
+name (default names without credentials: :mod:`._mcp_names`), the options checked."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import itertools
-import os
-import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.client import Client
+from mcp.server import MCPServer, Server
 from mcp.shared.exceptions import MCPError
 
 from ..models import ToolExecutionOptions, check_text
+from ._mcp_names import stdio_label, url_label
 
 if TYPE_CHECKING:
     from .mcp import Core
 
 _CONNECTION_CLOSED = -32000  # mcp_types.CONNECTION_CLOSED
 FIXED = ("tool_name", "meter")  # set by the wrappers: mcp:<server>/<tool>
+# What an unentered mcp.Client may be copied with for each connection (a transport opens once).
+_REUSABLE = (StdioServerParameters, str, Server, MCPServer)
 
 
 def connection_closed(exc: BaseException) -> bool:
@@ -66,6 +66,11 @@ class Connection:
         self.owned = True
         if isinstance(target, ClientSession) or (isinstance(target, Client) and _entered(target)):
             self._session, self.owned = target, False  # the user's: never closed here
+        elif isinstance(target, Client) and not isinstance(target.server, _REUSABLE):
+            raise TypeError(
+                f"receipt_mcp_client() cannot reconnect an mcp.Client built on a "
+                f"{type(target.server).__name__} (a transport opens once): pass the "
+                f"StdioServerParameters or URL itself, or a function returning a new Client")
         elif not (isinstance(target, Client | StdioServerParameters | str) or callable(target)):
             raise TypeError(f"receipt_mcp_client() takes a StdioServerParameters, a URL, an "
                             f"mcp.Client, a ClientSession, or a function returning an async "
@@ -167,136 +172,17 @@ def _entered(client: Client) -> bool:
     return True
 
 
-# -- server names: what a target reaches, without its credentials ------------------------------
-
-REDACTED = "<redacted>"
-_CREDENTIAL = re.compile(r"key|token|secret|passw|pwd|auth|credential|cookie|bearer", re.IGNORECASE)
-_KEY_PREFIX = re.compile(r"(?:sk|pk|rk)[-_]|gh[opusr]_|github_pat_|xox[a-z]-|AIza|glpat-|AKIA|ASIA|"
-                         r"hf_|npm_|ya29\.|eyJ|shpat_|SG\.")
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
-_HEADER = re.compile(r"([A-Za-z][\w-]*):(\s*)(\S.*)", re.DOTALL)
-_PIECES = re.compile(r"([/=:@?&#,;\s]+)")
-_ENV_FLAGS, _HEADER_FLAGS = frozenset({"-e", "--env"}), frozenset({"-H", "--header"})
-
-
-def _random_looking(piece: str) -> bool:
-    """A known key prefix, or 20+ characters switching between lower case, upper case and
-    digits as often as random text does (words and version strings seldom do)."""
-    if len(piece) >= 10 and _KEY_PREFIX.match(piece):
-        return True
-    if len(piece) < 20 or not re.fullmatch(r"[A-Za-z0-9_-]+", piece):
-        return False
-    kinds = ["a" if c.islower() else "A" if c.isupper() else "0" if c.isdigit() else "-"
-             for c in piece]
-    return sum(a != b for a, b in itertools.pairwise(kinds)) >= 0.4 * (len(piece) - 1)
-
-
-def _tokens(text: str) -> str:
-    """``text`` with each key-like piece between separators masked."""
-    return "".join(REDACTED if _random_looking(p) else p for p in _PIECES.split(text))
-
-
-def _url(url: str) -> str:
-    """A URL without its user part, query and fragment, key-like path segments masked."""
-    try:
-        parts = urlsplit(url)
-        host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        return REDACTED
-    return f"{parts.scheme}://{host or ''}{port}{_tokens(parts.path)}"
-
-
-def _header(value: str) -> str:
-    found = _HEADER.fullmatch(value)
-    return f"{found.group(1)}: {REDACTED}" if found else REDACTED
-
-
-def _env(value: str) -> str:
-    name, equals, _ = value.partition("=")
-    return f"{_tokens(name)}={REDACTED}" if equals else _tokens(value)
-
-
-def _argument(arg: str) -> str:
-    """One argument, masked: a credential-like ``NAME=value``'s value, a header's value, and
-    what :func:`_text` masks."""
-    name, equals, value = arg.partition("=")
-    if equals and "://" not in name:
-        if name in _ENV_FLAGS:
-            return f"{name}={_env(value)}"
-        if name in _HEADER_FLAGS:
-            return f"{name}={_header(value)}"
-        if _CREDENTIAL.search(name):
-            return f"{name}={REDACTED}"
-    header = _HEADER.fullmatch(arg)
-    if header and "://" not in arg and (header.group(2) or _CREDENTIAL.search(header.group(1))):
-        return _header(arg)  # "Authorization: Bearer ..."
-    return _text(arg)
-
-
-def text_label(text: str) -> str:
-    """``text`` with URLs without user part, query or fragment, and key-like pieces masked."""
-    return _text(text)
-
-
-def _text(text: str) -> str:
-    """URLs without user part, query or fragment; key-like pieces masked."""
-    return "".join(_url(part) if odd else _tokens(part)
-                   for odd, part in _alternate(re.split(f"({_URL.pattern})", text)))
-
-
-def _alternate(parts: list[str]) -> Iterator[tuple[bool, str]]:
-    return ((index % 2 == 1, part) for index, part in enumerate(parts))
-
-
-def stdio_label(command: str, args: Sequence[str]) -> str:
-    """``stdio:<command's file name> <args>``, without credentials: the value after a flag
-    with a credential-like name, ``-e``/``--env`` values, ``-H``/``--header`` values, and
-    what :func:`_argument` masks in each argument."""
-    shown, follows = [_tokens(os.path.basename(command))], ""
-    for arg in args:
-        if follows == "env":
-            shown.append(_env(arg))
-        elif follows == "header":
-            shown.append(_header(arg))
-        elif follows == "value":
-            shown.append(REDACTED)
-        else:
-            shown.append(_argument(arg))
-        follows = "" if follows else _what_follows(arg)
-    return "stdio:" + " ".join(shown)
-
-
-def _what_follows(arg: str) -> str:
-    if arg in _ENV_FLAGS:
-        return "env"
-    if arg in _HEADER_FLAGS:
-        return "header"
-    if arg.startswith("-") and "=" not in arg and _CREDENTIAL.search(arg):
-        return "value"
-    return ""
-
-
-def url_label(url: str) -> str:
-    """The URL without credentials: no user part, query or fragment, key-like path segments
-    masked."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"MCP server URL {_url(url)!r} is not an http(s) URL")
-    return _url(url)
-
-
 # -- what a wrapper is given, checked ------------------------------------------------------
 
 
 def server_name(label: Any, wrapper: str) -> str:
-    """The server's name, checked: one line of text UTF-8 can encode."""
+    """The server's name, checked: one line of printable text UTF-8 can encode."""
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"{wrapper}() needs a server name: pass name= (got {label!r})")
     check_text(label, f"{wrapper}() server name")
-    if any(ord(c) < 32 or ord(c) == 127 for c in label):
-        raise ValueError(f"{wrapper}() server name {label!r} holds a control character: pass "
-                         f"name= a single line of text")
+    if not label.isprintable():  # control characters, NEL, CSI, line and paragraph separators
+        raise ValueError(f"{wrapper}() server name {label!r} holds a character that is not "
+                         f"printable: pass name= a single line of printable text")
     return label
 
 

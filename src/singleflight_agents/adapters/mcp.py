@@ -11,8 +11,9 @@ A call is one engine call of the tool ``mcp:<server>/<tool>``, keyed on its argu
 canonical form (never on JSON-RPC ids, session ids or ``_meta``). Its flags come from the
 tool's annotations (``readOnlyHint`` -> ``bounded_read``, else ``destructiveHint`` ->
 ``side_effecting``, else not shared), read from the server's listing, itself recorded as
-``mcp:<server>:tools/list`` (read from the server in record mode, unless ``listing_ttl=``
-trusts a recent receipt). A result is stored as its JSON (wire names, exactly the fields the
+``mcp:<server>:tools/list`` (outside replay, read from the server and stored anew by the first
+listing each wrapper needs, unless ``listing_ttl=`` trusts a recent receipt; replay follows the
+stored one). A result is stored as its JSON (wire names, exactly the fields the
 server sent) and rebuilt with ``model_validate``; an ``isError`` result reaches its callers but
 is never stored. The server is started or contacted only by a call that must run, never in
 replay. This module imports ``mcp``, never ``agents``.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -31,7 +31,7 @@ from mcp.client.client import Client
 from mcp.types import CallToolResult, ListToolsResult, PaginatedRequestParams
 
 from ..engine import Singleflight
-from ..models import ReplayMissError, SingleflightError, Source, ToolExecutionOptions
+from ..models import ReplayMissError, SingleflightError, ToolExecutionOptions
 from ..sessions import active_session
 from ._mcp_connect import Connection, checked_options, label_of, overrides, server_name
 
@@ -41,6 +41,9 @@ PREFIX = "mcp:"
 _MAX_PAGES = 100
 RECORD = "run it in record mode"
 UNLISTED = ("its tool listing has no receipt", RECORD)
+UNKNOWN_TOOL = ("its recorded tool listing does not list {tool!r}",
+                "re-record with --singleflight-mode=record, which stores the server's listing "
+                "as it is now (--singleflight-mode=refresh if listing_ttl= is set)")
 Send = Callable[[], Awaitable[Any]]
 
 
@@ -140,15 +143,16 @@ class Core:
         # Kept as long as any call's receipt: replay needs the listing to replay a call.
         ttl = max([base.ttl_seconds, *(base.replace(**o).ttl_seconds
                                        for o in self.overrides.values())])
+        # Outside replay, read from the server unless the receipt is at most listing_ttl old.
         self.listing = base.replace(
             tool_name=f"{PREFIX}{self.label}:tools/list", key=None, redact=None,
             deterministic=False, bounded_read=True, side_effecting=False, estimated_cost_usd=0.0,
-            ttl_seconds=ttl)
+            ttl_seconds=ttl, max_age_seconds=self.listing_ttl)
         self.annotations: dict[str, Any] | None = None  # by tool, once a listing was read
         self.defaults: dict[str, dict[str, Any]] = {}  # by tool: its schema's defaults
         self._options: dict[str, ToolExecutionOptions] = {}
         self._keys: dict[str, Callable[..., Any] | None] = {}  # by tool: its key=
-        self._live: dict[str, dict[str, Any]] = {}  # listing pages this wrapper read live
+        self._fresh: set[str] = set()  # listing pages this wrapper read since it forgot
 
     def learn(self, tools: Sequence[Any]) -> None:
         """Take each tool's annotations from a whole listing (wire names)."""
@@ -164,7 +168,7 @@ class Core:
 
     def forget(self) -> None:
         """Read the listing again: from the server, in record mode."""
-        self._live.clear()
+        self._fresh.clear()
         self.annotations = None
 
     def options_for(self, tool: str) -> ToolExecutionOptions:
@@ -203,36 +207,27 @@ class Core:
             raise error
 
     async def list(self, page: dict[str, Any], send: Send) -> dict[str, Any]:
-        """One listing page through receipts. In record mode a page served from a receipt
-        older than ``listing_ttl`` is read from the server instead (once per wrapper): the
-        flags of the calls that follow must be the server's as it is now."""
-        outcome = await self.sf.do(self.listing.tool_name or "", page,
-                                   functools.partial(_run_listing, send), options=self.listing)
-        value: dict[str, Any] = outcome.value
+        """One listing page through receipts. Outside replay, the first read of each page in
+        a wrapper (since :meth:`forget`) takes a receipt only if it is at most ``listing_ttl``
+        old: else it reads the server and stores what it says, for replay to follow. Later
+        reads take the receipt: the flags stay those the wrapper learned."""
         which = json.dumps(page, sort_keys=True)
-        receipt = outcome.receipt
-        if outcome.source != Source.CACHE_HIT:
-            self._live[which] = value  # read from the server just now
-        elif self.mode() == "record" and (
-                receipt is None or time.time() - receipt.created_at >= self.listing_ttl):
-            live = self._live.get(which)
-            if live is None:
-                live = self._live[which] = dump(await send())
-                self._compare(value, live)
-            return live
+        options = self.listing if which not in self._fresh else self.listing.replace(
+            max_age_seconds=None)
+        outcome = await self.sf.do(options.tool_name or "", page,
+                                   functools.partial(_run_listing, send), options=options)
+        if self.mode() != "replay":
+            self._fresh.add(which)
+        value: dict[str, Any] = outcome.value
         return value
 
-    def _compare(self, recorded: dict[str, Any], live: dict[str, Any]) -> None:
-        """Warn when the server's flags differ from those of its recorded listing."""
-        was, now = _flags_by_tool(recorded), _flags_by_tool(live)
-        changed = [f"{tool} ({_flag_name(was.get(tool))} -> {_flag_name(now.get(tool))})"
-                   for tool in sorted(set(was) | set(now)) if was.get(tool) != now.get(tool)]
-        if changed:
-            warnings.warn(
-                f"{self.wrapper}(): MCP server {self.label!r} now declares "
-                f"{', '.join(changed)}, unlike its recorded listing: this run follows the "
-                f"server; replay follows the recorded listing until it expires (re-record it "
-                f"with --singleflight-mode=refresh)", RuntimeWarning, stacklevel=4)
+    def refuse_unlisted(self, tool: str, options: ToolExecutionOptions) -> None:
+        """In replay, a tool the recorded listing does not name, with no flag from ``tools=``
+        either, is refused naming the fix: a record run stores the server's listing anew."""
+        if self.annotations is not None and tool not in self.annotations and not (
+                options.shared or options.side_effecting):
+            self.refuse_in_replay(options.tool_name or tool, UNKNOWN_TOOL[0].format(tool=tool),
+                                  UNKNOWN_TOOL[1])
 
     async def call(self, options: ToolExecutionOptions, identity: dict[str, Any],
                    send: Send) -> dict[str, Any]:
@@ -243,19 +238,6 @@ class Core:
             return failed.value
         value: dict[str, Any] = outcome.value
         return value
-
-
-def _flags_by_tool(listing: dict[str, Any]) -> dict[str, dict[str, bool] | None]:
-    tools = listing.get("tools")
-    return {t["name"]: flags_of(t.get("annotations")) for t in tools or ()
-            if isinstance(t, dict) and isinstance(t.get("name"), str)}
-
-
-def _flag_name(flags: dict[str, bool] | None) -> str:
-    if flags is None:
-        return "not listed"
-    return "read-only" if flags.get("bounded_read") else \
-        "destructive" if flags.get("side_effecting") else "no flag"
 
 
 def _defaults(schema: Any) -> dict[str, Any]:
@@ -310,6 +292,7 @@ class ReceiptMCPClient:
         """``ClientSession.call_tool`` through receipts; ``read_timeout_seconds``,
         ``progress_callback`` and ``meta`` reach the server when the call runs, unkeyed."""
         options = await self.tool_options(name)
+        self._core.refuse_unlisted(name, options)
         extra: dict[str, Any] = {"meta": meta} if meta is not None else {}
         if read_timeout_seconds is not None:
             extra["read_timeout_seconds"] = read_timeout_seconds
@@ -376,14 +359,16 @@ def receipt_mcp_client(sf: Any, server: Any, /, *, name: str | None = None,
     ``server`` is a ``StdioServerParameters`` or a streamable-HTTP URL (opened with
     ``mcp.Client``), an ``mcp.Client``, a function returning an async context manager that
     yields a connected session, or a connected ``ClientSession`` (then replay sends it
-    nothing; an unentered ``mcp.Client`` is a template, copied for each connection). ``name``
-    is the server's name in keys and reports (default: the command's file name and arguments,
-    or the URL, with what looks like a credential masked; a session or function needs one).
+    nothing; an unentered ``mcp.Client`` is a template, copied for each connection, so one
+    built on a transport object, which opens once, is refused). ``name`` is the server's name
+    in keys and reports (default: the command's file name and arguments, or the URL, with
+    credentials masked, see :mod:`._mcp_names`; a session or function needs one).
     ``tools`` gives per-tool options over the annotations' flags, e.g. ``{"search":
     {"bounded_read": True, "ttl": 60}, "delete": {"side_effecting": True}}``.
-    ``listing_ttl`` is how many seconds a recorded listing stands for the server in record
-    mode (default 0: the first listing each wrapper needs is read from the server, so the
-    flags are the server's as it is now; replay always uses the recorded one). Other keywords
+    ``listing_ttl`` is how many seconds a recorded listing stands for the server outside
+    replay (default 0: the first listing each wrapper needs is read from the server and
+    stored, so the flags are the server's as it is now, and replay, which always uses the
+    stored listing, follows the last record run). Other keywords
     are :class:`ToolExecutionOptions` fields for every tool (``key=`` and ``redact=`` see the
     tool's arguments).
     """

@@ -39,7 +39,8 @@ from mcp.types import (
 )
 from mcp.types import Tool as MCPTool
 
-from ._mcp_connect import LoopLock, connection_closed, stdio_label, text_label, url_label
+from ._mcp_connect import LoopLock, connection_closed
+from ._mcp_names import stdio_label, text_label, url_label
 from .mcp import PREFIX, RECORD, UNLISTED, Core, call_refused
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class ReceiptMCPServer(MCPServer):
         self._opened = False  # whether the wrapper connected the server (and cleans it up)
         self._loop: asyncio.AbstractEventLoop | None = None  # where it was connected
         self._closed = False  # its transport closed: the next call that must run reconnects
+        self._connections = 0  # how many times the wrapper connected it: which one a call used
         self._lock = LoopLock()
 
     @property
@@ -137,16 +139,20 @@ class ReceiptMCPServer(MCPServer):
             if not self._opened and getattr(self.server, "session", None) is None:
                 await cast(Any, self.server).connect()
                 self._opened, self._loop, self._closed = True, loop, False
+                self._connections += 1
 
     async def _request(self, what: str, refusal: tuple[str, str],
                        request: Callable[[], Awaitable[Any]]) -> Any:
         """``request()`` on the connected server; one that finds the transport closed has the
-        next call reconnect the server (if the wrapper connected it)."""
+        next call reconnect the server (if the wrapper connected it, and only if the request
+        was sent on the current connection: a late failure from one that died, after another
+        call reconnected, leaves the new one alone)."""
         await self._ensure(what, refusal)
+        connection = self._connections
         try:
             return await request()
         except Exception as exc:
-            if connection_closed(exc) and self._opened:
+            if connection_closed(exc) and self._opened and connection == self._connections:
                 self._closed = True
             raise
 
@@ -186,6 +192,7 @@ class ReceiptMCPServer(MCPServer):
         if self._core.annotations is None:
             await self._listing(None, None)
         options = self._core.options_for(tool_name)
+        self._core.refuse_unlisted(tool_name, options)
 
         def request() -> Awaitable[CallToolResult]:
             if meta is None:
@@ -235,8 +242,8 @@ class ReceiptMCPServer(MCPServer):
         return None if self._tools is None else [t.model_copy(deep=True) for t in self._tools]
 
     def invalidate_tools_cache(self) -> None:
-        """Forget the listing read: the next is read again (from the server, in record mode;
-        its receipt stays, for its TTL)."""
+        """Forget the listing read: the next is read again (outside replay, from the server,
+        and stored in place of its receipt unless that is at most ``listing_ttl`` old)."""
         self._tools = None
         self._core.forget()
         invalidate = getattr(self.server, "invalidate_tools_cache", None)
@@ -287,10 +294,11 @@ def receipt_mcp_server(sf: Any, server: MCPServer, /, *, name: str | None = None
     ``sf`` (an engine or the pytest fixture), connected only when a call must run.
 
     ``name`` is the server's name in keys and reports (default: the name given to the SDK's
-    server, else its command and arguments or its URL, with what looks like a credential
-    masked). ``tools``, ``listing_ttl`` and the other keywords are as for
+    server, else its command and arguments or its URL, with credentials masked). ``tools``,
+    ``listing_ttl`` and the other keywords are as for
     :func:`~singleflight_agents.adapters.receipt_mcp_client`: flags come from the tools'
-    annotations (read from the server in record mode), ``tools=`` overrides them per tool.
+    annotations (read from the server and stored in record mode), ``tools=`` overrides them
+    per tool.
     """
     return ReceiptMCPServer(sf, server, name=name, tools=tools, listing_ttl=listing_ttl,
                             options=options)
