@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from agents.exceptions import UserError
 from agents.mcp import MCPServer, ToolFilterContext
-from agents.mcp._logging import get_mcp_server_log_name
 from agents.run_context import RunContextWrapper
 from mcp import StdioServerParameters
 from mcp.types import (
@@ -39,6 +38,7 @@ from mcp.types import (
 )
 from mcp.types import Tool as MCPTool
 
+from ._agents_compat import mcp_server_log_name, mcp_server_policies, set_mcp_server_policies
 from ._mcp_connect import LoopLock, connection_closed
 from ._mcp_names import stdio_label, text_label, url_label
 from .mcp import PREFIX, RECORD, UNLISTED, Core, call_refused
@@ -62,7 +62,7 @@ def _label_of(server: MCPServer) -> str:
     url = params.get("url") if isinstance(params, Mapping) else None
     if isinstance(url, str) and name in (f"streamable_http: {url}", f"sse: {url}"):
         return url_label(url)
-    return text_label(get_mcp_server_log_name(name))
+    return text_label(mcp_server_log_name(name))
 
 
 class ReceiptMCPServer(MCPServer):
@@ -85,8 +85,7 @@ class ReceiptMCPServer(MCPServer):
                          tool_input_guardrails=server.tool_input_guardrails,
                          tool_output_guardrails=server.tool_output_guardrails)
         # What the SDK asks the server about each tool, as the wrapped server answers it.
-        self._needs_approval_policy = server._needs_approval_policy
-        self._failure_error_function = server._failure_error_function
+        set_mcp_server_policies(self, mcp_server_policies(server))
         self.server = server
         self._core = Core(sf, name if name is not None else _label_of(server), tools, options,
                           listing_ttl=listing_ttl, wrapper="receipt_mcp_server")
