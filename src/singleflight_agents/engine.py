@@ -235,6 +235,11 @@ class Singleflight:
         session = active_session()
         return self.mode if session is None else session.mode_now()
 
+    def current_prices(self) -> PriceTable:
+        """The price table a call made now is counted with: the active session's, else this
+        engine's."""
+        return self._governing().prices
+
     def _governing(self) -> Singleflight:
         """The engine this one's calls run on now: the active session's, unless opted out."""
         session = active_session()

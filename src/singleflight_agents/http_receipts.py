@@ -210,7 +210,7 @@ def _meter(sf: Any, model: str,
         tokens_in, tokens_out = int(usage["input_tokens"]), int(usage["output_tokens"])
         if not tokens_in and not tokens_out:
             return 0, 0, 0.0  # an answer without usage (an embedding list, a model list)
-        prices = engine._governing().prices
+        prices = engine.current_prices()
         return tokens_in, tokens_out, prices.dollars(model, tokens_in, tokens_out,
                                                      provider=provider)
 

@@ -112,7 +112,7 @@ def _meter(table: PriceTable | None, engine: Singleflight,
     def meter(value: Any) -> tuple[int, int, float | None]:
         usage = value["usage"]
         tokens_in, tokens_out = int(usage["input_tokens"]), int(usage["output_tokens"])
-        prices = table if table is not None else engine._governing().prices
+        prices = table if table is not None else engine.current_prices()
         return tokens_in, tokens_out, prices.dollars(model_name, tokens_in, tokens_out)
 
     return meter
