@@ -153,9 +153,21 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
         raise TypeError(f"tool {base_tool.name!r} is wrapped already")
     user_key = options.pop("key", None)
     source = getattr(base_tool, "func", None) or getattr(base_tool, "coroutine", None)
-    # The key: what the model supplies (the tool-call schema, defaults applied); injected
-    # state, store, runtime, call id, config and callbacks are not part of it.
-    schema = base_tool.tool_call_schema
+    ident = _supplied_arguments(base_tool, user_key)
+    runs = _Runs(sf, options, lambda shared: f"langchain.tool.{base_tool.name}" if source is None
+                 else default_tool_name(source, shared), ident)  # a factory's tools must be named
+
+    wrapped = base_tool.model_copy()  # fields, private state and the schema memo, as they are
+    swap_class(wrapped, _routed_class(base_tool, runs))
+    return cast(T, wrapped)
+
+
+def _supplied_arguments(tool: BaseTool,
+                        user_key: Callable[..., Any] | None) -> Callable[[_Invocation], Any]:
+    """What identifies a tool's call: what the model supplies (the tool-call schema, defaults
+    applied), or ``key=``'s answer for it; injected state, store, runtime, call id, config
+    and callbacks are not part of it."""
+    schema = tool.tool_call_schema
     if isinstance(schema, dict):
         props = schema.get("properties", {})
         defaults = {k: p["default"] for k, p in props.items() if "default" in p}
@@ -171,10 +183,12 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
         supplied = {k: v for k, v in {**defaults, **inv.kwargs}.items() if k in names} | given
         return user_key(**supplied) if user_key is not None else supplied
 
-    runs = _Runs(sf, options, lambda shared: f"langchain.tool.{base_tool.name}" if source is None
-                 else default_tool_name(source, shared), ident)  # a factory's tools must be named
+    return ident
 
-    cls = type(base_tool)
+
+def _routed_class(tool: BaseTool, runs: _Runs) -> type[BaseTool]:
+    """A subclass of the tool's class whose runs go through ``runs``."""
+    cls = type(tool)
     base_run, base_arun = run_methods(cls)
     namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
                                  "__doc__": cls.__doc__, "__singleflight__": True}
@@ -211,12 +225,10 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
     namespace.update(_run=_run, run=run, arun=arun)
     # Without a native async path, BaseTool's _arun runs _run (ours) in a thread: wrapping
     # _arun as well would make the call wait for itself.
-    if (getattr(base_tool, "coroutine", None) is not None if "coroutine" in cls.model_fields
+    if (getattr(tool, "coroutine", None) is not None if "coroutine" in cls.model_fields
             else overrides_arun(base_arun)):
         namespace["_arun"] = _arun
-    wrapped = base_tool.model_copy()  # fields, private state and the schema memo, as they are
-    swap_class(wrapped, type(cls.__name__, (cls,), namespace))
-    return cast(T, wrapped)
+    return type(cls.__name__, (cls,), namespace)
 
 
 def wrap_langchain_tools(sf: Singleflight, tools: Iterable[BaseTool | Callable[..., Any]],
