@@ -23,7 +23,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from singleflight_agents import Singleflight
 from singleflight_agents.adapters import pydantic_ai_tool
-from singleflight_agents.reporting import format_summary
+from singleflight_agents.demo import report_comparison
 
 COST_USD = 0.10
 LATENCY_S = 0.2
@@ -111,17 +111,11 @@ async def run_demo(sf: Singleflight, emit: Callable[[str], None] = print) -> dic
     if got != expected:
         raise AssertionError("deduplicated answers differ from the baseline")
 
-    emit(f"PydanticAI, scripted offline: 4 agents, {len(baseline)} search_docs calls "
-         f"(a duplicate in one turn, a repeat across turns, 3 agents in parallel):")
-    emit(f"  @agent.tool:                     {len(baseline)} executions, "
-         f"~${len(baseline) * COST_USD:.2f}, {baseline_s:.2f} s")
-    emit(f"  @agent.tool + @pydantic_ai_tool: {len(executions)} executions, "
-         f"~${len(executions) * COST_USD:.2f}, {shared_s:.2f} s")
-    emit("")
-    summary = sf.summary()
-    emit(format_summary(summary))
-    return {"calls": len(baseline), "baseline_executions": len(baseline),
-            "executions": len(executions), "summary": summary}
+    return report_comparison(sf, emit, (
+        f"PydanticAI, scripted offline: 4 agents, {len(baseline)} search_docs calls "
+        f"(a duplicate in one turn, a repeat across turns, 3 agents in parallel):"), [
+        ("@agent.tool", len(baseline), baseline_s),
+        ("@agent.tool + @pydantic_ai_tool", len(executions), shared_s)], COST_USD)
 
 
 async def main() -> None:

@@ -87,3 +87,20 @@ async def run_demo(sf: Singleflight, emit: Callable[[str], None] = print) -> dic
     summary = sf.summary()
     emit(format_summary(summary))
     return summary
+
+
+def report_comparison(sf: Singleflight, emit: Callable[[str], None], headline: str,
+                      rows: list[tuple[str, int, float]], cost_usd: float) -> dict[str, Any]:
+    """Print a framework demo's runs (label, executions, seconds) and the engine's summary;
+    the counts and the summary. The first row is the framework without deduplication."""
+    emit(headline)
+    width = max(len(label) for label, _, _ in rows) + 1
+    for label, executions, seconds in rows:
+        emit(f"  {label + ':':<{width}} {executions} executions, ~${executions * cost_usd:.2f}, "
+             f"{seconds:.2f} s")
+    emit("")
+    summary = sf.summary()
+    emit(format_summary(summary))
+    baseline, shared = rows[0][1], rows[-1][1]
+    return {"calls": baseline, "baseline_executions": baseline, "executions": shared,
+            "summary": summary}

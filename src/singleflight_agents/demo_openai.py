@@ -20,8 +20,8 @@ from agents.items import ToolCallOutputItem
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 from .adapters.openai_agents import function_tool
+from .demo import report_comparison
 from .engine import Singleflight
-from .reporting import format_summary
 
 COST_USD = 0.10
 LATENCY_S = 0.2
@@ -97,14 +97,8 @@ async def run_openai_demo(sf: Singleflight, emit: Callable[[str], None] = print)
     if got != expected:
         raise AssertionError("deduplicated answers differ from the baseline")
 
-    emit(f"OpenAI Agents SDK, scripted offline: 4 agents, {len(baseline)} search_docs calls "
-         f"(a duplicate in one turn, a repeat across turns, 3 agents in parallel):")
-    emit(f"  agents.function_tool:               {len(baseline)} executions, "
-         f"~${len(baseline) * COST_USD:.2f}, {baseline_s:.2f} s")
-    emit(f"  singleflight_agents function_tool:  {len(executions)} executions, "
-         f"~${len(executions) * COST_USD:.2f}, {shared_s:.2f} s")
-    emit("")
-    summary = sf.summary()
-    emit(format_summary(summary))
-    return {"calls": len(baseline), "baseline_executions": len(baseline),
-            "executions": len(executions), "summary": summary}
+    return report_comparison(sf, emit, (
+        f"OpenAI Agents SDK, scripted offline: 4 agents, {len(baseline)} search_docs calls "
+        f"(a duplicate in one turn, a repeat across turns, 3 agents in parallel):"), [
+        ("agents.function_tool", len(baseline), baseline_s),
+        ("singleflight_agents function_tool", len(executions), shared_s)], COST_USD)
