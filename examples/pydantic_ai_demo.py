@@ -23,7 +23,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from singleflight_agents import Singleflight
 from singleflight_agents.adapters import pydantic_ai_tool
-from singleflight_agents.demo import report_comparison
+from singleflight_agents.demo import report_comparison, search_help_center
 
 COST_USD = 0.10
 LATENCY_S = 0.2
@@ -44,10 +44,7 @@ def search_tool(executions: list[str]) -> SearchTool:
         Args:
             query: What to look for.
         """
-        executions.append(query)
-        await asyncio.sleep(LATENCY_S)  # a paid search API
-        return f"help center, best match for {query!r}: https://example.com/help/" + \
-            query.replace(" ", "-")
+        return await search_help_center(query, executions, LATENCY_S)
 
     return search_docs
 

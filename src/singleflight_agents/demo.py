@@ -89,6 +89,14 @@ async def run_demo(sf: Singleflight, emit: Callable[[str], None] = print) -> dic
     return summary
 
 
+async def search_help_center(query: str, executions: list[str], latency_s: float) -> str:
+    """The framework demos' paid search: records the query, takes ``latency_s``."""
+    executions.append(query)
+    await asyncio.sleep(latency_s)
+    return f"help center, best match for {query!r}: https://example.com/help/" + \
+        query.replace(" ", "-")
+
+
 def report_comparison(sf: Singleflight, emit: Callable[[str], None], headline: str,
                       rows: list[tuple[str, int, float]], cost_usd: float) -> dict[str, Any]:
     """Print a framework demo's runs (label, executions, seconds) and the engine's summary;

@@ -20,7 +20,7 @@ from agents.items import ToolCallOutputItem
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 from .adapters.openai_agents import function_tool
-from .demo import report_comparison
+from .demo import report_comparison, search_help_center
 from .engine import Singleflight
 
 COST_USD = 0.10
@@ -35,10 +35,7 @@ def _search_tool(executions: list[str]) -> Callable[..., Any]:
         Args:
             query: What to look for.
         """
-        executions.append(query)
-        await asyncio.sleep(LATENCY_S)  # a paid search API
-        return f"help center, best match for {query!r}: https://example.com/help/" + \
-            query.replace(" ", "-")
+        return await search_help_center(query, executions, LATENCY_S)
 
     return search_docs
 
