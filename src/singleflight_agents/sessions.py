@@ -384,6 +384,15 @@ class Session:
             scope.misses.append(error)
 
 
+def report_miss(error: ReplayMissError) -> ReplayMissError:
+    """``error``, also listed in the active session's scope: its test fails even if the agent
+    or client that got the error swallows it."""
+    active = active_session()
+    if active is not None:
+        active.missed(error)
+    return error
+
+
 def session(store: str | os.PathLike[str] | ReceiptStore | None = None, *, mode: str = "record",
             run_id: str | None = None, secret: str | bytes | None = None,
             prices: PriceSource | PriceTable = None, record_command: str | None = None,

@@ -32,7 +32,7 @@ from mcp.types import CallToolResult, ListToolsResult, PaginatedRequestParams
 
 from ..engine import Singleflight
 from ..models import ReplayMissError, SingleflightError, ToolExecutionOptions
-from ..sessions import active_session
+from ..sessions import report_miss
 from ._mcp_connect import Connection, checked_options, label_of, overrides, server_name
 
 __all__ = ["ReceiptMCPClient", "receipt_mcp_client"]
@@ -200,11 +200,7 @@ class Core:
         """In replay, a :class:`ServerNotStarted` (also listed in the open scope), before
         anything reaches the server."""
         if self.mode() == "replay":
-            error = ServerNotStarted(what, self.label, why, fix)
-            session = active_session()
-            if session is not None:
-                session.missed(error)  # fails its test even if the agent swallows it
-            raise error
+            raise report_miss(ServerNotStarted(what, self.label, why, fix))
 
     async def list(self, page: dict[str, Any], send: Send) -> dict[str, Any]:
         """One listing page through receipts. Outside replay, the first read of each page in
