@@ -72,11 +72,16 @@ def _result(sf: Singleflight, call: Call, start: Source | None) -> Steps[Result]
                 landed = yield WaitFlight(flight, call.options.wait_timeout_seconds)
             except WaitTimeout:
                 reason = "waiting for it timed out"
-        if reason is not None:
-            _accounting.note_fallback(sf, call, reason)
-            return (yield from _unshared(Source.EXECUTED_FALLBACK))
-        if landed is not ABANDONED:  # else the owner was cancelled: take the flight over
-            return _receipts.as_waiter(landed)
+            else:
+                if landed is ABANDONED:  # the owner was cancelled: take the flight over
+                    continue
+                # A copy of the waiter's own, or why there is none (then it runs the tool)
+                mine = landed if isinstance(landed, str) else _receipts.as_waiter(landed)
+                if isinstance(mine, Result):
+                    return mine
+                reason = mine
+        _accounting.note_fallback(sf, call, reason)
+        return (yield from _unshared(Source.EXECUTED_FALLBACK))
 
 
 def _why_not_wait(call: Call, flight: Flight) -> str | None:
@@ -128,13 +133,16 @@ def _owning(sf: Singleflight, call: Call, flight: Flight) -> Steps[Result]:
     """The owner's part: the result, landed for every waiter of the flight."""
     try:
         result = yield from _resolve(sf, call)
+        # Never the owner's own object: an awaitable or iterator would be used twice, and a
+        # mutable value changed by one caller under another.
+        landing = _receipts.for_waiters(result)
     except BaseException as exc:
         # The tool's own errors reach every waiter; a cancelled or interrupted owner
         # (CancelledError, KeyboardInterrupt, ...) hands the flight to a waiter instead.
         error = exc.original if isinstance(exc, Escaped) else exc
         FLIGHTS.land(flight.key, flight, error if isinstance(exc, Exception) else ABANDONED)
         raise
-    FLIGHTS.land(flight.key, flight, result)
+    FLIGHTS.land(flight.key, flight, landing)
     return result
 
 

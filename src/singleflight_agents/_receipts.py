@@ -4,9 +4,12 @@ back when a run fails."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import inspect
 import time
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import codec
 from ._accounting import describe
@@ -70,14 +73,48 @@ def _trusted(sf: Singleflight, call: Call, receipt: Receipt) -> bool:
     return True
 
 
-def as_waiter(result: Result) -> Result:
-    """The owner's result as a waiter of its flight gets it: a copy of its own."""
-    hit = result.source is Source.CACHE_HIT
-    source = Source.CACHE_HIT if hit else Source.SHARED_WAIT
-    value = result.value
-    if result.encoded is not None:  # every waiter gets its own copy, like a cache hit
-        value = codec.decode(*result.encoded, allow_pickle=True)
-    return Result(value, source, result.receipt, result.encoded, result.latency_ms)
+def single_use(value: Any) -> str | None:
+    """Why ``value`` can be used only once (an awaitable, an iterator, a generator), or
+    ``None``. Such a value is never stored nor handed to a second caller: the second
+    ``await`` of a coroutine raises, and two callers iterating one generator each get part."""
+    if inspect.isawaitable(value) or isinstance(value, Iterator | AsyncIterator):
+        return f"its result (of type {type(value).__qualname__}) can be used only once"
+    return None
+
+
+def for_waiters(result: Result) -> Result | str:
+    """What the owner's result lands as for the waiters of its flight, never the owner's own
+    object: its encoded form, or a private copy (taken before the owner's caller can change
+    it) that each waiter copies again; else why it cannot be shared."""
+    if result.encoded is not None:
+        return Result(None, result.source, result.receipt, result.encoded, result.latency_ms)
+    why = single_use(result.value)
+    if why is not None:
+        return why
+    try:
+        private = copy.deepcopy(result.value)
+    except Exception as exc:  # a lock, a socket, a C object without copy support
+        return _uncopyable(result.value, exc)
+    return Result(private, result.source, result.receipt, None, result.latency_ms)
+
+
+def as_waiter(landed: Result) -> Result | str:
+    """What a waiter of the flight gets: a copy of its own (decoded, like a cache hit, or
+    copied), or why it cannot have one."""
+    source = Source.CACHE_HIT if landed.source is Source.CACHE_HIT else Source.SHARED_WAIT
+    try:
+        if landed.encoded is not None:
+            value = codec.decode(*landed.encoded, allow_pickle=True)
+        else:
+            value = copy.deepcopy(landed.value)
+    except Exception as exc:
+        return _uncopyable(landed.value, exc)
+    return Result(value, source, landed.receipt, landed.encoded, landed.latency_ms)
+
+
+def _uncopyable(value: Any, exc: Exception) -> str:
+    return (f"its result (of type {type(value).__qualname__}) cannot be copied for another caller "
+            f"({type(exc).__name__}: {describe(exc, 120)})")
 
 
 def release_failed(sf: Singleflight, call: Call, lease: Lease, exc: BaseException) -> None:
@@ -98,31 +135,39 @@ def persist(sf: Singleflight, call: Call, result: Result, lease: Lease) -> None:
     """Store the receipt; on any failure, release the lease (waiters elsewhere must not
     wait it out) and warn: the result still reaches every caller of this flight."""
     try:
-        _store(sf, call, result, lease)
+        single = single_use(result.value)
+        if single is None:
+            _store(sf, call, result, lease)
+            return
+        why = f"{single}: it was not persisted, nor shared; each caller runs the tool itself"
     except Exception as exc:
-        result.encoded = None  # waiters share the value itself
-        with contextlib.suppress(Exception):
-            sf.store.release(lease)
-        sf._stats.add(call.tool_name, not_persisted=1)
-        if isinstance(exc, codec.UnencodableError):
-            why = (f"result of type {exc.type_name} cannot be stored as JSON (return "
-                   f"JSON-able data" + (")" if call.options.allow_pickle else
-                                        ", or pass allow_pickle=True)"))
-        elif isinstance(exc, StoreError):
-            why = f"the store failed: {exc}"
-        else:  # e.g. an int of 5,000 digits, a list nested 10,000 deep or holding itself
-            why = f"result cannot be stored ({type(exc).__name__}: {describe(exc)})"
-        sf._warn(call.tool_name, f"{call.tool_name}: {why}; the result reached this "
-                 f"call's waiters, but was not persisted")
+        why = f"{_not_stored(call, exc)}; the result reached this call's waiters, but was " \
+              f"not persisted"
+    with contextlib.suppress(Exception):
+        sf.store.release(lease)
+    sf._stats.add(call.tool_name, not_persisted=1)
+    sf._warn(call.tool_name, f"{call.tool_name}: {why}")
+
+
+def _not_stored(call: Call, exc: Exception) -> str:
+    if isinstance(exc, codec.UnencodableError):
+        return (f"result of type {exc.type_name} cannot be stored as JSON (return "
+                f"JSON-able data" + (")" if call.options.allow_pickle else
+                                     ", or pass allow_pickle=True)"))
+    if isinstance(exc, StoreError):
+        return f"the store failed: {exc}"
+    # e.g. an int of 5,000 digits, a list nested 10,000 deep or holding itself
+    return f"result cannot be stored ({type(exc).__name__}: {describe(exc)})"
 
 
 def _store(sf: Singleflight, call: Call, result: Result, lease: Lease) -> None:
     options = call.options
-    result.encoded = codec.encode(result.value, options.allow_pickle)
-    if result.encoded[0] != codec.JSON:
+    encoded = codec.encode(result.value, options.allow_pickle)
+    if encoded[0] != codec.JSON:
         # Every waiter and every later caller decodes it: a pickle that does not load
-        # back (a __reduce__ that raises) is shared as the value itself, never stored.
-        codec.decode(*result.encoded, allow_pickle=True)
+        # back (a __reduce__ that raises) is neither stored nor decoded by waiters.
+        codec.decode(*encoded, allow_pickle=True)
+    result.encoded = encoded  # from here on, waiters decode their copies, stored or not
     now = time.time()
     signer = sf._signer
     receipt = signer.sign(Receipt(
@@ -130,7 +175,7 @@ def _store(sf: Singleflight, call: Call, result: Result, lease: Lease) -> None:
         scope=options.scope, version=options.version,
         inputs=call.shown_inputs if options.store_inputs else None,
         inputs_sha256=hashlib.sha256(call.inputs.encode()).hexdigest(),
-        codec=result.encoded[0], output=result.encoded[1], created_at=now,
+        codec=encoded[0], output=encoded[1], created_at=now,
         expires_at=now + options.ttl_seconds, latency_ms=round(result.latency_ms, 3),
         cost_usd=options.estimated_cost_usd, executor=sf._owner, token=lease.token,
         key_id=signer.key_id,
