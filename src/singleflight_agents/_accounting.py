@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._call import Call, Result
+from ._platform import host_name
 from .models import ExecutionOutcome, Source
 
 if TYPE_CHECKING:
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 
 FLUSH_INTERVAL = 1.0
 _SAVED = (Source.CACHE_HIT, Source.SHARED_WAIT)
+# The warning topic of a result its flight's callers could not share (used once, or not
+# copyable): told apart from the store's warnings about the same tool.
+UNSHAREABLE = "unshareable:"
 
 
 def finish(sf: Singleflight, call: Call, result: Result, started: float) -> ExecutionOutcome:
@@ -50,8 +54,10 @@ def finish(sf: Singleflight, call: Call, result: Result, started: float) -> Exec
     return outcome
 
 
-def note_fallback(sf: Singleflight, call: Call, reason: str) -> None:
-    sf._warn(call.tool_name, f"{call.tool_name}: executing without sharing because {reason}")
+def note_fallback(sf: Singleflight, call: Call, reason: str, topic: str = "") -> None:
+    """Warn (once per tool and ``topic``) and count: the call runs its tool without sharing."""
+    sf._warn(topic + call.tool_name,
+             f"{call.tool_name}: executing without sharing because {reason}")
     sf._stats.add(call.tool_name, fallbacks=1)
 
 
@@ -103,7 +109,7 @@ def describe(exc: BaseException, limit: int = 300) -> str:
 
 
 def owner_id(instance: str) -> str:
-    return f"{os.uname().nodename}:{os.getpid()}:{instance}"
+    return f"{host_name()}:{os.getpid()}:{instance}"
 
 
 def flush_finally(store: ReceiptStore, stats: Stats, run_id: str, instance: str) -> None:

@@ -66,7 +66,7 @@ def _result(sf: Singleflight, call: Call, start: Source | None) -> Steps[Result]
                 return result
             flight.loop = call.loop
             return (yield from _owning(sf, call, flight))
-        reason = _why_not_wait(call, flight)
+        reason, topic = _why_not_wait(call, flight), ""
         if reason is None:
             try:
                 landed = yield WaitFlight(flight, call.options.wait_timeout_seconds)
@@ -79,8 +79,8 @@ def _result(sf: Singleflight, call: Call, start: Source | None) -> Steps[Result]
                 mine = landed if isinstance(landed, str) else _receipts.as_waiter(landed)
                 if isinstance(mine, Result):
                     return mine
-                reason = mine
-        _accounting.note_fallback(sf, call, reason)
+                reason, topic = mine, _accounting.UNSHAREABLE
+        _accounting.note_fallback(sf, call, reason, topic)
         return (yield from _unshared(Source.EXECUTED_FALLBACK))
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import codec
-from ._accounting import describe
+from ._accounting import UNSHAREABLE, describe
 from ._call import Call, Result
 from ._drive import Escaped
 from .models import Receipt, Source, StoreError
@@ -134,6 +134,7 @@ def release_failed(sf: Singleflight, call: Call, lease: Lease, exc: BaseExceptio
 def persist(sf: Singleflight, call: Call, result: Result, lease: Lease) -> None:
     """Store the receipt; on any failure, release the lease (waiters elsewhere must not
     wait it out) and warn: the result still reaches every caller of this flight."""
+    single = None
     try:
         single = single_use(result.value)
         if single is None:
@@ -146,7 +147,8 @@ def persist(sf: Singleflight, call: Call, result: Result, lease: Lease) -> None:
     with contextlib.suppress(Exception):
         sf.store.release(lease)
     sf._stats.add(call.tool_name, not_persisted=1)
-    sf._warn(call.tool_name, f"{call.tool_name}: {why}")
+    # A single-use result's waiters would only repeat this line: same topic as theirs.
+    sf._warn((UNSHAREABLE if single else "") + call.tool_name, f"{call.tool_name}: {why}")
 
 
 def _not_stored(call: Call, exc: Exception) -> str:
