@@ -172,8 +172,9 @@ def test_what_the_model_sees_is_unchanged(sqlite_sf: Singleflight) -> None:
     originals = [search_docs, get_order, lookup, Upper(),
                  StructuredTool.from_function(add, return_direct=True,
                                               response_format="content")]
-    for original in originals:
-        wrapped = wrap_langchain_tool(sqlite_sf, original, deterministic=True)
+    for original in originals:  # key=: lookup reads the store, which is never keyed
+        wrapped = wrap_langchain_tool(sqlite_sf, original, deterministic=True,
+                                      key=lambda **model_args: model_args)
         assert type(wrapped).__name__ == type(original).__name__
         assert isinstance(wrapped, type(original))
         assert convert_to_openai_tool(wrapped) == convert_to_openai_tool(original)
@@ -205,10 +206,13 @@ class LookupState(TypedDict):
     user: str
 
 
-async def test_injected_arguments_are_not_in_the_key(sqlite_sf: Singleflight) -> None:
+async def test_injected_arguments_key_says_are_irrelevant_are_not_keyed(
+        sqlite_sf: Singleflight) -> None:
     builder = StateGraph(LookupState)
-    builder.add_node("tools", ToolNode(wrap_langchain_tools(sqlite_sf, [lookup],
-                                                            bounded_read=True)))
+    # lookup reads the state, the store and the runtime: a key= naming only the model's
+    # arguments says none of them changes the answer.
+    builder.add_node("tools", ToolNode(wrap_langchain_tools(
+        sqlite_sf, [lookup], bounded_read=True, key=lambda query: {"query": query})))
     builder.add_edge(START, "tools")
     builder.add_edge("tools", END)
     graph = builder.compile(store=InMemoryStore())

@@ -2,9 +2,11 @@
 
 Wrapped nodes keep their kind (sync/async) and signature, so LangGraph still injects ``config``,
 ``store``, ``runtime`` and ``writer``; wrapped tools keep class, name and schemas. Tool calls
-are keyed on what the model supplies, never on injected arguments, and a shared ToolMessage is
-re-addressed to each caller's own tool call id. LangChain messages and documents in results are
-stored field by field and rebuilt exactly; other objects JSON cannot carry are shared in flight.
+are keyed on what the model supplies and on the injected state and runtime the tool declares
+(a shared tool that reads the store needs ``key=``), and a shared ToolMessage is re-addressed
+to each caller's own tool call id. Custom stream events are stored with the result and written
+again for each caller it serves. LangChain messages and documents in results are stored field
+by field and rebuilt exactly; other objects JSON cannot carry are shared in flight.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from langchain_core.load.serializable import Serializable
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
 from langchain_core.tools import tool as as_tool
-from langchain_core.utils.pydantic import get_fields
 from langgraph.types import Command
-from pydantic.fields import FieldInfo
 
 from ..engine import Singleflight, default_tool_name
 from ..fingerprint import is_async_callable
 from ..models import ToolExecutionOptions
 from ._langchain_compat import overrides_arun, run_methods, swap_class
+from ._langgraph_keys import tool_identity
+from ._langgraph_stream import Recorder, replay
 
 __all__ = ["wrap_langchain_tool", "wrap_langchain_tools", "wrap_langgraph_node"]
 
@@ -48,6 +50,7 @@ class _Invocation:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     call_id: str | None = None
+    ran: bool = False  # this caller's own function ran (its stream events went out live)
 
 
 # The tool whose own run is in progress: a tool whose _arun hands over to _run (say through
@@ -62,24 +65,37 @@ def _running(inv: _Invocation) -> object:
     return func.args[0] if isinstance(func, functools.partial) and func.args else func
 
 
-def _call(inv: _Invocation) -> tuple[str | None, Any]:
+# What is stored: (the tool call id it answered, the result, the custom stream events it
+# wrote). Receipts of earlier releases hold the first two only.
+_Stored = tuple[str | None, Any, list[Any]]
+
+
+def _call(inv: _Invocation) -> _Stored:
     token = _RUNNING.set(_running(inv))
+    inv.ran, recorder = True, Recorder()
     try:
-        return inv.call_id, _pack(inv.func(*inv.args, **inv.kwargs))
+        with recorder.recording(inv.kwargs) as kwargs:
+            value = inv.func(*inv.args, **kwargs)
+        return inv.call_id, _pack(value), _pack(recorder.events)
     finally:
         _RUNNING.reset(token)
 
 
-async def _acall(inv: _Invocation) -> tuple[str | None, Any]:
+async def _acall(inv: _Invocation) -> _Stored:
     token = _RUNNING.set(_running(inv))
+    inv.ran, recorder = True, Recorder()
     try:
-        return inv.call_id, _pack(await inv.func(*inv.args, **inv.kwargs))
+        with recorder.recording(inv.kwargs) as kwargs:
+            value = await inv.func(*inv.args, **kwargs)
+        return inv.call_id, _pack(value), _pack(recorder.events)
     finally:
         _RUNNING.reset(token)
 
 
-def _finish(inv: _Invocation, result: tuple[str | None, Any]) -> Any:
-    owner_call_id, packed = result
+def _finish(inv: _Invocation, result: Any) -> Any:
+    owner_call_id, packed, *events = result
+    if events and events[0] and not inv.ran:  # served a result: its events, as if it ran
+        replay(_unpack(events[0]))
     value = _unpack(packed)
     if owner_call_id and inv.call_id and owner_call_id != inv.call_id:
         value = _retarget(value, owner_call_id, inv.call_id)
@@ -97,14 +113,18 @@ class _Runs:
         self.sf, self.ident = sf, ident
 
     def sync(self, inv: _Invocation) -> Any:
-        outcome = self.sf.do_sync(self.name, self.ident(inv), functools.partial(_call, inv),
+        outcome = self.sf.do_sync(self.name, self._identity(inv), functools.partial(_call, inv),
                                   options=self.options)
         return _finish(inv, outcome.value)
 
     async def run(self, inv: _Invocation) -> Any:
-        outcome = await self.sf.do(self.name, self.ident(inv), functools.partial(_acall, inv),
-                                   options=self.options)
+        outcome = await self.sf.do(self.name, self._identity(inv),
+                                   functools.partial(_acall, inv), options=self.options)
         return _finish(inv, outcome.value)
+
+    def _identity(self, inv: _Invocation) -> Any:
+        # A call run every time is never keyed: what it reads need not be keyable.
+        return self.ident(inv) if self.options.shared else None
 
 
 def wrap_langgraph_node(sf: Singleflight, func: F, *, key: Callable[[Any], Any] | None = None,
@@ -143,8 +163,12 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
     async, go through ``sf``.
 
     Shared with ``deterministic=True`` or ``bounded_read=True``, else run every time; the
-    keywords are :class:`ToolExecutionOptions` fields. ``key`` takes the model-supplied
-    arguments as keywords and returns what identifies the call. Default ``tool_name``: the
+    keywords are :class:`ToolExecutionOptions` fields. Calls are keyed on the model-supplied
+    arguments and the injected state fields, whole state or ``ToolRuntime`` (its state and
+    context) the tool declares; a shared tool that takes ``InjectedStore`` (or a runtime
+    carrying a store) is refused without ``key``. ``key`` takes the model-supplied arguments
+    as keywords, and the injected ones its parameters name, and returns what identifies the
+    call. Default ``tool_name``: the
     ``module.qualname`` of the function the tool runs, as for every Python function, else
     ``langchain.tool.<tool.name>``. A plain function is made a tool first.
     """
@@ -153,37 +177,15 @@ def wrap_langchain_tool(sf: Singleflight, tool: T | Callable[..., Any], **option
         raise TypeError(f"tool {base_tool.name!r} is wrapped already")
     user_key = options.pop("key", None)
     source = getattr(base_tool, "func", None) or getattr(base_tool, "coroutine", None)
-    ident = _supplied_arguments(base_tool, user_key)
+    shared = ToolExecutionOptions().replace(**options).shared
+    identity = tool_identity(base_tool, user_key, shared)
     runs = _Runs(sf, options, lambda shared: f"langchain.tool.{base_tool.name}" if source is None
-                 else default_tool_name(source, shared), ident)  # a factory's tools must be named
+                 else default_tool_name(source, shared),  # a factory's tools must be named
+                 lambda inv: identity(inv.args, inv.kwargs))
 
     wrapped = base_tool.model_copy()  # fields, private state and the schema memo, as they are
     swap_class(wrapped, _routed_class(base_tool, runs))
     return cast(T, wrapped)
-
-
-def _supplied_arguments(tool: BaseTool,
-                        user_key: Callable[..., Any] | None) -> Callable[[_Invocation], Any]:
-    """What identifies a tool's call: what the model supplies (the tool-call schema, defaults
-    applied), or ``key=``'s answer for it; injected state, store, runtime, call id, config
-    and callbacks are not part of it."""
-    schema = tool.tool_call_schema
-    if isinstance(schema, dict):
-        props = schema.get("properties", {})
-        defaults = {k: p["default"] for k, p in props.items() if "default" in p}
-    else:
-        props = get_fields(schema)
-        defaults = {k: f.default for k, f in props.items() if isinstance(f, FieldInfo)
-                    and f.default_factory is None and not f.is_required()}
-    names = [name for name in props if name not in ("config", "run_manager", "callbacks")]
-
-    def ident(inv: _Invocation) -> Any:
-        given = {"*": inv.args} if len(inv.args) > len(names) else dict(
-            zip(names, inv.args, strict=False))
-        supplied = {k: v for k, v in {**defaults, **inv.kwargs}.items() if k in names} | given
-        return user_key(**supplied) if user_key is not None else supplied
-
-    return ident
 
 
 def _routed_class(tool: BaseTool, runs: _Runs) -> type[BaseTool]:
