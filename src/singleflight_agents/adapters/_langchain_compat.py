@@ -4,8 +4,8 @@ langchain-core 1.8): when a release moves one, this module is what changes.
 - A chat model's identity as LangChain itself tells models apart (``_llm_type``,
   ``_identifying_params``, the LangSmith parameters) and its generation methods, which the
   wrapper calls on the model it wraps.
-- A tool's run methods, and the class of a copied tool swapped for a subclass that routes
-  them through the engine (pydantic models refuse a plain attribute for a method).
+- A tool's run methods, and the class of a copied tool (or chat model) swapped for a subclass
+  that routes them through the engine (pydantic models refuse a plain attribute for a method).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.tools import BaseTool
+from pydantic import BaseModel
 
 __all__ = ["agenerate", "generate", "identifying_params", "llm_type", "ls_params",
            "overrides_arun", "run_methods", "swap_class"]
@@ -49,5 +50,5 @@ def overrides_arun(arun: Any) -> bool:
     return arun is not BaseTool._arun
 
 
-def swap_class(tool: BaseTool, cls: type[BaseTool]) -> None:
-    object.__setattr__(tool, "__class__", cls)
+def swap_class(copy: BaseModel, cls: type[BaseModel]) -> None:
+    object.__setattr__(copy, "__class__", cls)

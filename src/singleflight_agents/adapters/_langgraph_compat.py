@@ -44,8 +44,9 @@ def injected_args(tool: BaseTool) -> Injected:
 
 
 def is_runtime(value: object) -> bool:
-    """A node's ``Runtime`` or a tool's ``ToolRuntime``."""
-    return isinstance(value, Runtime | ToolRuntime)
+    """A node's ``Runtime`` or a tool's ``ToolRuntime`` (not a mock made with its spec, which
+    passes ``isinstance`` but cannot be copied)."""
+    return isinstance(value, Runtime | ToolRuntime) and dataclasses.is_dataclass(type(value))
 
 
 def runtime_with_writer(runtime: Any, writer: Writer) -> Any:

@@ -1,7 +1,9 @@
 """LangChain / LangGraph chat models whose turns are recorded, shared and replayed as receipts.
 
 ``receipt_chat_model(sf, llm, deterministic=True)`` wraps any ``BaseChatModel``; a LangGraph
-agent, ``bind_tools`` and ``with_structured_output`` use the wrapper as they would the model.
+agent, ``bind_tools`` and ``with_structured_output`` use the wrapper as they would the model:
+the model's own ``bind_tools`` and ``with_structured_output`` build what they return (its tool
+format, its structured-output method), and each turn of it still goes through receipts.
 
 **Keyed on** everything that decides the answer: the model's ``_llm_type``,
 ``_identifying_params`` and its own fields (secrets as ``<secret>``, clients and fields
@@ -45,6 +47,7 @@ from pydantic import BaseModel, PrivateAttr
 
 from ..pricing import PriceSource, PriceTable
 from ._langchain_compat import agenerate, generate, identifying_params, llm_type, ls_params
+from ._langchain_routed import routed_model
 from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
 
 __all__ = ["ReceiptChatModel", "receipt_chat_model"]
@@ -64,6 +67,7 @@ class ReceiptChatModel(BaseChatModel):
 
     inner: BaseChatModel
     _turns: Turns = PrivateAttr()
+    _routed: BaseChatModel | None = PrivateAttr(default=None)
 
     @property
     def _llm_type(self) -> str:
@@ -132,17 +136,29 @@ class ReceiptChatModel(BaseChatModel):
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
                    tool_choice: str | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
-        """The inner model formats the tools; the binding runs this wrapper."""
+        """The inner model's ``bind_tools`` formats the tools; its turns run this wrapper."""
         if type(self.inner).bind_tools is BaseChatModel.bind_tools:
             raise NotImplementedError(f"{type(self.inner).__name__} does not implement bind_tools, "
                                       f"so its wrapper cannot bind tools either")
-        bound = self.inner.bind_tools(tools, tool_choice=tool_choice, **kwargs)
-        if not (isinstance(bound, RunnableBinding) and bound.bound is self.inner):
-            raise TypeError(f"{type(self.inner).__name__}.bind_tools returned "
-                            f"{type(bound).__name__}, not a binding of the model itself; "
-                            f"receipt_chat_model cannot take its tools over")
-        ours = self.bind(**bound.kwargs)
+        routed = self._inner_routed()
+        bound = routed.bind_tools(tools, tool_choice=tool_choice, **kwargs)
+        if not (isinstance(bound, RunnableBinding) and bound.bound is routed):
+            return bound  # the model's own runnable, on a copy whose turns run this wrapper
+        ours = self.bind(**bound.kwargs)  # a plain binding: of the wrapper itself
         return ours.with_config(bound.config) if bound.config else ours
+
+    def with_structured_output(self, schema: dict[str, Any] | type, **kwargs: Any,
+                               ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """The inner model's own ``with_structured_output`` (its method and format, when it
+        has one of its own), its turns run through this wrapper."""
+        if type(self.inner).with_structured_output is BaseChatModel.with_structured_output:
+            return super().with_structured_output(schema, **kwargs)
+        return self._inner_routed().with_structured_output(schema, **kwargs)
+
+    def _inner_routed(self) -> BaseChatModel:
+        if self._routed is None:
+            self._routed = routed_model(self, self.inner)
+        return self._routed
 
 
 def receipt_chat_model(sf: Executor, llm: BaseChatModel, /, *, model_name: str | None = None,
