@@ -10,6 +10,7 @@ several processes never mix): that is how the tests count executions across proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 
 from singleflight_agents import SharedExecutionError, Singleflight, StoreError, ToolExecutionOptions
 from singleflight_agents.store import REDIS_SCHEMES, ReceiptStore, SQLiteStore, sqlite_path
+from singleflight_agents.store._liveness import platform_lock
 
 # What `tool` does in this process; each worker sets it before calling.
 CONFIG: dict[str, Any] = {"log": None, "store": None, "behaviour": "return"}
@@ -79,11 +81,20 @@ def lease_rows(store: ReceiptStore) -> list[list[Any]]:
     return found
 
 
+def has_liveness_lock() -> bool:
+    """Whether an SQLite holder's death is seen at once (a lock the kernel releases), or
+    only when its lease lapses, as on Redis."""
+    return platform_lock() is not None
+
+
 def steal_leases(store: ReceiptStore) -> int:
     """Make every lease in the store takeable while its holder still runs, the one way
     each backend can lose a live holder's lease: SQLite loses the lock file (deleted, as
     a cleanup script might); Redis sees the lease lapse (as after a long pause of its
     holder). Returns how many leases were stolen."""
+    if isinstance(store, SQLiteStore) and not has_liveness_lock():  # leases lapse instead
+        with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+            return conn.execute("UPDATE leases SET expires_at = 0 WHERE state = 'held'").rowcount
     if isinstance(store, SQLiteStore):
         lock_files = list(Path(f"{store.path}.locks").iterdir())
         for lock_file in lock_files:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import codec
 from ._cli_common import PROG, UsageError, existing_store, new_store, store_signer, utf8
+from ._platform import O_CLOEXEC
 from .models import RECEIPT_FIELDS, Receipt
 from .signing import ENV_SECRET, Signer, key_path_for
 from .store import is_sqlite_url, sqlite_path
@@ -124,7 +125,7 @@ def _write_private(path: str, text: str) -> None:
     # An export holds every stored input and output: readable by this user only, as the
     # store and key are. Created 0600; a file already there is made 0600 before it is
     # emptied, so the new content is never readable by others, not even for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         if stat.S_ISREG(os.fstat(fd).st_mode):  # not a pipe, a terminal or /dev/stdout
             try:

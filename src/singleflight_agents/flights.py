@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import threading
 from typing import TYPE_CHECKING, Any
+
+from ._platform import at_fork_in_child
 
 if TYPE_CHECKING:  # imported lazily: asyncio alone doubles the package's import time
     import asyncio
@@ -103,7 +104,7 @@ class FlightTable:
 
 
 FLIGHTS = FlightTable()
-os.register_at_fork(after_in_child=FLIGHTS.clear)
+at_fork_in_child(FLIGHTS.clear)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

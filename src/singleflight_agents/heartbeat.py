@@ -7,12 +7,12 @@ due (a tool shorter than a third of its lease never pays a renewal).
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 
+from ._platform import at_fork_in_child
 from .store.base import Lease, ReceiptStore
 
 
@@ -71,4 +71,4 @@ def _reset_after_fork() -> None:
         beat._after_fork()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+at_fork_in_child(_reset_after_fork)

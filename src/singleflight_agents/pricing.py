@@ -26,6 +26,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from ._platform import O_BINARY, O_CLOEXEC, O_NONBLOCK
+
 ENV_PRICES = "SINGLEFLIGHT_PRICES"
 ENV_GENAI_PRICES = "SINGLEFLIGHT_GENAI_PRICES"
 YOUR_TABLE = "your table"
@@ -178,7 +180,7 @@ def _entry(model: str, value: Any) -> tuple[float, float]:
 
 def _read_regular_file(path: Path) -> str:
     """The file's text; a FIFO or device there is refused at once, never waited on."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_BINARY)
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise OSError(0, "not a regular file")

@@ -18,6 +18,15 @@ import stat
 import warnings
 from pathlib import Path
 
+from ._platform import (
+    O_BINARY,
+    O_CLOEXEC,
+    O_NOFOLLOW,
+    O_NONBLOCK,
+    has_posix_modes,
+    owned_by_someone_else,
+    refuse_symlink,
+)
 from .models import RECEIPT_FIELDS, RECEIPT_NUMBERS, Receipt, StoreError
 
 ENV_SECRET = "SINGLEFLIGHT_SECRET"
@@ -108,13 +117,15 @@ def _read_or_create_key_file(path: Path) -> bytes:
             os.unlink(tmp)
     info, data = _read_key_file(path)
     # Whoever can write the key can forge receipts, and forged pickles run code.
-    if info.st_uid != os.geteuid():
+    if owned_by_someone_else(info):
         raise StoreError(f"signing key file {path} belongs to another user; delete it or set "
                          f"{ENV_SECRET}")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if not has_posix_modes():
+        pass  # Windows: the mode bits say nothing of its access list (docs/security.md)
+    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StoreError(f"signing key file {path} is writable by group or others; "
                          f"chmod 600 it (and check nobody changed it) or set {ENV_SECRET}")
-    if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+    elif info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
         # Warned, not refused: a git checkout or a CI cache restore leaves 0644, and a refusal
         # would fail every such job without taking back what was already readable.
         warnings.warn(f"signing key file {path} is readable by group or others, who could "
@@ -135,7 +146,8 @@ def _read_key_file(path: Path) -> tuple[os.stat_result, bytes]:
     # O_NOFOLLOW: a symlink is refused. O_NONBLOCK: a FIFO planted here must not hang every
     # process that opens the store; it, like anything else not a regular file, is refused.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        refuse_symlink(path)
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY)
     except OSError as exc:
         raise StoreError(f"cannot read signing key file {path}: {exc.strerror} (a symlink is "
                          f"refused); fix it or set {ENV_SECRET}") from None

@@ -1,23 +1,32 @@
 """Per-key lock files beside the SQLite store: the liveness lock of a lease.
 
-The holder keeps an ``flock`` on its key's lock file for as long as it executes. Waiters in
-other processes block on that lock, so the kernel wakes them the moment the holder finishes
-and also when it dies: no polling, and a killed holder is taken over at once instead of
-after its lease lapses.
+The holder keeps a liveness lock (:mod:`._liveness`: ``flock`` on POSIX) on its key's lock
+file for as long as it executes. Waiters in other processes wait on that lock, so they wake
+the moment the holder finishes and also when it dies: a killed holder is taken over at once
+instead of after its lease lapses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import stat
 import threading
 from pathlib import Path
 
+from .._platform import (
+    O_CLOEXEC,
+    O_DIRECTORY,
+    O_NOFOLLOW,
+    O_NONBLOCK,
+    at_fork_in_child,
+    owned_by_someone_else,
+    refuse_symlink,
+)
 from ..models import StoreError
+from ._liveness import LivenessLock
 
 # Lock fds this process holds; closed in a forked child so a child cannot keep a
 # parent's lease alive after the parent is gone.
@@ -31,7 +40,7 @@ def _close_inherited_fds() -> None:
     _HELD_FDS.clear()
 
 
-os.register_at_fork(after_in_child=_close_inherited_fds)
+at_fork_in_child(_close_inherited_fds)
 
 
 class KeyLocks:
@@ -40,8 +49,9 @@ class KeyLocks:
     Lock files live only in a real directory of this user, and only under names of the
     lock-file form, so that ``prune`` can tell its own files from anything else."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, lock: LivenessLock) -> None:
         self.directory = directory
+        self._lock = lock
 
     def _path(self, key: str) -> str:
         if not _LOCK_NAME.fullmatch(key):
@@ -59,13 +69,13 @@ class KeyLocks:
                 continue
             try:
                 info = _regular(fd, path)
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
+                locked = self._lock.try_lock(fd)
             except BaseException:
                 os.close(fd)
                 raise
+            if not locked:
+                os.close(fd)
+                return None
             if _same_file(path, info):
                 _HELD_FDS.add(fd)
                 return fd
@@ -73,12 +83,13 @@ class KeyLocks:
 
     def unlock(self, key: str, fd: int) -> None:
         path = self._path(key)
-        if _same_file(path, os.fstat(fd)):  # not a newer holder's file
+        # Where open files cannot be unlinked, the file stays until prune.
+        if self._lock.unlinks_open_files and _same_file(path, os.fstat(fd)):  # not a newer holder's
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         _HELD_FDS.discard(fd)
         # Unlock before closing: a forked child may still hold a copy of this fd.
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        self._lock.unlock(fd)
         os.close(fd)
 
     def wait(self, key: str, timeout: float) -> None:
@@ -98,13 +109,12 @@ class KeyLocks:
 
         def block() -> None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: a forked child may share this fd
+                self._lock.wait_free(fd)
             finally:
                 os.close(fd)
                 released.set()
 
-        # flock has no timeout: block in a helper thread and stop waiting for it after
+        # The lock has no timeout: block in a helper thread and stop waiting for it after
         # `timeout`. The thread ends when the holder does and closes only its own fd.
         threading.Thread(target=block, name="singleflight-wait", daemon=True).start()
         released.wait(timeout)
@@ -131,7 +141,7 @@ class KeyLocks:
         if not stat.S_ISDIR(info.st_mode):
             raise StoreError(f"cannot make the lock directory {self.directory}: a file of that "
                              f"name exists; move that file away")
-        if info.st_uid != os.geteuid():
+        if owned_by_someone_else(info):
             raise StoreError(f"lock directory {self.directory} belongs to another user; delete "
                              f"it or pass another --db")
 
@@ -148,18 +158,48 @@ class KeyLocks:
         symlink, which would delete the files it points to)."""
         if not self._check_directory(create=False):
             return 0
+        if not _DIR_FDS:  # Windows: by path, checked just above
+            return sum(self._prune_file(None, os.path.join(self.directory, name))
+                       for name in os.listdir(self.directory) if _LOCK_NAME.fullmatch(name))
         # Opened without following a symlink, so the directory listed is the one checked.
         try:
-            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                | os.O_CLOEXEC)
+            directory = os.open(self.directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
         except FileNotFoundError:
             return 0
         try:
             self._refuse_unless_ours(os.fstat(directory))
-            return sum(_prune_file(directory, name) for name in os.listdir(directory)
+            return sum(self._prune_file(directory, name) for name in os.listdir(directory)
                        if _LOCK_NAME.fullmatch(name))
         finally:
             os.close(directory)
+
+    def _prune_file(self, directory: int | None, name: str) -> int:
+        """1 if the lock file ``name`` was stale and deleted; anything not provably a lock
+        file of this user (a symlink, FIFO, directory, another user's file) is left alone."""
+        try:
+            refuse_symlink(name)
+            fd = os.open(name, os.O_RDWR | _LOCK_FLAGS, dir_fd=directory)
+        except OSError:  # gone, a symlink, a directory, a socket: not ours to delete
+            return 0
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or owned_by_someone_else(info):
+                return 0
+            if not self._lock.try_lock(fd):
+                return 0  # a live holder's
+            if self._lock.unlinks_open_files:
+                try:  # unlinked while locked, so no new holder can have locked it meanwhile
+                    return _unlink_if_same(directory, name, info)
+                finally:
+                    self._lock.unlock(fd)  # before closing: a forked child may share this fd
+            # Windows: the unlink fails while anyone, this process included, has it open.
+            self._lock.unlock(fd)
+            os.close(fd)
+            fd = -1
+            return _unlink_if_same(directory, name, info)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 # What fingerprint_of returns: the only names a lock file ever has, and the only ones
@@ -167,12 +207,16 @@ class KeyLocks:
 _LOCK_NAME = re.compile(r"[0-9a-f]{64}")
 
 # O_NOFOLLOW: a symlink is never a lock file. O_NONBLOCK: opening a FIFO planted at a
-# lock path must not hang (it is then refused as not a regular file). flock ignores it.
-_LOCK_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# lock path must not hang (it is then refused as not a regular file). The locks ignore it.
+_LOCK_FLAGS = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
+
+# Whether a directory can be opened, listed and used as dir_fd (not on Windows).
+_DIR_FDS = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and bool(O_DIRECTORY)
 
 
 def _open_lock_file(path: str, flags: int) -> int:
     try:
+        refuse_symlink(path)
         return os.open(path, flags | _LOCK_FLAGS, 0o600)
     except OSError as exc:
         if exc.errno != errno.ELOOP:
@@ -195,31 +239,14 @@ def _same_file(path: str, info: os.stat_result) -> bool:
     return (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino)
 
 
-def _prune_file(directory: int, name: str) -> int:
-    """1 if the lock file ``name`` was stale and deleted; anything not provably a lock
-    file of this user (a symlink, FIFO, directory, another user's file) is left alone."""
+def _unlink_if_same(directory: int | None, name: str, info: os.stat_result) -> int:
+    """Unlink ``name`` unless a new holder has made a new file there since (that one is
+    live); on Windows the unlink itself fails while anyone has the file open."""
     try:
-        fd = os.open(name, os.O_RDWR | _LOCK_FLAGS, dir_fd=directory)
-    except OSError:  # gone, a symlink, a directory, a socket: not ours to delete
+        now = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            return 0
+        os.unlink(name, dir_fd=directory)
+        return 1
+    except (FileNotFoundError, PermissionError):
         return 0
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            return 0
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0  # a live holder's
-        try:
-            now = os.stat(name, dir_fd=directory, follow_symlinks=False)
-            # Its holder may have finished and a new one made a new file: that one is live.
-            if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
-                return 0
-            os.unlink(name, dir_fd=directory)
-            return 1
-        except FileNotFoundError:
-            return 0
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # before closing: a forked child may share this fd
-    finally:
-        os.close(fd)

@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlencode
 
 import redis
 
+from .._platform import at_fork_in_child
 from ..models import RECEIPT_FIELDS, RECEIPT_NUMBERS, Receipt, StoreError
 from . import redact_url
 from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
@@ -385,7 +386,7 @@ def _reset_after_fork() -> None:
         store._after_fork()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+at_fork_in_child(_reset_after_fork)
 
 
 def _keep_listening(error: BaseException, pubsub: Any, worker: Any) -> None:

@@ -3,24 +3,32 @@
 Leases live in the database (fencing tokens from one global counter, so they only
 grow even after ``prune``). Beside them, the holder keeps a lock on a per-key lock file
 for as long as it executes (:mod:`._locks`): waiters in other processes are woken the
-moment the holder finishes and also when it dies.
+moment the holder finishes and also when it dies. On a platform with no such lock
+(:mod:`._liveness`), a held lease is live until it expires, and waiters poll it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
+from .._platform import O_CLOEXEC
 from ..models import RECEIPT_FIELDS, Receipt, StoreError, receipt_row
 from ..signing import key_path_for
+from ._connections import Connections
+from ._liveness import POLL_SECONDS, LivenessLock, platform_lock
 from ._locks import KeyLocks
 from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 SCHEMA_VERSION = 1
 _RECEIPT_COLUMNS = ", ".join(RECEIPT_FIELDS)  # one column per field, in the receipt's order
@@ -44,18 +52,36 @@ CREATE TABLE stats (
 _translated = translating(sqlite3.Error, OSError)
 
 
+def _operation(method: Callable[Concatenate[SQLiteStore, P], R]) -> Callable[Concatenate[SQLiteStore, P], R]:
+    """A store operation: its errors as StoreError, and no fork while it runs (see
+    :mod:`._connections`)."""
+    translated = _translated(method)
+
+    @functools.wraps(method)
+    def wrapper(self: SQLiteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self._conns.enter()
+        try:
+            return translated(self, *args, **kwargs)
+        finally:
+            self._conns.leave()
+
+    return wrapper
+
+
 class SQLiteStore(ReceiptStore):
     """A :class:`ReceiptStore` in one SQLite file; see the module docstring."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], lock: LivenessLock | None = None) -> None:
         self.path = Path(path).expanduser().absolute()
         self.url = str(self.path)
-        self._local = threading.local()
+        self._conns = Connections(self.path)
         self._open_file()
         self.identity = f"sqlite:{os.path.realpath(self.path)}"
         self.key_path = key_path_for(self.path)
         self._has_seen = False  # the table of mode "off", made once per store and process
-        self._locks = KeyLocks(self.path.with_name(self.path.name + ".locks"))
+        lock = lock or platform_lock()
+        self._locks = None if lock is None else \
+            KeyLocks(self.path.with_name(self.path.name + ".locks"), lock)
 
     # -- connection and schema ------------------------------------------------------
 
@@ -65,29 +91,21 @@ class SQLiteStore(ReceiptStore):
                              f"{self.path / 'receipts.db'}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot open store {self.path}: {exc.strerror}; check the path "
                              f"and its permissions") from None
         try:
             self._ensure_schema(self._conn())
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
+            self._conns.close_all()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"{self.path} is not a usable singleflight store ({exc}); move it "
                              f"away or pass another --db") from None
 
     def _conn(self) -> sqlite3.Connection:
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
-                                   check_same_thread=False, cached_statements=64)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            # Bytes that are not UTF-8 (a damaged row) decode with replacement characters,
-            # so the receipt fails its signature check instead of aborting the read.
-            conn.text_factory = lambda data: data.decode("utf-8", "replace")
-            local.conn, local.pid = conn, os.getpid()
-            local.receipts, local.data_version = {}, None
-        return conn
+        return self._conns.get()
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -131,16 +149,16 @@ class SQLiteStore(ReceiptStore):
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-        self._local.receipts = {}  # our own commits do not move data_version
+        self._conns.local.receipts = {}  # our own commits do not move data_version
 
     # -- receipts and leases --------------------------------------------------------
 
-    @_translated
+    @_operation
     def get(self, key: str) -> Receipt | None:
         # Receipts this thread read stay valid until the file changes: data_version moves
         # on every commit by another connection (ours clear the memo in _write), and is
         # cheaper than reading the row again. A hit therefore costs one pragma.
-        conn, local = self._conn(), self._local
+        conn, local = self._conn(), self._conns.local
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         receipts: dict[str, Receipt] = local.receipts
         if version != local.data_version:
@@ -158,20 +176,22 @@ class SQLiteStore(ReceiptStore):
             receipt = receipts[key] = Receipt(*row)
         return receipt
 
-    @_translated
+    @_operation
     def acquire(self, key: str, owner: str, lease_seconds: float) -> Lease | Busy:
-        fd = self._locks.try_lock(key)
-        if fd is None:
-            row = self._conn().execute(
-                "SELECT token, state FROM leases WHERE fingerprint = ?", (key,)).fetchone()
-            token = 0 if row is None else row[0] if row[1] == "held" else row[0] + 1
-            return Busy(since_token=token)
+        fd = None
+        if self._locks is not None:
+            fd = self._locks.try_lock(key)
+            if fd is None:
+                return self._busy(key)
         try:
             with self._write() as conn:
-                row = conn.execute("SELECT state FROM leases WHERE fingerprint = ?",
-                                   (key,)).fetchone()
-                # We hold the lock file, so a lease still marked held has a dead holder.
-                takeover = row is not None and row[0] == "held"
+                row = conn.execute("SELECT state, token, expires_at FROM leases WHERE "
+                                   "fingerprint = ?", (key,)).fetchone()
+                held = row is not None and row[0] == "held"
+                # Holding the lock file, a lease still marked held has a dead holder; with
+                # no lock file, a held lease is live until it expires.
+                if held and fd is None and row[2] > time.time():
+                    return Busy(since_token=row[1])
                 token = conn.execute(
                     "UPDATE meta SET value = value + 1 WHERE name = 'token' RETURNING value"
                 ).fetchone()[0]
@@ -180,11 +200,17 @@ class SQLiteStore(ReceiptStore):
                     (key, token, owner, time.time() + lease_seconds),
                 )
         except BaseException:
-            self._locks.unlock(key, fd)
+            if self._locks is not None and fd is not None:
+                self._locks.unlock(key, fd)
             raise
-        return Lease(key, token, owner, lease_seconds, takeover, fd)
+        return Lease(key, token, owner, lease_seconds, held, fd)
 
-    @_translated
+    def _busy(self, key: str) -> Busy:
+        row = self._conn().execute(
+            "SELECT token, state FROM leases WHERE fingerprint = ?", (key,)).fetchone()
+        return Busy(since_token=0 if row is None else row[0] if row[1] == "held" else row[0] + 1)
+
+    @_operation
     def renew(self, lease: Lease) -> bool:
         with self._write() as conn:
             cursor = conn.execute(
@@ -193,11 +219,11 @@ class SQLiteStore(ReceiptStore):
         return cursor.rowcount == 1
 
     def _finish(self, lease: Lease) -> None:
-        if lease.handle is not None:
+        if self._locks is not None and lease.handle is not None:
             self._locks.unlock(lease.key, lease.handle)
             lease.handle = None
 
-    @_translated
+    @_operation
     def release(self, lease: Lease, failure: tuple[str, str] | None = None) -> None:
         error_type, message = failure or (None, None)
         try:
@@ -211,7 +237,7 @@ class SQLiteStore(ReceiptStore):
         finally:
             self._finish(lease)
 
-    @_translated
+    @_operation
     def put(self, receipt: Receipt, lease: Lease) -> bool:
         try:
             with self._write() as conn:
@@ -227,20 +253,36 @@ class SQLiteStore(ReceiptStore):
         finally:
             self._finish(lease)
 
-    @_translated
+    @_operation
     def last_failure(self, key: str) -> Failure | None:
         row = self._conn().execute(
             "SELECT token, error_type, error_message FROM leases WHERE fingerprint = ? AND "
             "state = 'failed'", (key,)).fetchone()
         return Failure(*row) if row else None
 
-    @_translated
+    @_translated  # not an operation: a fork need not wait for it (its reads are)
     def wait(self, key: str, timeout: float) -> None:
-        self._locks.wait(key, timeout)
+        if self._locks is not None:
+            self._locks.wait(key, timeout)
+            return
+        # No liveness lock: poll the lease until it is released or lapses.
+        deadline, pause = time.monotonic() + timeout, 0.001
+        while time.monotonic() < deadline:
+            row = self._lease_state(key)
+            if row is None or row[0] != "held" or row[1] <= time.time():
+                return
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, POLL_SECONDS)
+
+    @_operation
+    def _lease_state(self, key: str) -> tuple[str, float] | None:
+        row: tuple[str, float] | None = self._conn().execute(
+            "SELECT state, expires_at FROM leases WHERE fingerprint = ?", (key,)).fetchone()
+        return row
 
     # -- statistics -----------------------------------------------------------------
 
-    @_translated
+    @_operation
     def save_stats(
         self, run_id: str, process_id: str, counters: Mapping[str, Mapping[str, float]]
     ) -> None:
@@ -252,7 +294,7 @@ class SQLiteStore(ReceiptStore):
                  for tool, values in counters.items()],
             )
 
-    @_translated
+    @_operation
     def load_stats(self, run_id: str | None) -> list[tuple[str, str, dict[str, float]]]:
         query = "SELECT run_id, tool_name, counters FROM stats"
         rows = (self._conn().execute(query + " WHERE run_id = ?", (run_id,)) if run_id
@@ -261,7 +303,7 @@ class SQLiteStore(ReceiptStore):
                                           "delete that row of the stats table"))
                 for run, tool, counters in rows]
 
-    @_translated
+    @_operation
     def first_call(self, run_id: str, key: str) -> bool:
         with self._write() as conn:
             if not self._has_seen:
@@ -271,7 +313,7 @@ class SQLiteStore(ReceiptStore):
         self._has_seen = True  # committed: the table is there for good
         return first
 
-    @_translated
+    @_operation
     def latest_run(self) -> str | None:
         row = self._conn().execute(
             "SELECT run_id FROM stats ORDER BY updated_at DESC LIMIT 1").fetchone()
@@ -279,22 +321,22 @@ class SQLiteStore(ReceiptStore):
 
     # -- maintenance ----------------------------------------------------------------
 
-    @_translated
+    @_operation
     def iter_receipts(self) -> Iterator[Receipt]:
         rows = self._conn().execute(
             f"SELECT {_RECEIPT_COLUMNS} FROM receipts ORDER BY tool_name, fingerprint").fetchall()
         return (Receipt(*row) for row in rows)
 
-    @_translated
+    @_operation
     def import_receipt(self, receipt: Receipt) -> None:
         with self._write() as conn:
             conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
                          f"({_RECEIPT_VALUES})", receipt_row(receipt))
 
-    @_translated
+    @_operation
     def prune(self, now: float) -> dict[str, int]:
         # First: a lock directory that is not ours is refused before anything is deleted.
-        lock_files = self._locks.prune()
+        lock_files = 0 if self._locks is None else self._locks.prune()
         before = self._bytes()
         with self._write() as conn:
             receipts = conn.execute("DELETE FROM receipts WHERE expires_at <= ?", (now,)).rowcount
@@ -319,17 +361,14 @@ class SQLiteStore(ReceiptStore):
                 total += path.stat().st_size
         return total
 
-    @_translated
+    @_operation
     def check(self) -> list[str]:
         rows = self._conn().execute("PRAGMA quick_check").fetchall()
         return [] if rows == [("ok",)] else [f"{self.path}: {' '.join(str(row[0]).split())}"
                                              for row in rows]
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local = threading.local()
+        self._conns.close_all()
 
 
 _SEEN_SECONDS = 86400
