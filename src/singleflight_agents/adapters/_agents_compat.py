@@ -4,6 +4,9 @@ against openai-agents 0.24): when an SDK release moves one, this module is what 
 - The attributes by which the SDK marks a function tool's invoker: whether it binds its
   failure handling to the tool, the arguments hook approval policies read, whether the tool
   is a sync function, and the callable ``tool.__wrapped__`` gives back.
+- A function tool's failure reporter (the span error and the log lines under the SDK's
+  tool-data setting), reused around an invoker of ours; the "not given" default of
+  ``failure_error_function``.
 - A hosted or MCP tool's namespace, which ``get_response`` sends to the model.
 - The hook the runner calls on a model when a run ends.
 - An MCP server's approval policy and failure handling, and the name the SDK logs it under.
@@ -15,11 +18,13 @@ import contextlib
 from typing import Any
 
 from agents.mcp._logging import get_mcp_server_log_name as mcp_server_log_name
-from agents.tool import set_function_tool_failure_error_function, with_function_tool_failure_error_handler
+from agents.tool import _UNSET_FAILURE_ERROR_FUNCTION as UNSET_FAILURE_ERROR_FUNCTION
+from agents.tool import _with_context_function_tool_failure_error_handler as with_failure_reporter
+from agents.tool import set_function_tool_failure_error_function
 
-__all__ = ["copy_invoker_marks", "handles_failures", "mcp_server_log_name", "mcp_server_policies",
-           "raise_failures", "run_end_cleanup", "set_mcp_server_policies", "tool_namespace",
-           "with_failure_handler"]
+__all__ = ["UNSET_FAILURE_ERROR_FUNCTION", "copy_invoker_marks", "expose_wrapped", "handles_failures",
+           "mcp_server_log_name", "mcp_server_policies", "raise_failures", "run_end_cleanup",
+           "set_mcp_server_policies", "tool_namespace", "with_failure_handler"]
 
 _BINDS_TO_TOOL = "__agents_bind_function_tool__"
 _PREPARES_ARGUMENTS = "__agents_prepare_arguments__"
@@ -47,9 +52,18 @@ def copy_invoker_marks(original: Any, invoke: Any, tool: Any) -> None:
         setattr(invoke, _WRAPPED_CALLABLE, tool.__wrapped__)
 
 
-def with_failure_handler(original: Any, invoke: Any, on_failure: Any) -> Any:
-    """``invoke`` with the SDK's failure handling around it, marked sync as ``original`` is."""
-    invoker = with_function_tool_failure_error_handler(invoke, on_failure)
+def expose_wrapped(tool: Any, func: Any) -> None:
+    """Make ``tool.__wrapped__`` give back ``func``: the SDK reads it from the implementation
+    inside the tool's invoker (a closure made for this tool alone)."""
+    setattr(tool.on_invoke_tool._invoke_tool_impl, _WRAPPED_CALLABLE, func)
+
+
+def with_failure_handler(original: Any, invoke: Any) -> Any:
+    """``invoke`` inside the failure handling ``original`` has: the tool's error message for
+    the model, and the SDK's own report of the failure (the function span's error; the log
+    lines, exception detail included when the SDK's tool-data setting allows it). Marked sync
+    as ``original`` is."""
+    invoker = with_failure_reporter(invoke, original._on_handled_error)
     if getattr(original, _SYNC_TOOL, False):
         setattr(invoker, _SYNC_TOOL, True)
     return invoker

@@ -16,17 +16,32 @@ import dataclasses
 import functools
 import inspect
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, overload
 
-from agents import FunctionTool, RunContextWrapper
+from agents import AgentBase, FunctionTool, RunContextWrapper
 from agents import function_tool as sdk_function_tool
+from agents.function_schema import DocstringStyle
+from agents.tool import (
+    FunctionToolCustomDataExtractor,
+    ToolCaller,
+    ToolErrorFunction,
+    ToolTimeoutBehavior,
+)
 from agents.tool_context import ToolContext
+from agents.tool_guardrails import ToolInputGuardrail, ToolOutputGuardrail
+from agents.util._types import MaybeAwaitable
 
 from ..engine import Singleflight, default_tool_name
 from ..models import OPTION_ALIASES, RUN_SETTINGS, ToolExecutionOptions
-from ._agents_compat import copy_invoker_marks, handles_failures, raise_failures, with_failure_handler
+from ._agents_compat import (
+    UNSET_FAILURE_ERROR_FUNCTION,
+    copy_invoker_marks,
+    expose_wrapped,
+    handles_failures,
+    raise_failures,
+    with_failure_handler,
+)
 from ._context import context_free_key
 
 __all__ = ["function_tool", "wrap_function_tool"]
@@ -35,12 +50,6 @@ SDK_KEYWORDS = frozenset(inspect.signature(sdk_function_tool).parameters) - {"fu
 # Fields, their aliases, and the run's settings (which ToolExecutionOptions then refuses by name).
 ENGINE_KEYWORDS = frozenset(f.name for f in dataclasses.fields(ToolExecutionOptions)) \
     | OPTION_ALIASES.keys() | RUN_SETTINGS
-
-# Attributes by which the SDK (0.24) recognises its own function-tool invokers. A tool built by
-# ``agents.function_tool`` turns errors into a message for the model (``failure_error_function``)
-# inside its invoker; such a message must never be stored as the tool's result.
-
-_logger = logging.getLogger("openai.agents")
 
 ToolFunction = Callable[..., Any]
 Invoker = Callable[[ToolContext[Any], str], Awaitable[Any]]
@@ -75,22 +84,42 @@ def function_tool(
 
 
 def function_tool(
-    sf: Singleflight, func: ToolFunction | None = None, /, **options: Any
+    sf: Singleflight, func: ToolFunction | None = None, /, *,
+    name_override: str | None = None,
+    description_override: str | None = None,
+    docstring_style: DocstringStyle | None = None,
+    use_docstring_info: bool = True,
+    failure_error_function: ToolErrorFunction | object | None = UNSET_FAILURE_ERROR_FUNCTION,
+    strict_mode: bool = True,
+    is_enabled: bool | Callable[[RunContextWrapper[Any], AgentBase[Any]], MaybeAwaitable[bool]] = True,
+    needs_approval: bool | Callable[[RunContextWrapper[Any], dict[str, Any], str], Awaitable[bool]] = False,
+    tool_input_guardrails: list[ToolInputGuardrail[Any]] | None = None,
+    tool_output_guardrails: list[ToolOutputGuardrail[Any]] | None = None,
+    timeout: float | None = None,
+    timeout_behavior: ToolTimeoutBehavior = "error_as_result",
+    timeout_error_function: ToolErrorFunction | None = None,
+    defer_loading: bool = False,
+    custom_data_extractor: FunctionToolCustomDataExtractor | None = None,
+    allowed_callers: list[ToolCaller] | None = None,
+    output_type: Any | None = None,
+    output_json_schema: dict[str, Any] | None = None,
+    **options: Any,
 ) -> FunctionTool | Callable[[ToolFunction], FunctionTool]:
     """``agents.function_tool`` whose calls go through ``sf``; sync or async functions.
 
     ``@function_tool(sf, deterministic=True, ttl_seconds=300)`` or ``function_tool(sf, func,
-    ...)``. Keywords are those of ``agents.function_tool`` (``name_override``,
-    ``description_override``, ``docstring_style``, ``strict_mode``, ``failure_error_function``,
-    ``is_enabled``, ``timeout``, ...) and the fields of :class:`ToolExecutionOptions`; any
-    other raises ``TypeError``. The engine's ``tool_name`` defaults to the SDK tool's name. A
-    ``key=`` receives the tool's arguments without the run context. As everywhere, calls are
-    shared only with ``deterministic=True`` or ``bounded_read=True``.
+    ...)``. The keywords of ``agents.function_tool``, keyword-only as there (and any a newer
+    SDK adds), and the fields of :class:`ToolExecutionOptions`; any other raises
+    ``TypeError``. The engine's ``tool_name`` defaults to the function's ``module.qualname``.
+    A ``key=`` receives the tool's arguments without the run context. As everywhere, calls
+    are shared only with ``deterministic=True`` or ``bounded_read=True``. ``tool.__wrapped__``
+    is ``func`` itself, as with the SDK: calling it runs the function, not the engine.
 
     A callable object (not a function or method) becomes the SDK's own tool wrapped by
     :func:`wrap_function_tool`: keyed on its JSON arguments, ``key=`` receiving them as keywords.
     """
-    sdk, engine = _split(options)
+    given = {k: v for k, v in locals().items() if k in _DECLARED and v is not _DECLARED[k]}
+    sdk, engine = _split({**given, **options})
     base = ToolExecutionOptions().replace(**engine)  # bad values fail here, not at first call
 
     def build(f: ToolFunction) -> FunctionTool:
@@ -105,11 +134,19 @@ def function_tool(
         # sf.tool keeps the function's name, docstring, signature and sync/async nature
         # (functools.wraps), so the SDK derives the very schema it would from ``f``.
         routed = sf.tool(f, **{**engine, "tool_name": name, "key": _context_free_key(f, base.key)})
-        return sdk_function_tool(routed, **sdk)
+        tool = sdk_function_tool(routed, **sdk)
+        expose_wrapped(tool, f)  # the user's function, as the SDK gives it: not the engine's
+        return tool
 
     if func is None:
         return build
     return build(func)
+
+
+# The keywords function_tool declares, with their defaults: only those given are passed on,
+# so the SDK's own defaults apply to the rest.
+_DECLARED = {name: p.default for name, p in inspect.signature(function_tool).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) -> FunctionTool:
@@ -152,7 +189,9 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
     invoker: Invoker = invoke
     if sdk_failures:
         copy_invoker_marks(original, invoke, tool)
-        invoker = with_failure_handler(original, invoke, _log_handled_failure)
+        # The SDK's own failure handling around ours: the model's error message, the span's
+        # error and the log lines, as the tool has them unwrapped.
+        invoker = with_failure_handler(original, invoke)
     wrapped = copy.copy(tool)
     wrapped.on_invoke_tool = invoker
     return copy.copy(wrapped)  # copying binds the SDK's invoker to the tool it belongs to
@@ -165,7 +204,3 @@ def _parse(arguments: str) -> dict[str, Any] | None:
         return None
     return parsed if isinstance(parsed, dict) else None
 
-
-def _log_handled_failure(tool: FunctionTool, error: Exception, arguments: str) -> None:
-    # As the SDK does by default (OPENAI_AGENTS_DONT_LOG_TOOL_DATA): no arguments in logs.
-    _logger.debug("Tool %s failed: %s", tool.name, type(error).__name__)
