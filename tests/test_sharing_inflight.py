@@ -15,6 +15,7 @@ import pytest
 
 from singleflight_agents import ExecutionOutcome, Singleflight, Source, ToolExecutionOptions
 from singleflight_agents.flights import FLIGHTS
+from singleflight_agents.store import Lease
 
 SHARED = ToolExecutionOptions(tool_name="t.sharing", deterministic=True)
 ENTRIES = ["threads-sync-tool", "threads-async-tool", "tasks-async-tool", "tasks-sync-tool"]
@@ -187,6 +188,11 @@ def _single_use_outcomes(flight: Flight, entry: str) -> list[ExecutionOutcome]:
     assert values[0] is not values[1]
     summary = flight.sf.summary()
     assert (summary["fallbacks"], summary["not_persisted"], summary["shared_waits"]) == (1, 1, 0)
+    # nothing stored, and the lease given back: another process would run it at once
+    assert list(flight.sf.store.iter_receipts()) == []
+    lease = flight.sf.store.acquire(outcomes[0].fingerprint, "another-process", 10)
+    assert isinstance(lease, Lease)
+    flight.sf.store.release(lease)
     return outcomes
 
 
@@ -264,3 +270,51 @@ def test_a_result_that_cannot_be_copied_is_not_shared(
         [Source.EXECUTED, Source.EXECUTED_FALLBACK])
     assert outcomes[0].value is not outcomes[1].value
     assert sf.summary()["fallbacks"] == 1
+
+
+# -- do(): the same rule ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("produce", [lambda: {"hits": [1, 2]}, lambda: Answer(query="q", hits=[1])],
+                         ids=["stored", "not-stored"])
+@pytest.mark.filterwarnings("ignore:.*not persisted")
+async def test_do_gives_each_task_its_own_value(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch, produce: Callable[[], Any]) -> None:
+    joined, release, runs = _joins(monkeypatch, 3), asyncio.Event(), [0]
+
+    async def fn() -> Any:
+        runs[0] += 1
+        await release.wait()
+        return produce()
+
+    async def releaser() -> None:
+        await asyncio.to_thread(joined.wait, 30)
+        release.set()
+
+    outcomes = (await asyncio.gather(releaser(), *(sf.do("t.do", {"q": 1}, fn, options=SHARED)
+                                                   for _ in range(3))))[1:]
+    assert runs == [1]
+    _own_and_equal(outcomes)
+
+
+def test_do_sync_never_hands_a_generator_to_a_second_thread(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
+    joined, release, runs = _joins(monkeypatch, 2), threading.Event(), [0]
+    outcomes: list[ExecutionOutcome] = []
+
+    def fn() -> Iterator[int]:
+        runs[0] += 1
+        assert release.wait(30)
+        return _items()
+
+    threads = [threading.Thread(target=lambda: outcomes.append(sf.do_sync("t.do", 1, fn, options=SHARED)))
+               for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match=r"t\.do: its result \(of type generator\)"):
+        for thread in threads:
+            thread.start()
+        assert joined.wait(30)
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    assert runs == [2]
+    assert [list(o.value) for o in outcomes] == [[1, 2], [1, 2]]
