@@ -159,3 +159,18 @@ def test_create_react_agent_with_a_structured_response(sqlite_sf: Singleflight) 
         assert result["structured_response"] == Weather(temperature=75)
     assert OWN == ["Weather"] * 2
     assert [sorted(c) for c in CALLS] == [["tools"], ["response_format"]]  # once each
+
+
+def test_token_counts_are_the_inner_models(sqlite_sf: Singleflight) -> None:
+    class Counting(OwnWays):
+        def get_num_tokens_from_messages(self, messages: list[BaseMessage],
+                                         tools: Sequence[Any] | None = None) -> int:
+            return 7 * len(messages)
+
+        def get_token_ids(self, text: str) -> list[int]:
+            return [1] * len(text)
+
+    chat = receipt_chat_model(sqlite_sf, Counting(), deterministic=True)
+    assert chat.get_num_tokens_from_messages([HumanMessage("a"), HumanMessage("b")]) == 14
+    assert chat.get_token_ids("abc") == [1, 1, 1] and chat.get_num_tokens("abcd") == 4
+    assert CALLS == []

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from ..codec import canonical_json
-from ._langgraph_compat import Injected, injected_args
+from ._langgraph_compat import Injected, injected_args, is_runtime
 
 __all__ = ["tool_identity"]
 
@@ -83,8 +83,11 @@ def _injected_values(tool_name: str, injected: Injected, kwargs: dict[str, Any])
         if getattr(runtime, "store", None) is not None:
             raise TypeError(_refusal(tool_name, f"a runtime ({injected.runtime!r}) that carries "
                                                 f"the store"))
+        # The parts of a runtime a tool reads for its answer; its config, tool call id,
+        # stream writer and tool list are how the call runs, not what it answers.
         values[injected.runtime] = {"state": keyed(getattr(runtime, "state", None)),
-                                    "context": keyed(getattr(runtime, "context", None))}
+                                    "context": keyed(getattr(runtime, "context", None))} \
+            if is_runtime(runtime) else keyed(runtime)
     for name, value in values.items():
         try:
             canonical_json(value)

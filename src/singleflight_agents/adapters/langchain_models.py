@@ -155,6 +155,17 @@ class ReceiptChatModel(BaseChatModel):
             return super().with_structured_output(schema, **kwargs)
         return self._inner_routed().with_structured_output(schema, **kwargs)
 
+    # Token counts are the inner model's (trim_messages(token_counter=model) asks the model).
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.inner.get_token_ids(text)
+
+    def get_num_tokens(self, text: str) -> int:
+        return self.inner.get_num_tokens(text)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage],
+                                     tools: Sequence[Any] | None = None) -> int:
+        return self.inner.get_num_tokens_from_messages(messages, tools)
+
     def _inner_routed(self) -> BaseChatModel:
         if self._routed is None:
             self._routed = routed_model(self, self.inner)
