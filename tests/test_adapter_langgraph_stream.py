@@ -171,3 +171,11 @@ def test_an_in_flight_waiter_writes_the_owners_events(sqlite_sf: Singleflight,
     waiter.join(10)
     assert streams == {"1": [{"held": 1}], "2": [{"held": 1}]}
     assert RUNS["held"] == 1
+
+
+def test_a_result_stored_before_events_were_stored_still_serves() -> None:
+    from singleflight_agents.adapters.langgraph import _finish, _Invocation
+
+    served = _Invocation(streaming_tool.func, (), {}, call_id="new")  # type: ignore[arg-type]
+    old = _finish(served, ("old", {"answer": 1}))  # (call id, result): no events
+    assert old == {"answer": 1}

@@ -67,7 +67,8 @@ class ReceiptChatModel(BaseChatModel):
 
     inner: BaseChatModel
     _turns: Turns = PrivateAttr()
-    _routed: BaseChatModel | None = PrivateAttr(default=None)
+    # (the wrapper it routes to, the copy): a copy of this wrapper builds a copy of its own.
+    _routed: tuple[BaseChatModel, BaseChatModel] | None = PrivateAttr(default=None)
 
     @property
     def _llm_type(self) -> str:
@@ -167,9 +168,9 @@ class ReceiptChatModel(BaseChatModel):
         return self.inner.get_num_tokens_from_messages(messages, tools)
 
     def _inner_routed(self) -> BaseChatModel:
-        if self._routed is None:
-            self._routed = routed_model(self, self.inner)
-        return self._routed
+        if self._routed is None or self._routed[0] is not self:
+            self._routed = (self, routed_model(self, self.inner))
+        return self._routed[1]
 
 
 def receipt_chat_model(sf: Executor, llm: BaseChatModel, /, *, model_name: str | None = None,
