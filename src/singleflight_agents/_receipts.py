@@ -1,5 +1,5 @@
 """Receipts of an engine's calls: read and checked, written and signed, and the lease given
-back when a run fails."""
+back when a run fails; a result as each caller of its flight gets it, a copy of its own."""
 
 from __future__ import annotations
 
