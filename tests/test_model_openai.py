@@ -163,7 +163,10 @@ def test_runs_in_threads_execute_each_turn_once(sf: Singleflight) -> None:
     models = [ScriptedModel(two_turns()) for _ in range(4)]
 
     def run(model: ScriptedModel) -> Any:
-        return Runner.run_sync(make_agent(sf, model), QUESTION, run_config=CONFIG).final_output
+        try:
+            return Runner.run_sync(make_agent(sf, model), QUESTION, run_config=CONFIG).final_output
+        finally:  # run_sync keeps this worker thread's loop open for later runs: there are none
+            asyncio.get_event_loop_policy().get_event_loop().close()
 
     with ThreadPoolExecutor(4) as pool:
         outputs = list(pool.map(run, models))

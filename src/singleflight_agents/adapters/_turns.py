@@ -103,6 +103,27 @@ def json_numbers(value: Any) -> Any:
     return value
 
 
+# Request settings that steer how a request is cached, retried or timed out, never what the model
+# answers: keying them would split receipts of one question. The Agents SDK's runner, for one,
+# adds a prompt_cache_key generated per run, which would turn every replay into a miss.
+ANSWER_NEUTRAL = frozenset({"prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+                            "retry", "timeout"})
+# Where frameworks pass request fields to the provider as they are.
+PASS_THROUGH = ("extra_args", "extra_body", "model_kwargs")
+
+
+def without_hints(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` for a key: without the fields in ``ANSWER_NEUTRAL``, at its top level and
+    in its pass-through dicts (``extra_args``, ``extra_body``, ``model_kwargs``), an empty one
+    as ``None`` (either sends nothing)."""
+    kept = {k: v for k, v in settings.items() if k not in ANSWER_NEUTRAL}
+    for name in PASS_THROUGH:
+        extra = kept.get(name)
+        if isinstance(extra, Mapping):
+            kept[name] = {k: v for k, v in extra.items() if k not in ANSWER_NEUTRAL} or None
+    return kept
+
+
 def usage_of(tokens_in: int | None, tokens_out: int | None) -> dict[str, int]:
     return {"input_tokens": int(tokens_in or 0), "output_tokens": int(tokens_out or 0)}
 

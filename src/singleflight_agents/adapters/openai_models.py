@@ -2,10 +2,13 @@
 
 A wrapped ``agents.Model`` sends each turn through the engine under the tool name
 ``model:<name>``. The key is everything that decides the answer: the model name, system
-instructions, input items, model settings (all of them, ``extra_headers`` included), the
+instructions, input items, model settings (``extra_headers`` included), the
 tools' and handoffs' schemas (all the SDK sends of a function tool; hosted tools by their
 configuration), the output schema, ``previous_response_id`` and ``prompt``. Never keyed: the
-tracing setting, the Python objects behind tools and handoffs, trace, span and request ids.
+tracing setting, the Python objects behind tools and handoffs, trace, span and request ids,
+and the settings that steer caching, retries and timeouts but not the answer
+(``prompt_cache_key`` and the other ``_turns.ANSWER_NEUTRAL`` fields, also inside
+``extra_args`` / ``extra_body``): the runner's prompt cache key, generated per run, replays.
 A turn with a ``conversation_id`` depends on server-side state and is not shared (unless
 ``key=`` says how). The receipt is the SDK's ``ModelResponse``: output items, usage, response
 and request ids, raw usage.
@@ -20,6 +23,7 @@ never reached ``response.completed`` is not recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import AsyncIterator
@@ -37,7 +41,8 @@ from pydantic import TypeAdapter
 
 from ..models import SingleflightError
 from ._agents_compat import run_end_cleanup, tool_namespace
-from ._turns import Executor, Request, Turns, jsonable, setting, usage_of
+from ._agents_stream import IncompleteStreamError, LiveStream, dump, relay
+from ._turns import Executor, Request, Turns, jsonable, setting, usage_of, without_hints
 
 __all__ = ["IncompleteStreamError", "ReceiptModel", "ReceiptModelProvider", "receipt_model",
            "receipt_model_provider"]
@@ -49,10 +54,6 @@ class _Ids(TypedDict):
     previous_response_id: str | None
     conversation_id: str | None
     prompt: ResponsePromptParam | None
-
-
-class IncompleteStreamError(RuntimeError):
-    """A model's stream ended without ``response.completed``: it is not recorded."""
 
 
 def receipt_model(sf: Executor, model: Model, /, *, model_name: str | None = None,
@@ -93,13 +94,29 @@ def receipt_model_provider(sf: Executor, provider: ModelProvider, /, *, prices: 
 
 
 class ReceiptModel(Model):
-    """An ``agents.Model`` whose turns go through the engine; see :func:`receipt_model`."""
+    """An ``agents.Model`` whose turns go through the engine; see :func:`receipt_model`.
+
+    To the SDK it is the model it wraps: ``isinstance`` checks pass for the inner model's class
+    (the runner picks policies by it), and any attribute it does not have itself is the inner
+    model's (capabilities such as ``_supports_default_prompt_cache_key``).
+    """
 
     def __init__(self, inner: Model, turns: Turns) -> None:
         self.inner = inner
         self.model = turns.model_name
         self._turns = turns
         self._warned_conversation = False
+
+    @property  # type: ignore[misc]  # isinstance() consults __class__ after type()
+    def __class__(self) -> type[Any]:
+        return type(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only what normal lookup misses; protocol names (__deepcopy__, ...) stay this object's.
+        inner = self.__dict__.get("inner")
+        if inner is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
 
     async def get_response(
         self, system_instructions: str | None, input: str | list[TResponseInputItem],
@@ -128,71 +145,15 @@ class ReceiptModel(Model):
         ids: _Ids = {"previous_response_id": previous_response_id,
                      "conversation_id": conversation_id, "prompt": prompt}
         request = self._request(*args, **ids)
-        # The engine runs `record` in this task's loop if this caller owns the turn; its events
-        # reach this generator through the queue as they arrive. Otherwise `record` never runs
-        # here and the outcome carries the recorded events.
-        queue: asyncio.Queue[TResponseStreamEvent] = asyncio.Queue()
-        ran_here = False
-
-        async def record(request: Request) -> dict[str, Any]:
-            nonlocal ran_here
-            ran_here = True
-            events, usage, completed = [], usage_of(0, 0), False
-            stream = self.inner.stream_response(*args, **ids)
-            try:
-                async for event in stream:
-                    queue.put_nowait(event)
-                    events.append(_dump(event))
-                    response = getattr(event, "response", None)
-                    if event.type == "response.completed" and response is not None:
-                        completed = True
-                        if response.usage:
-                            usage = usage_of(response.usage.input_tokens, response.usage.output_tokens)
-                        break  # the answer is whole: record it now, whatever the stream does next
-            finally:
-                close = getattr(stream, "aclose", None)
-                if close is not None:
-                    await close()
-            if not completed:  # a failed or cut-off stream is never a receipt
-                last = events[-1]["type"] if events else "no event"
-                raise IncompleteStreamError(f"{self._turns.options.tool_name}: the stream ended "
-                                            f"without response.completed (last: {last}); not "
-                                            f"recorded")
-            return {"usage": usage, "events": events}
-
+        # The engine runs `live.record` in this task's loop if this caller owns the turn, and
+        # its events reach this caller as they arrive; otherwise the outcome carries them.
+        live = LiveStream(lambda: self.inner.stream_response(*args, **ids),
+                          self._turns.tool_name)
         turn = asyncio.ensure_future(
-            self._turns.run(record, request, stream=True, shared=self._shareable(conversation_id)))
-        waiter: asyncio.Future[TResponseStreamEvent] | None = None
-        delivered_completed = False
-        try:
-            while not turn.done() or not queue.empty():
-                if queue.empty():
-                    waiter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({waiter, turn}, return_when=asyncio.FIRST_COMPLETED)
-                    if not waiter.done():
-                        waiter.cancel()
-                        continue
-                    event = waiter.result()
-                else:
-                    event = queue.get_nowait()
-                delivered_completed = event.type == "response.completed"
+            self._turns.run(live.record, request, stream=True, shared=self._shareable(conversation_id)))
+        async with contextlib.aclosing(relay(live, turn)) as events:  # closed with this one
+            async for event in events:
                 yield event
-            outcome = turn.result()  # raises the turn's error after the events it streamed
-            if not ran_here:
-                adapter = _stream_event_adapter()
-                for event in outcome.value["events"]:
-                    yield adapter.validate_python(event)
-        finally:
-            if waiter is not None:
-                waiter.cancel()  # cancelled while waiting for the next event
-            if not turn.done():
-                # Stopped after the whole answer: the turn is only storing it, so wait for that.
-                # Stopped before: the turn is cancelled and the engine abandons it.
-                if not delivered_completed:
-                    turn.cancel()
-                await asyncio.wait({turn})  # a cancellation of this consumer still propagates
-            if not turn.cancelled():
-                turn.exception()  # retrieved: the consumer has gone
 
     def _shareable(self, conversation_id: str | None) -> bool:
         """A turn in a server-side conversation depends on what the server holds, which the
@@ -223,7 +184,7 @@ class ReceiptModel(Model):
             "model": self.model,
             "system_instructions": system_instructions,
             "input": jsonable(input),
-            "model_settings": model_settings.to_json_dict(),
+            "model_settings": without_hints(model_settings.to_json_dict()),
             "tools": [_tool_spec(tool) for tool in tools],
             "handoffs": [_handoff_spec(handoff) for handoff in handoffs],
             "output_schema": _output_spec(output_schema),
@@ -316,18 +277,12 @@ def _output_spec(schema: AgentOutputSchemaBase | None) -> dict[str, Any] | None:
 def _dump_response(response: ModelResponse) -> dict[str, Any]:
     return {
         "usage": usage_of(response.usage.input_tokens, response.usage.output_tokens),
-        "output": [_dump(item) for item in response.output],
+        "output": [dump(item) for item in response.output],
         "sdk_usage": serialize_usage(response.usage),
         "response_id": response.response_id,
         "request_id": response.request_id,
         "raw_usage": response.raw_usage,
     }
-
-
-def _dump(item: Any) -> Any:
-    # Only the fields the model set, by their wire names: loaded back, the item dumps as the
-    # original did, so the next turn's input (and key) is the same after a replay.
-    return item.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
 def _load_response(value: dict[str, Any]) -> ModelResponse:
@@ -344,8 +299,3 @@ def _load_response(value: dict[str, Any]) -> ModelResponse:
 @cache
 def _output_item_adapter() -> TypeAdapter[TResponseOutputItem]:
     return TypeAdapter(TResponseOutputItem)
-
-
-@cache
-def _stream_event_adapter() -> TypeAdapter[TResponseStreamEvent]:
-    return TypeAdapter(TResponseStreamEvent)

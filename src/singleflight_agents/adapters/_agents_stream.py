@@ -1,0 +1,105 @@
+"""A streamed Agents SDK model turn: recorded while its first caller streams it live, relayed
+from the recording to every other caller (see ``openai_models``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from functools import cache
+from typing import Any
+
+from agents.items import TResponseStreamEvent
+from pydantic import TypeAdapter
+
+from ._turns import Request, usage_of
+
+__all__ = ["IncompleteStreamError", "LiveStream", "relay"]
+
+
+class IncompleteStreamError(RuntimeError):
+    """A model's stream ended without ``response.completed``: it is not recorded."""
+
+
+class LiveStream:
+    """The model's own stream, for the caller that owns the turn: ``record`` passes each event
+    on as it arrives and returns the recording the engine stores."""
+
+    def __init__(self, open_stream: Callable[[], AsyncIterator[TResponseStreamEvent]],
+                 tool_name: str) -> None:
+        self.queue: asyncio.Queue[TResponseStreamEvent] = asyncio.Queue()
+        self.ran_here = False  # set when the engine ran `record` for this caller
+        self._open = open_stream
+        self._tool_name = tool_name
+
+    async def record(self, request: Request) -> dict[str, Any]:
+        self.ran_here = True
+        events: list[Any] = []
+        usage, completed = usage_of(0, 0), False
+        stream = self._open()
+        try:
+            async for event in stream:
+                self.queue.put_nowait(event)
+                events.append(dump(event))
+                response = getattr(event, "response", None)
+                if event.type == "response.completed" and response is not None:
+                    completed = True
+                    if response.usage:
+                        usage = usage_of(response.usage.input_tokens, response.usage.output_tokens)
+                    break  # the answer is whole: record it now, whatever the stream does next
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+        if not completed:  # a failed or cut-off stream is never a receipt
+            last = events[-1]["type"] if events else "no event"
+            raise IncompleteStreamError(f"{self._tool_name}: the stream ended without "
+                                        f"response.completed (last: {last}); not recorded")
+        return {"usage": usage, "events": events}
+
+
+async def relay(live: LiveStream,
+                turn: asyncio.Future[Any]) -> AsyncGenerator[TResponseStreamEvent, None]:
+    """The turn's events for this caller: live ones as ``record`` queues them (if the engine
+    ran it here), else the recorded ones once the turn is settled; then the turn's error."""
+    waiter: asyncio.Future[Any] | None = None
+    delivered_completed = False
+    try:
+        while not turn.done() or not live.queue.empty():
+            if live.queue.empty():
+                waiter = asyncio.ensure_future(live.queue.get())
+                await asyncio.wait({waiter, turn}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    continue
+                event = waiter.result()
+            else:
+                event = live.queue.get_nowait()
+            delivered_completed = event.type == "response.completed"
+            yield event
+        outcome = turn.result()  # raises the turn's error after the events it streamed
+        if not live.ran_here:
+            adapter = _stream_event_adapter()
+            for recorded in outcome.value["events"]:
+                yield adapter.validate_python(recorded)
+    finally:
+        if waiter is not None:
+            waiter.cancel()  # cancelled while waiting for the next event
+        if not turn.done():
+            # Stopped after the whole answer: the turn is only storing it, so wait for that.
+            # Stopped before: the turn is cancelled and the engine abandons it.
+            if not delivered_completed:
+                turn.cancel()
+            await asyncio.wait({turn})  # a cancellation of this consumer still propagates
+        if not turn.cancelled():
+            turn.exception()  # retrieved: the consumer has gone
+
+
+def dump(item: Any) -> Any:
+    # Only the fields the model set, by their wire names: loaded back, the item dumps as the
+    # original did, so the next turn's input (and key) is the same after a replay.
+    return item.model_dump(mode="json", exclude_unset=True, by_alias=True)
+
+
+@cache
+def _stream_event_adapter() -> TypeAdapter[TResponseStreamEvent]:
+    return TypeAdapter(TResponseStreamEvent)
