@@ -107,13 +107,21 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Each test's outcome, in ``$COMPAT_OUTCOMES`` (compat/check.py reads it): the call's,
     or a failed or skipped setup, or a failed teardown. Under xdist the controller gets every
     worker's reports; the workers write nothing."""
-    path = os.environ.get("COMPAT_OUTCOMES")
-    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
-        return
     if report.when == "call" or report.failed or report.skipped:
-        outcome = "skipped" if report.skipped else report.outcome
+        _write_outcome(report.nodeid, "skipped" if report.skipped else report.outcome)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A module that cannot be collected is a failure of its own (its tests never ran)."""
+    if report.failed:
+        _write_outcome(report.nodeid, "failed")
+
+
+def _write_outcome(nodeid: str, outcome: str) -> None:
+    path = os.environ.get("COMPAT_OUTCOMES")
+    if path and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps([report.nodeid, outcome]) + "\n")
+            f.write(json.dumps([nodeid, outcome]) + "\n")
 
 
 def pytest_report_header() -> str:

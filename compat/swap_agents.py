@@ -16,6 +16,7 @@ comes from.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import weakref
@@ -38,6 +39,7 @@ SDK_GET_MODEL = turn_preparation.get_model
 SEEN = ("name", "description", "params_json_schema", "strict_json_schema", "defer_loading")
 
 
+@functools.wraps(SDK_FUNCTION_TOOL)  # its signature too: tests inspect it
 def function_tool(func: Any = None, /, **kwargs: Any) -> Any:
     """``agents.function_tool``, with the tool built by our adapter."""
     if func is None:
