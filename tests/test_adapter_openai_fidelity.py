@@ -140,7 +140,11 @@ class _Spans(TracingProcessor):
 
 @pytest.fixture
 def spans() -> Iterator[_Spans]:
-    """The spans the SDK ends during the test (its global trace provider restored after)."""
+    yield from collecting_spans()
+
+
+def collecting_spans() -> Iterator[_Spans]:
+    """The spans the SDK ends while this runs (its global trace provider restored after)."""
     collector, previous, provider = _Spans(), get_trace_provider(), DefaultTraceProvider()
     provider.set_processors([collector])
     set_trace_provider(provider)

@@ -5,9 +5,10 @@ split receipts. Against the real SDK, offline via ScriptedModel."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,14 +18,17 @@ from agents import (
     Agent,
     GuardrailFunctionOutput,
     Model,
+    ModelResponse,
     ModelSettings,
+    ModelTimeoutError,
     OpenAIChatCompletionsModel,
     OutputGuardrail,
     RunConfig,
     Runner,
     UserError,
 )
-from agents.testing import ScriptedModel, assistant_message
+from agents.testing import ModelStep, ScriptedModel, assistant_message
+from test_adapter_openai_fidelity import _Spans, collecting_spans
 
 from singleflight_agents import Singleflight
 from singleflight_agents.adapters.openai_models import ReceiptModel, receipt_model
@@ -184,3 +188,66 @@ async def test_other_models_still_refuse_guardrails_with_server_managed_history(
     agent = _guarded_agent(receipt_model(sqlite_sf, ScriptedModel([]), model_name=NAME))
     with pytest.raises(UserError, match="server-managed conversation history"):
         await Runner.run(agent, "go", previous_response_id="resp-1", run_config=CONFIG)
+
+
+@pytest.fixture
+def spans() -> Iterator[_Spans]:
+    yield from collecting_spans()
+
+
+class FixedModel(ScriptedModel):
+    """Answers every turn with one response object, so the caller's copy can be told apart."""
+
+    def __init__(self, response: ModelResponse) -> None:
+        super().__init__()
+        self.response = response
+
+    async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
+        return self.response
+
+
+async def test_the_caller_that_runs_a_turn_gets_the_models_own_response(
+        sqlite_sf: Singleflight) -> None:
+    answer = await ScriptedModel([[assistant_message("hi")]]).get_response(*direct_args(), **KW)
+    model = receipt_model(sqlite_sf, FixedModel(answer), model_name=NAME, deterministic=True)
+    first = await model.get_response(*direct_args(), **KW)
+    served = await model.get_response(*direct_args(), **KW)  # from the receipt
+    assert first is answer  # the model's object: whatever it carries beyond the receipt's fields
+    assert served is not answer and text_of(served) == "hi"
+    assert sqlite_sf.summary()["tools"][f"model:{NAME}"]["cache_hits"] == 1
+
+
+async def test_a_stream_of_plain_dict_events_is_relayed_and_its_error_raised(
+        sqlite_sf: Singleflight) -> None:
+    async def failing_stream(_call: Any) -> AsyncIterator[Any]:
+        yield {"type": "response.created", "sequence_number": 0}
+        raise RuntimeError("stream blew up")
+
+    model = receipt_model(sqlite_sf, ScriptedModel([ModelStep.stream(failing_stream)]),
+                          model_name=NAME, deterministic=True)
+    seen: list[Any] = []
+    with pytest.raises(RuntimeError, match="stream blew up"):
+        async for event in model.stream_response(*direct_args(), **KW):
+            seen.append(event)
+    assert seen == [{"type": "response.created", "sequence_number": 0}]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "streamed"])
+async def test_the_sdks_model_timeout_is_recorded_on_the_generation_span(
+        sqlite_sf: Singleflight, spans: _Spans, streamed: bool) -> None:
+    async def hang(_call: Any) -> Any:
+        await asyncio.Event().wait()
+
+    inner = ScriptedModel([ModelStep.respond(hang)], emit_traces=True)
+    agent = Agent(name="a", model=receipt_model(sqlite_sf, inner, model_name=NAME),
+                  model_settings=ModelSettings(timeout=0.01))
+    with pytest.raises(ModelTimeoutError):
+        if streamed:
+            async for _ in Runner.run_streamed(agent, "go").stream_events():
+                pass
+        else:
+            await Runner.run(agent, "go")
+    errors = [s["error"] for s in spans.ended
+              if s.get("span_data", {}).get("type") == "generation" and s.get("error")]
+    assert errors == [{"message": "Error",
+                       "data": {"error": "Model call timed out after 0.01 seconds."}}]

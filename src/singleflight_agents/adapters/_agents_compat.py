@@ -8,12 +8,14 @@ against openai-agents 0.24): when an SDK release moves one, this module is what 
   tool-data setting), reused around an invoker of ours; the "not given" default of
   ``failure_error_function``.
 - A hosted or MCP tool's namespace, which ``get_response`` sends to the model.
-- The hook the runner calls on a model when a run ends.
+- The hook the runner calls on a model when a run ends, and the mark by which a model's task
+  knows that the SDK's model timeout cancelled it.
 - An MCP server's approval policy and failure handling, and the name the SDK logs it under.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -22,14 +24,15 @@ from agents.tool import _UNSET_FAILURE_ERROR_FUNCTION as UNSET_FAILURE_ERROR_FUN
 from agents.tool import _with_context_function_tool_failure_error_handler as with_failure_reporter
 from agents.tool import set_function_tool_failure_error_function
 
-__all__ = ["UNSET_FAILURE_ERROR_FUNCTION", "copy_invoker_marks", "expose_wrapped", "handles_failures",
-           "mcp_server_log_name", "mcp_server_policies", "raise_failures", "run_end_cleanup",
-           "set_mcp_server_policies", "tool_namespace", "with_failure_handler"]
+__all__ = ["UNSET_FAILURE_ERROR_FUNCTION", "carry_model_timeout", "copy_invoker_marks", "expose_wrapped",
+           "handles_failures", "mcp_server_log_name", "mcp_server_policies", "raise_failures",
+           "run_end_cleanup", "set_mcp_server_policies", "tool_namespace", "with_failure_handler"]
 
 _BINDS_TO_TOOL = "__agents_bind_function_tool__"
 _PREPARES_ARGUMENTS = "__agents_prepare_arguments__"
 _SYNC_TOOL = "__agents_sync_function_tool__"
 _WRAPPED_CALLABLE = "__agents_function_tool_wrapped_callable__"
+_MODEL_TIMEOUT = "_openai_agents_model_timeout_error"
 
 
 def handles_failures(invoker: Any) -> bool:
@@ -72,6 +75,14 @@ def with_failure_handler(original: Any, invoke: Any) -> Any:
 def tool_namespace(tool: Any) -> dict[str, Any]:
     return {"namespace": getattr(tool, "_tool_namespace", None),
             "namespace_description": getattr(tool, "_tool_namespace_description", None)}
+
+
+def carry_model_timeout(source: asyncio.Task[Any] | None, target: asyncio.Future[Any]) -> None:
+    """Mark ``target`` as cancelled by the SDK's model timeout if ``source`` is: a model's
+    stream running in ``target`` then records the timeout on its span as in ``source``."""
+    error = getattr(source, _MODEL_TIMEOUT, None)
+    if error is not None:
+        setattr(target, _MODEL_TIMEOUT, error)
 
 
 async def run_end_cleanup(model: Any, owner: object) -> None:

@@ -4,14 +4,15 @@ from the recording to every other caller (see ``openai_models``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from functools import cache
 from typing import Any
 
 from agents.items import TResponseStreamEvent
 from pydantic import TypeAdapter
 
-from ._turns import Request, usage_of
+from ._agents_compat import carry_model_timeout
+from ._turns import Request, jsonable, usage_of
 
 __all__ = ["IncompleteStreamError", "LiveStream", "relay"]
 
@@ -41,7 +42,7 @@ class LiveStream:
                 self.queue.put_nowait(event)
                 events.append(dump(event))
                 response = getattr(event, "response", None)
-                if event.type == "response.completed" and response is not None:
+                if event_type(event) == "response.completed" and response is not None:
                     completed = True
                     if response.usage:
                         usage = usage_of(response.usage.input_tokens, response.usage.output_tokens)
@@ -74,7 +75,7 @@ async def relay(live: LiveStream,
                 event = waiter.result()
             else:
                 event = live.queue.get_nowait()
-            delivered_completed = event.type == "response.completed"
+            delivered_completed = event_type(event) == "response.completed"
             yield event
         outcome = turn.result()  # raises the turn's error after the events it streamed
         if not live.ran_here:
@@ -88,6 +89,9 @@ async def relay(live: LiveStream,
             # Stopped after the whole answer: the turn is only storing it, so wait for that.
             # Stopped before: the turn is cancelled and the engine abandons it.
             if not delivered_completed:
+                # Cancelled by the SDK's model timeout: the model's stream, in the turn's task,
+                # records it on its span as it would in the SDK's.
+                carry_model_timeout(asyncio.current_task(), turn)
                 turn.cancel()
             await asyncio.wait({turn})  # a cancellation of this consumer still propagates
         if not turn.cancelled():
@@ -97,7 +101,13 @@ async def relay(live: LiveStream,
 def dump(item: Any) -> Any:
     # Only the fields the model set, by their wire names: loaded back, the item dumps as the
     # original did, so the next turn's input (and key) is the same after a replay.
+    if isinstance(item, Mapping):  # a model may yield its events as plain dicts
+        return jsonable(item)
     return item.model_dump(mode="json", exclude_unset=True, by_alias=True)
+
+
+def event_type(event: Any) -> Any:
+    return event.get("type") if isinstance(event, Mapping) else getattr(event, "type", None)
 
 
 @cache

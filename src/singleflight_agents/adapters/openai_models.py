@@ -128,12 +128,17 @@ class ReceiptModel(Model):
         ids: _Ids = {"previous_response_id": previous_response_id,
                      "conversation_id": conversation_id, "prompt": prompt}
 
+        ran_here: list[ModelResponse] = []
+
         async def call(request: Request) -> dict[str, Any]:
-            return _dump_response(await self.inner.get_response(*args, **ids))
+            ran_here.append(await self.inner.get_response(*args, **ids))
+            return _dump_response(ran_here[-1])
 
         request = self._request(*args, **ids)
         outcome = await self._turns.run(call, request, shared=self._shareable(conversation_id))
-        return _load_response(outcome.value)
+        # The caller that ran the turn gets the model's own response (objects, fields and all);
+        # a caller served by it, in flight or from the store, gets the receipt's.
+        return ran_here[-1] if ran_here else _load_response(outcome.value)
 
     async def stream_response(
         self, system_instructions: str | None, input: str | list[TResponseInputItem],
