@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -57,8 +58,7 @@ def test_verify_passes_then_fails_on_tampering(filled: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", "--db", str(filled)]) == 0
     assert "ok: 2 of 2 receipts verified" in capsys.readouterr().out
-    db = sqlite3.connect(filled)
-    with db:
+    with contextlib.closing(sqlite3.connect(filled)) as db, db:
         db.execute("UPDATE receipts SET output = '\"forged\"' WHERE rowid = 1")
     assert main(["verify", "--db", str(filled)]) == 1
     out = capsys.readouterr().out
@@ -66,8 +66,7 @@ def test_verify_passes_then_fails_on_tampering(filled: Path,
 
 
 def test_verify_reports_malformed_fields(filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = sqlite3.connect(filled)
-    with db:
+    with contextlib.closing(sqlite3.connect(filled)) as db, db:
         db.execute("UPDATE receipts SET token = 'x' WHERE rowid = 1")
     assert main(["verify", "--db", str(filled)]) == 1
     assert "signature mismatch" in capsys.readouterr().out
@@ -119,7 +118,8 @@ def test_prune_drops_expired_receipts(db_path: Path, capsys: pytest.CaptureFixtu
     monkeypatch.setattr(time, "time", lambda: real() + 10)
     assert main(["prune", "--db", str(db_path)]) == 0
     assert "pruned 1 expired receipts" in capsys.readouterr().out
-    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM receipts").fetchone() == (1,)
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("SELECT count(*) FROM receipts").fetchone() == (1,)
 
 
 def test_prune_reports_the_true_sizes_of_the_store(db_path: Path,

@@ -338,11 +338,13 @@ def test_heartbeat_renews_the_lease_of_a_slow_tool(sf: Singleflight) -> None:
     assert len(renewals) >= 3, "the lease was not renewed while the tool ran"
 
 
-def test_cache_hits_do_not_write_statistics(sqlite_sf: Singleflight, db_path: Path) -> None:
+def test_cache_hits_do_not_write_statistics(sqlite_sf: Singleflight, db_path: Path,
+                                           request: pytest.FixtureRequest) -> None:
     sf = sqlite_sf
     sf.execute_sync(str, "warm", options=SHARED)
     sf.flush_stats()
     db = sqlite3.connect(db_path)
+    request.addfinalizer(db.close)
     before = db.execute("SELECT updated_at FROM stats").fetchall()
     changes = db.execute("PRAGMA data_version").fetchone()
     for _ in range(200):

@@ -4,6 +4,7 @@ is readable by its owner only."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -339,6 +340,7 @@ def test_a_store_on_a_unix_socket_works(tmp_path: Path, capsys: pytest.CaptureFi
     finally:
         proc.kill()
         proc.wait(10)
+        proc.stdout.close()  # type: ignore[union-attr]
 
 
 def test_summary_of_an_unknown_run_is_one_line(filled: str,
@@ -433,11 +435,13 @@ def test_a_damaged_statistics_row_is_one_line_in_the_library_too(tmp_path: Path)
     with Singleflight(db, run_id="run-1") as sf:
         sf.execute_sync(str.upper, "a", options=ToolExecutionOptions(tool_name="t.up",
                                                                      deterministic=True))
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE stats SET counters = '{not json'")
-    with pytest.raises(StoreError, match=r"statistics of run 'run-1', tool 't.up' are damaged"):
-        Singleflight(db, run_id="run-1").summary()
-    with sqlite3.connect(db) as conn:
+    with pytest.raises(StoreError, match=r"statistics of run 'run-1', tool 't.up' are damaged"), \
+            Singleflight(db, run_id="run-1") as sf:
+        sf.summary()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("""UPDATE stats SET counters = '{"calls": "many"}'""")
-    with pytest.raises(StoreError, match=r"damaged \(counter 'calls' holds 'many'\)"):
-        Singleflight(db, run_id="run-1").summary()
+    with pytest.raises(StoreError, match=r"damaged \(counter 'calls' holds 'many'\)"), \
+            Singleflight(db, run_id="run-1") as sf:
+        sf.summary()

@@ -256,9 +256,9 @@ def test_a_session_routes_default_clients_of_listed_hosts_only(tmp_path: Any) ->
 
 async def test_a_session_routes_async_default_clients(tmp_path: Any) -> None:
     with Server() as server, sa.session(str(tmp_path / "r.db"), http="127.0.0.1"):
-        client = anthropic.AsyncAnthropic(api_key="k", base_url=server.url)
-        texts = await asyncio.gather(*[client.messages.create(
-            model="claude-sonnet-4-5", max_tokens=8, messages=MESSAGES) for _ in range(4)])
+        async with anthropic.AsyncAnthropic(api_key="k", base_url=server.url) as client:
+            texts = await asyncio.gather(*[client.messages.create(
+                model="claude-sonnet-4-5", max_tokens=8, messages=MESSAGES) for _ in range(4)])
         assert {t.content[0].text for t in texts} == {"echo: what is 2+2?"}
         assert len(server.provider.seen) == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -132,9 +133,9 @@ def test_another_programs_database_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="another program"):
         SQLiteStore(path)
-    check = sqlite3.connect(path)  # refused without being changed
-    assert check.execute("PRAGMA journal_mode").fetchone() == ("delete",)
-    assert check.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+    with contextlib.closing(sqlite3.connect(path)) as check:  # refused without being changed
+        assert check.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        assert check.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
 
 
 def test_a_newer_schema_is_refused(db_path: Path) -> None:
