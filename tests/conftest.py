@@ -157,3 +157,17 @@ def spy(store_url: str) -> Iterator[SpyEngine]:
     engine = SpyEngine(store=store_url, secret=SECRET)
     yield engine
     engine.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_the_default_loop_left_behind() -> Iterator[None]:
+    """``Runner.run_sync`` (openai-agents) and ``Agent.run_sync`` (pydantic-ai) make the thread's
+    default event loop and leave it open, for their next call. Closed after each test, so that
+    it is not collected in a later one as an "unclosed event loop" ResourceWarning (errors
+    here: pyproject.toml)."""
+    yield
+    local = getattr(asyncio.get_event_loop_policy(), "_local", None)
+    loop = getattr(local, "_loop", None)
+    if loop is not None and not loop.is_running() and not loop.is_closed():
+        loop.close()
+        asyncio.set_event_loop(None)

@@ -82,7 +82,13 @@ print("runs", len(runs))
 """
 
 
+# These force a platform themselves, with the real fcntl at hand: not within a forced run.
+self_forcing = pytest.mark.skipif(bool(os.environ.get("SINGLEFLIGHT_TEST_PLATFORM")),
+                                  reason="a forced-portable run has no fcntl to build on")
+
+
 @pytest.mark.slow
+@self_forcing
 @pytest.mark.parametrize("lock", ["msvcrt", "none"])
 def test_imports_and_shares_a_call_with_every_posix_name_missing(tmp_path: Path, lock: str) -> None:
     extra = ("" if lock == "none" else
@@ -115,6 +121,7 @@ def windows_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeyLocks:
     return KeyLocks(tmp_path / "r.db.locks", WindowsLock())
 
 
+@self_forcing
 def test_the_windows_lock_excludes_wakes_its_waiter_and_leaves_the_file_to_prune(
         windows_locks: KeyLocks) -> None:
     fd = windows_locks.try_lock(KEY)
