@@ -95,10 +95,11 @@ def test_the_sdks_keywords_are_keyword_only_with_its_defaults(sqlite_sf: Singlef
     for name, param in sdk.items():
         assert ours[name].kind is inspect.Parameter.KEYWORD_ONLY, name
         assert ours[name].default is param.default or ours[name].default == param.default, name
-    # Bound to an engine (as a drop-in for agents.function_tool), the keywords are still there.
+    # Bound to an engine, a drop-in for agents.function_tool: its parameters, in its order.
     bound = inspect.signature(functools.partial(function_tool, sqlite_sf, deterministic=True))
-    assert bound.parameters["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert next(iter(bound.parameters)) == "func"
+    assert [(n, p.kind) for n, p in bound.parameters.items() if n != "options"] == [
+        (n, p.kind) for n, p in inspect.signature(sdk_function_tool).parameters.items()]
+    assert function_tool(sqlite_sf, func=plain).__wrapped__ is plain  # func= as the SDK takes it
     with pytest.raises(TypeError):
         function_tool(sqlite_sf, plain, None)  # type: ignore[call-overload]
 

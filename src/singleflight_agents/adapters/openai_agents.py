@@ -74,17 +74,17 @@ def _context_free_key(func: ToolFunction, user_key: Callable[..., Any] | None) -
 
 
 @overload
-def function_tool(sf: Singleflight, func: ToolFunction, /, **options: Any) -> FunctionTool: ...
+def function_tool(sf: Singleflight, /, func: ToolFunction, **options: Any) -> FunctionTool: ...
 
 
 @overload
 def function_tool(
-    sf: Singleflight, func: None = None, /, **options: Any
+    sf: Singleflight, /, func: None = None, **options: Any
 ) -> Callable[[ToolFunction], FunctionTool]: ...
 
 
 def function_tool(
-    sf: Singleflight, func: ToolFunction | None = None, /, *,
+    sf: Singleflight, /, func: ToolFunction | None = None, *,
     name_override: str | None = None,
     description_override: str | None = None,
     docstring_style: DocstringStyle | None = None,
