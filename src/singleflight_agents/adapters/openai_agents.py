@@ -5,8 +5,9 @@ routed through the engine: the SDK builds the tool from the function itself (its
 description and parameter schema are exactly the SDK's) and keeps its whole pipeline
 (argument validation, approvals, failure handling, timeouts, output checks). A first
 ``RunContextWrapper`` / ``ToolContext`` parameter reaches the function but never the
-fingerprint. ``wrap_function_tool(sf, tool, **options)`` deduplicates a ``FunctionTool`` built
-elsewhere, keyed on its name and its JSON arguments in canonical form.
+fingerprint. ``tool.__wrapped__`` is the function itself, as with the SDK. ``wrap_function_tool(sf,
+tool, **options)`` deduplicates a ``FunctionTool`` built elsewhere, keyed on its name and its
+JSON arguments in canonical form.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ def wrap_function_tool(sf: Singleflight, tool: FunctionTool, /, **options: Any) 
     rule for a framework tool with no Python function of ours) and the JSON
     arguments, parsed, so key order and whitespace do not matter; the ``ToolContext`` is not
     keyed. ``options`` are :class:`ToolExecutionOptions` fields (``key=`` receives the parsed
-    arguments as keywords). The SDK's failure handling, approvals and ``__wrapped__`` keep
-    working; an error message made for the model is returned, never stored.
+    arguments as keywords). The SDK's failure handling (its message for the model, the
+    function span's error, its log lines), approvals and ``__wrapped__`` keep working; an
+    error message made for the model is returned, never stored.
     """
     if not isinstance(tool, FunctionTool):
         raise TypeError(f"wrap_function_tool() expected an agents.FunctionTool, got "
