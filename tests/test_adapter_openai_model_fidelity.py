@@ -18,9 +18,11 @@ from agents import (
     Agent,
     GuardrailFunctionOutput,
     Model,
+    ModelProvider,
     ModelResponse,
     ModelSettings,
     ModelTimeoutError,
+    MultiProvider,
     OpenAIChatCompletionsModel,
     OutputGuardrail,
     RunConfig,
@@ -31,7 +33,12 @@ from agents.testing import ModelStep, ScriptedModel, assistant_message
 from test_adapter_openai_fidelity import _Spans, collecting_spans
 
 from singleflight_agents import Singleflight
-from singleflight_agents.adapters.openai_models import ReceiptModel, receipt_model
+from singleflight_agents.adapters.openai_models import (
+    ReceiptModel,
+    ReceiptModelProvider,
+    receipt_model,
+    receipt_model_provider,
+)
 
 CONFIG = RunConfig(tracing_disabled=True)
 
@@ -59,11 +66,31 @@ def test_isinstance_sees_the_wrapped_models_class_and_a_copy_stays_a_wrapper(
     assert type(clone) is ReceiptModel and clone.inner is chat
 
 
-def test_every_model_method_is_the_wrappers_own() -> None:
+def test_every_model_and_provider_method_is_the_wrappers_own() -> None:
     # A method the SDK adds to Model would otherwise answer with the base class's default
     # instead of the wrapped model's, or bypass the engine: a new release must decide which.
-    names = {n for n, v in vars(Model).items() if callable(v) and not n.startswith("__")}
-    assert names and names <= set(vars(ReceiptModel))
+    for base, wrapper in ((Model, ReceiptModel), (ModelProvider, ReceiptModelProvider)):
+        names = {n for n, v in vars(base).items() if callable(v) and not n.startswith("__")}
+        assert names and names <= set(vars(wrapper)), base
+
+
+class RegisteredProvider(ModelProvider):
+    def __init__(self) -> None:
+        self.agent_registration = {"harness_id": "h-1"}
+
+    def get_model(self, model_name: str | None) -> Model:
+        return ScriptedModel([[assistant_message("hi")]])
+
+
+def test_a_provider_is_seen_as_the_one_it_wraps(sqlite_sf: Singleflight) -> None:
+    multi = MultiProvider()
+    wrapped = receipt_model_provider(sqlite_sf, multi)
+    assert isinstance(wrapped, MultiProvider) and isinstance(wrapped, ReceiptModelProvider)
+    assert wrapped.openai_provider is multi.openai_provider  # type: ignore[attr-defined]
+    registered = receipt_model_provider(sqlite_sf, RegisteredProvider())
+    assert registered.agent_registration == {"harness_id": "h-1"}  # type: ignore[attr-defined]
+    assert not isinstance(registered, MultiProvider)
+    assert type(registered.get_model(NAME)) is ReceiptModel
 
 
 def test_attributes_and_capabilities_are_the_wrapped_models(sqlite_sf: Singleflight) -> None:

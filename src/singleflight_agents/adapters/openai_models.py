@@ -93,23 +93,16 @@ def receipt_model_provider(sf: Executor, provider: ModelProvider, /, *, prices: 
     return ReceiptModelProvider(sf, provider, options)
 
 
-class ReceiptModel(Model):
-    """An ``agents.Model`` whose turns go through the engine; see :func:`receipt_model`.
-
-    To the SDK it is the model it wraps: ``isinstance`` checks pass for the inner model's class
-    (the runner picks policies by it), and any attribute it does not have itself is the inner
-    model's (capabilities such as ``_supports_default_prompt_cache_key``).
-    """
-
-    def __init__(self, inner: Model, turns: Turns) -> None:
-        self.inner = inner
-        self.model = turns.model_name
-        self._turns = turns
-        self._warned_conversation = False
+class _SeenAsInner:
+    """To the SDK, the object this one wraps (``inner``): ``isinstance`` checks pass for its
+    class (the runner picks policies by a model's class), and any attribute this one does not
+    have is its (capabilities such as ``_supports_default_prompt_cache_key``, a provider's
+    ``agent_registration``)."""
 
     @property  # type: ignore[misc]  # isinstance() consults __class__ after type()
     def __class__(self) -> type[Any]:
-        return type(self.inner)
+        inner = self.__dict__.get("inner")
+        return type(self) if inner is None else type(inner)
 
     def __getattr__(self, name: str) -> Any:
         # Only what normal lookup misses; protocol names (__deepcopy__, ...) stay this object's.
@@ -117,6 +110,17 @@ class ReceiptModel(Model):
         if inner is None or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(inner, name)
+
+
+class ReceiptModel(_SeenAsInner, Model):
+    """An ``agents.Model`` whose turns go through the engine; see :func:`receipt_model`. To
+    the SDK it is the model it wraps, as far as its class and attributes go."""
+
+    def __init__(self, inner: Model, turns: Turns) -> None:
+        self.inner = inner
+        self.model = turns.model_name
+        self._turns = turns
+        self._warned_conversation = False
 
     async def get_response(
         self, system_instructions: str | None, input: str | list[TResponseInputItem],
@@ -208,9 +212,10 @@ class ReceiptModel(Model):
         return self.inner.get_retry_advice(request)
 
 
-class ReceiptModelProvider(ModelProvider):
+class ReceiptModelProvider(_SeenAsInner, ModelProvider):
     """A ``ModelProvider`` whose models are :class:`ReceiptModel`\\ s; see
-    :func:`receipt_model_provider`."""
+    :func:`receipt_model_provider`. To the SDK it is the provider it wraps, as far as its
+    class and attributes go."""
 
     def __init__(self, sf: Executor, provider: ModelProvider, options: dict[str, Any]) -> None:
         self.inner = provider
