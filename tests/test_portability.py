@@ -239,3 +239,50 @@ def test_no_connection_is_open_across_a_fork(tmp_path: Path) -> None:
         assert store.get(KEY) is None  # and the parent reopens on its next operation
     finally:
         store.close()
+
+
+def test_close_waits_for_an_operation_in_flight_instead_of_closing_under_it(
+        tmp_path: Path) -> None:
+    """Closing a connection a statement is using crashes SQLite: close() waits for it."""
+    import contextlib
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "r.db")
+    entered, closed = threading.Event(), threading.Event()
+    enter = store._conns.enter
+
+    def entering() -> None:
+        enter()
+        entered.set()
+
+    store._conns.enter = entering  # type: ignore[method-assign]
+    blocker = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    results: list[Any] = []
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the operation below waits for this write lock
+        worker = threading.Thread(target=lambda: results.append(
+            store.save_stats("run", "proc", {"t": {"calls": 1}})))
+        worker.start()
+        assert entered.wait(30)
+        closer = threading.Thread(target=lambda: (store.close(), closed.set()))
+        closer.start()
+        assert not closed.wait(0.3)  # still waiting for the operation
+        blocker.execute("COMMIT")
+        worker.join(30)
+        closer.join(30)
+        assert results == [None] and closed.is_set()
+        assert store.load_stats("run")[0][2]["calls"] == 1  # the store reopens on use
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        store.close()
+
+
+def test_a_store_made_during_a_fork_is_left_alone_by_the_after_fork_hook(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "r.db")
+    try:
+        store._conns._after_fork()  # as for a store made between the fork's two hooks
+        assert store.get(KEY) is None  # not paused, its lock not released twice
+    finally:
+        store.close()

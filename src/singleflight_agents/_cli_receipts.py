@@ -15,7 +15,7 @@ from typing import Any
 
 from . import codec
 from ._cli_common import PROG, UsageError, existing_store, new_store, store_signer, utf8
-from ._platform import O_CLOEXEC
+from ._platform import O_CLOEXEC, has_posix_modes
 from .models import RECEIPT_FIELDS, Receipt
 from .signing import ENV_SECRET, Signer, key_path_for
 from .store import is_sqlite_url, sqlite_path
@@ -127,9 +127,12 @@ def _write_private(path: str, text: str) -> None:
     # emptied, so the new content is never readable by others, not even for a moment.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        if stat.S_ISREG(os.fstat(fd).st_mode):  # not a pipe, a terminal or /dev/stdout
+        # Not a pipe, a terminal or /dev/stdout; where mode bits mean nothing (Windows), the
+        # folder's access list protects it (docs/security.md).
+        if stat.S_ISREG(os.fstat(fd).st_mode):
             try:
-                os.fchmod(fd, 0o600)
+                if has_posix_modes():
+                    os.fchmod(fd, 0o600)
             except OSError as exc:
                 raise UsageError(f"cannot make {path} readable by this user only: "
                                  f"{exc.strerror}; write the export to a new file") from None

@@ -101,7 +101,7 @@ def _reader_gone() -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    return 128 + signal.SIGPIPE
+    return 128 + getattr(signal, "SIGPIPE", 13)  # 141, also where there is no SIGPIPE (Windows)
 
 
 def _demo(args: argparse.Namespace, db: str | None) -> int:

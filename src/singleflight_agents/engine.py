@@ -209,7 +209,7 @@ class Singleflight:
             flush_stats(self.store, self._stats, self.run_id, self._instance)
 
     def close(self) -> None:
-        """Write pending statistics and close this thread's store connection."""
+        """Write pending statistics and close the store's connections (every thread's)."""
         backend = self._backend
         if backend is None:
             return

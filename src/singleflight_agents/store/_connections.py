@@ -1,11 +1,16 @@
 """The SQLite store's connections: one per thread and process, every one of them closed by
 ``close_all`` (whichever thread opened it) or when its thread ends.
 
-No connection is open across a fork. SQLite keeps per-process state about each open file
-(its locks, the mapped WAL index); a child that inherits it believes it holds locks it does
-not, and its commits can be lost or the WAL damaged. So before a fork every store waits for
-its operations in flight, closes all its connections, and both processes reopen lazily.
-A connection a child inherits anyway is never closed nor collected there.
+A connection is never closed while a store operation uses it: that crashes the process in
+SQLite. ``close_all`` and a fork first pause new operations and wait for those in flight
+(each bounded by SQLite's busy timeout); one that still runs after ``QUIET_SECONDS`` keeps the
+connections open (left to the end of their threads) rather than having them closed under it.
+
+No connection is open across a fork when the store is quiet. SQLite keeps per-process state
+about each open file (its locks, the mapped WAL index); a child that inherits it believes it
+holds locks it does not, and its commits can be lost. So before a fork every store closes its
+connections, and both processes reopen lazily. A connection a child inherits anyway is never
+closed nor collected there.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from .._platform import at_fork
 
 # Connections inherited across a fork, kept (unused) so that they are never closed here.
 _INHERITED: list[sqlite3.Connection] = []
-# How long a fork waits for the operations in flight before it closes connections anyway.
-_FORK_WAIT_SECONDS = 10.0
+# How long close() or a fork waits for operations in flight: longer than SQLite's busy timeout
+# (60 s), which bounds each of them.
+QUIET_SECONDS = 65.0
 
 
 def _close_in_owner(conn: sqlite3.Connection, pid: int) -> None:
@@ -40,28 +46,43 @@ class Connections:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.local = threading.local()
-        self._depth = threading.local()  # this thread's nesting of `operation`
-        self._idle = threading.Condition()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._in_flight = 0
-        self._forking = False
+        self._paused = False  # close_all or a fork waits for quiet
+        self._forked_paused = False  # this store paused in the running fork's before-hook
         self._finalizers: list[weakref.finalize[Any, _ThreadEnd]] = []
         _STORES.add(self)
 
     def enter(self) -> None:
-        """Before each store operation (then ``leave``): a fork waits while any is in flight."""
-        depth = getattr(self._depth, "n", 0)
-        with self._idle:
-            while self._forking and depth == 0:
-                self._idle.wait()
+        """Before each store operation (then ``leave``). Counted first, then the pause is
+        checked: a pauser sets the flag first, then counts, so one of them sees the other."""
+        with self._lock:
             self._in_flight += 1
-        self._depth.n = depth + 1
+        while self._paused:
+            with self._idle:
+                if not self._paused:
+                    break
+                self._in_flight -= 1
+                self._idle.notify_all()
+                self._idle.wait_for(lambda: not self._paused)
+                self._in_flight += 1
 
     def leave(self) -> None:
-        self._depth.n -= 1
-        with self._idle:
+        with self._lock:
             self._in_flight -= 1
-            if self._forking:
+            if self._paused:
                 self._idle.notify_all()
+
+    def _quiet(self) -> bool:
+        """Pause new operations and wait for those in flight; whether it became quiet.
+        Called holding ``_lock``; ``_resume`` ends the pause."""
+        self._paused = True
+        return self._idle.wait_for(lambda: self._in_flight == 0, QUIET_SECONDS)
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._idle.notify_all()
 
     def get(self) -> sqlite3.Connection:
         local = self.local
@@ -71,7 +92,10 @@ class Connections:
             # The thread's end collects the marker, and that closes the connection.
             marker = _ThreadEnd()
             finalizer = weakref.finalize(marker, _close_in_owner, conn, os.getpid())
-            with self._idle:
+            # Not at interpreter exit: a daemon thread may still be using it, and the process
+            # ending closes it anyway.
+            finalizer.atexit = False
+            with self._lock:
                 self._finalizers = [f for f in self._finalizers if f.alive]
                 self._finalizers.append(finalizer)
             local.conn, local.pid, local.marker = conn, os.getpid(), marker
@@ -92,26 +116,34 @@ class Connections:
         return conn
 
     def close_all(self) -> None:
-        """Close every connection this process opened, on every thread."""
-        with self._idle:
-            finalizers, self._finalizers = self._finalizers, []
-            self.local = threading.local()
+        """Close every connection this process opened, on every thread, once no operation
+        uses them (see the module docstring)."""
+        with self._lock:
+            try:
+                if self._quiet():
+                    self._close_locked()
+            finally:
+                self._resume()
+
+    def _close_locked(self) -> None:
+        finalizers, self._finalizers = self._finalizers, []
+        self.local = threading.local()
         for finalizer in finalizers:
             finalizer()
 
-    # Held from before the fork to after it (in both processes), so that the child never
-    # inherits it locked by a thread that does not exist there.
+    # Holding the lock from before the fork to after it (in both processes) means the child
+    # never inherits it held by a thread that does not exist there.
     def _before_fork(self) -> None:
-        self._idle.acquire()
-        self._forking = True
-        self._idle.wait_for(lambda: self._in_flight <= getattr(self._depth, "n", 0),
-                            _FORK_WAIT_SECONDS)
-        self.close_all()
+        self._lock.acquire()
+        self._forked_paused = True
+        if self._quiet():
+            self._close_locked()
 
     def _after_fork(self) -> None:
-        self._forking = False
-        self._idle.notify_all()
-        self._idle.release()
+        if self._forked_paused:  # not a store made during the fork
+            self._forked_paused = False
+            self._resume()
+            self._lock.release()
 
 
 _STORES: weakref.WeakSet[Connections] = weakref.WeakSet()

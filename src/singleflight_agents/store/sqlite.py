@@ -95,14 +95,20 @@ class SQLiteStore(ReceiptStore):
         except OSError as exc:
             raise StoreError(f"cannot open store {self.path}: {exc.strerror}; check the path "
                              f"and its permissions") from None
+        self._conns.enter()  # an operation: a fork meanwhile waits for it
         try:
             self._ensure_schema(self._conn())
         except (sqlite3.DatabaseError, StoreError) as exc:
-            self._conns.close_all()
-            if isinstance(exc, StoreError):
-                raise
-            raise StoreError(f"{self.path} is not a usable singleflight store ({exc}); move it "
-                             f"away or pass another --db") from None
+            error: Exception = exc
+        else:
+            return
+        finally:
+            self._conns.leave()
+        self._conns.close_all()
+        if isinstance(error, StoreError):
+            raise error
+        raise StoreError(f"{self.path} is not a usable singleflight store ({error}); move it "
+                         f"away or pass another --db") from None
 
     def _conn(self) -> sqlite3.Connection:
         return self._conns.get()
