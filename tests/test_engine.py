@@ -16,12 +16,12 @@ import pytest
 from _backdoor import lease_expiries
 
 from singleflight_agents import (
-from singleflight_agents.store._liveness import platform_lock
     ExecutionOutcome,
     Singleflight,
     Source,
     ToolExecutionOptions,
 )
+from singleflight_agents.store._liveness import platform_lock
 
 SHARED = ToolExecutionOptions(tool_name="t.shared", deterministic=True)
 
