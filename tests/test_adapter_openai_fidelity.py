@@ -189,3 +189,22 @@ async def test_a_failure_is_reported_as_the_sdk_reports_it(
 
 def _context(tool: FunctionTool) -> ToolContext[Any]:
     return ToolContext(context=None, tool_name=tool.name, tool_call_id="c1", tool_arguments="{}")
+
+
+async def test_a_sync_tool_that_returns_an_awaitable_hands_it_back_as_the_sdk_does(
+        sqlite_sf: Singleflight) -> None:
+    """The SDK passes an awaitable a sync function returns on unawaited; so do we (it is
+    single-use: never stored nor shared, each call runs the function)."""
+    async def twelve() -> int:
+        return 12
+
+    pending = twelve()
+
+    def handler() -> Any:
+        return pending
+
+    tool = function_tool(sqlite_sf, handler, deterministic=True, tool_name="t.pending")
+    with pytest.warns(RuntimeWarning, match="can be used only once"):
+        returned = await tool.on_invoke_tool(_context(tool), "{}")
+    assert returned is pending
+    assert await returned == 12

@@ -134,14 +134,53 @@ def function_tool(
         name = base.tool_name or default_tool_name(f, base.shared)
         # sf.tool keeps the function's name, docstring, signature and sync/async nature
         # (functools.wraps), so the SDK derives the very schema it would from ``f``.
-        routed = sf.tool(f, **{**engine, "tool_name": name, "key": _context_free_key(f, base.key)})
-        tool = sdk_function_tool(routed, **sdk)
+        routed = sf.tool(_boxing(f), **{**engine, "tool_name": name,
+                                        "key": _context_free_key(f, base.key)})
+        tool = sdk_function_tool(_unboxing(routed), **sdk)
         expose_wrapped(tool, f)  # the user's function, as the SDK gives it: not the engine's
         return tool
 
     if func is None:
         return build
     return build(func)
+
+
+class _Unawaited:
+    """An awaitable a sync tool returned, handed back as it is (the SDK passes it on to its
+    caller unawaited) instead of being run by the engine, which runs a coroutine a sync call
+    returns. Itself awaitable, so the engine never stores nor shares it: each caller runs."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Awaitable[Any]) -> None:
+        self.value = value
+
+    def __await__(self) -> Any:
+        return self.value.__await__()
+
+
+def _boxing(f: ToolFunction) -> ToolFunction:
+    if inspect.iscoroutinefunction(f):
+        return f
+
+    @functools.wraps(f)
+    def boxed(*args: Any, **kwargs: Any) -> Any:
+        value = f(*args, **kwargs)
+        return _Unawaited(value) if inspect.isawaitable(value) else value
+
+    return boxed
+
+
+def _unboxing(routed: ToolFunction) -> ToolFunction:
+    if inspect.iscoroutinefunction(routed):
+        return routed
+
+    @functools.wraps(routed)
+    def unboxed(*args: Any, **kwargs: Any) -> Any:
+        value = routed(*args, **kwargs)
+        return value.value if isinstance(value, _Unawaited) else value
+
+    return unboxed
 
 
 # The keywords function_tool declares, with their defaults: only those given are passed on,
