@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("langgraph")
 
 from langchain_core.messages import AIMessage, AnyMessage
-from langchain_core.tools import tool
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import InjectedToolArg, StructuredTool, tool
 from langgraph.graph import START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, InjectedStore, ToolNode, ToolRuntime
@@ -175,3 +176,51 @@ def test_an_injected_value_that_cannot_be_keyed_is_refused_with_the_fix(
         graph.invoke({**_ask("describe", "x"), "user": Opaque()})
     unshared = _graph(wrap_langchain_tool(sqlite_sf, describe), OpaqueState)  # never keyed
     assert _answer(unshared.invoke({**_ask("describe", "x"), "user": Opaque()})) == "hi, Opaque"
+
+
+# -- values the caller injects, arguments a dict schema does not list ------------------------
+
+
+@tool
+def balance(account: str, user_id: Annotated[str, InjectedToolArg]) -> str:
+    """Balance of an account for the user."""
+    RUNS[user_id] += 1
+    return f"{user_id}:{account}"
+
+
+def test_a_value_the_caller_injects_is_keyed(sqlite_sf: Singleflight) -> None:
+    shared = wrap_langchain_tool(sqlite_sf, balance, bounded_read=True, tool_name="t.balance")
+    assert shared.invoke({"account": "main", "user_id": "alice"}) == "alice:main"
+    assert shared.invoke({"account": "main", "user_id": "bob"}) == "bob:main"  # not alice's
+    assert shared.invoke({"account": "main", "user_id": "alice"}) == "alice:main"
+    assert dict(RUNS) == {"alice": 1, "bob": 1}
+
+
+def test_key_gets_a_value_the_caller_injects_and_the_config_by_name(sqlite_sf: Singleflight) -> None:
+    shared = wrap_langchain_tool(sqlite_sf, balance, bounded_read=True, tool_name="t.balance",
+                                 key=lambda account, user_id: [account, user_id])
+    assert shared.invoke({"account": "a", "user_id": "alice"}) == "alice:a"
+
+    @tool
+    def whoami(q: str, config: RunnableConfig) -> str:
+        """Who asks."""
+        RUNS[q] += 1
+        return str(config["configurable"]["user"])
+
+    who = wrap_langchain_tool(sqlite_sf, whoami, bounded_read=True, tool_name="t.who",
+                              key=lambda q, config: [q, config["configurable"]["user"]])
+    assert [who.invoke({"q": "x"}, config={"configurable": {"user": u}})
+            for u in ("alice", "bob", "alice")] == ["alice", "bob", "alice"]
+    assert RUNS["x"] == 2
+
+
+def test_arguments_a_dict_schema_does_not_list_are_keyed(sqlite_sf: Singleflight) -> None:
+    def search(**kwargs: Any) -> str:
+        RUNS[kwargs.get("lang", "")] += 1
+        return f"results for {kwargs}"
+
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    loose = StructuredTool(name="search", description="Search.", args_schema=schema, func=search)
+    shared = wrap_langchain_tool(sqlite_sf, loose, bounded_read=True, tool_name="t.search")
+    assert shared.invoke({"q": "x", "lang": "fr"}) != shared.invoke({"q": "x", "lang": "de"})
+    assert dict(RUNS) == {"fr": 1, "de": 1}

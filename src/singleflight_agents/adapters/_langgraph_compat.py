@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from langchain_core.runnables.config import var_child_runnable_config
-from langchain_core.tools import BaseTool
+from langchain_core.tools import BaseTool, InjectedToolCallId
+from langchain_core.tools.base import _is_injected_arg_type, get_all_basemodel_annotations
 from langgraph._internal._constants import CONF, CONFIG_KEY_RUNTIME
 from langgraph.prebuilt.tool_node import ToolRuntime, _get_all_injected_args
 from langgraph.runtime import Runtime
@@ -31,16 +32,29 @@ Writer = Callable[[Any], None]
 @dataclasses.dataclass(frozen=True, slots=True)
 class Injected:
     """What ``ToolNode`` injects into a tool: parameter -> state field (``None``: the whole
-    state), and the parameters taking the store and the runtime."""
+    state), and the parameters taking the store and the runtime; besides, the parameters the
+    caller injects (``InjectedToolArg``) and those taking the tool call's id."""
 
     state: dict[str, str | None]
     store: str | None
     runtime: str | None
+    by_caller: frozenset[str] = frozenset()
+    call_id: frozenset[str] = frozenset()
 
 
 def injected_args(tool: BaseTool) -> Injected:
     found = _get_all_injected_args(tool)
-    return Injected(dict(found.state), found.store, found.runtime)
+    # LangChain's own record of a tool's injected parameters (InjectedToolArg and its kinds).
+    every: frozenset[str] = frozenset(getattr(tool, "_injected_args_keys", frozenset()))
+    try:
+        annotations = get_all_basemodel_annotations(tool.get_input_schema())
+    except Exception:  # a schema LangChain cannot read: no call-id parameter known
+        annotations = {}
+    call_id = frozenset(name for name, kind in annotations.items()
+                        if _is_injected_arg_type(kind, injected_type=InjectedToolCallId))
+    named = set(found.state) | {found.store, found.runtime}
+    return Injected(dict(found.state), found.store, found.runtime,
+                    frozenset(every - named - call_id), call_id)
 
 
 def is_runtime(value: object) -> bool:

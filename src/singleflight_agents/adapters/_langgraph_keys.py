@@ -39,6 +39,9 @@ def tool_identity(tool: BaseTool, user_key: Callable[..., Any] | None, shared: b
     if shared and user_key is None and injected.store:
         raise TypeError(_refusal(tool.name, f"the store ({injected.store!r})"))
     for_key = _named_by(user_key, injected) if user_key is not None else ()
+    # How a call runs, not what it answers: never keyed (the store is refused above).
+    not_keyed = {*_RUN_ARGUMENTS, *injected.call_id, *injected.state,
+                 *(name for name in (injected.store, injected.runtime) if name is not None)}
 
     def ident(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         given = {"*": args} if len(args) > len(names) else dict(zip(names, args, strict=False))
@@ -46,6 +49,12 @@ def tool_identity(tool: BaseTool, user_key: Callable[..., Any] | None, shared: b
         if user_key is not None:
             return user_key(**supplied, **{k: kwargs[k] for k in for_key if k in kwargs})
         extra = _injected_values(tool.name, injected, kwargs)
+        # Whatever else reaches the tool decides its answer too: a value the caller injects
+        # (InjectedToolArg), an argument a dict schema does not list (LangChain passes it on).
+        unlisted = {k: keyed(v) for k, v in kwargs.items()
+                    if k not in supplied and k not in extra and k not in not_keyed}
+        _check_encodable(tool.name, unlisted)
+        extra |= unlisted
         return supplied | extra if extra else supplied
 
     return ident
@@ -61,7 +70,10 @@ def _model_arguments(tool: BaseTool) -> tuple[list[str], dict[str, Any]]:
         props = get_fields(schema)
         defaults = {k: f.default for k, f in props.items() if isinstance(f, FieldInfo)
                     and f.default_factory is None and not f.is_required()}
-    return [name for name in props if name not in ("config", "run_manager", "callbacks")], defaults
+    return [name for name in props if name not in _RUN_ARGUMENTS], defaults
+
+
+_RUN_ARGUMENTS = frozenset({"config", "run_manager", "callbacks"})
 
 
 def _named_by(user_key: Callable[..., Any], injected: Injected) -> tuple[str, ...]:
@@ -71,7 +83,7 @@ def _named_by(user_key: Callable[..., Any], injected: Injected) -> tuple[str, ..
         params = inspect.signature(user_key).parameters
     except (TypeError, ValueError):
         return ()
-    names = [*injected.state, injected.store, injected.runtime]
+    names = [*injected.state, injected.store, injected.runtime, *injected.by_caller, "config"]
     return tuple(name for name in names if name is not None and name in params
                  and params[name].kind is not inspect.Parameter.VAR_KEYWORD)
 
@@ -88,12 +100,16 @@ def _injected_values(tool_name: str, injected: Injected, kwargs: dict[str, Any])
         values[injected.runtime] = {"state": keyed(getattr(runtime, "state", None)),
                                     "context": keyed(getattr(runtime, "context", None))} \
             if is_runtime(runtime) else keyed(runtime)
+    _check_encodable(tool_name, values)
+    return values
+
+
+def _check_encodable(tool_name: str, values: dict[str, Any]) -> None:
     for name, value in values.items():
         try:
             canonical_json(value)
         except TypeError as exc:
             raise TypeError(_refusal(tool_name, f"{name!r}, which holds {exc}")) from None
-    return values
 
 
 def _refusal(tool_name: str, what: str) -> str:
