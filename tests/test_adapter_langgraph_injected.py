@@ -224,3 +224,17 @@ def test_arguments_a_dict_schema_does_not_list_are_keyed(sqlite_sf: Singleflight
     shared = wrap_langchain_tool(sqlite_sf, loose, bounded_read=True, tool_name="t.search")
     assert shared.invoke({"q": "x", "lang": "fr"}) != shared.invoke({"q": "x", "lang": "de"})
     assert dict(RUNS) == {"fr": 1, "de": 1}
+
+
+def test_values_that_differ_are_keyed_apart() -> None:
+    from pydantic import ConfigDict
+
+    from singleflight_agents.adapters._langgraph_keys import keyed
+
+    class Ctx(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        tenant: str
+
+    assert keyed(Ctx(tenant="acme", user="alice")) != keyed(Ctx(tenant="acme", user="bob"))
+    assert keyed({1: "x"}) != keyed({"1": "x"})
+    assert keyed({"a": [1]}) == {"a": [1]}

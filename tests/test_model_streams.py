@@ -135,6 +135,29 @@ async def test_a_consumer_that_stops_at_response_completed_still_records_the_tur
     assert len(inner.calls) == 1
 
 
+async def test_events_of_a_type_the_openai_library_does_not_know_replay_as_recorded(
+        sf: Singleflight) -> None:
+    """A provider's own event (or a newer one) and an event the model yields as a dict come
+    back on a hit as the owner saw them, instead of failing every replay of the turn."""
+    events = await live_events([assistant_message("hi")])
+    vendor = {"type": "x.vendor.keepalive", "sequence_number": 99}
+    as_dict = events[0].model_dump(mode="json", exclude_unset=True, by_alias=True)
+    streamed = [as_dict, *events[1:-1], vendor, events[-1]]
+
+    async def stream(call: ModelCall) -> AsyncIterator[Any]:
+        for event in streamed:
+            yield event
+
+    inner = ScriptedModel([ModelStep.stream(stream)])
+    model = receipt_model(sf, inner, model_name=NAME, deterministic=True)
+    live = await collect(model.stream_response(*direct_args(), **KW))
+    hit = await collect(model.stream_response(*direct_args(), **KW))
+    assert len(inner.calls) == 1
+    shape = [(type(e).__name__, e["type"] if isinstance(e, dict) else e.type) for e in live]
+    assert [(type(e).__name__, e["type"] if isinstance(e, dict) else e.type) for e in hit] == shape
+    assert hit[0] == as_dict and hit[-2] == vendor
+
+
 def test_a_turn_left_finishing_when_asyncio_run_ends_is_still_recorded(tmp_path: Path) -> None:
     events = asyncio.run(live_events([assistant_message("hi")]))
     with Singleflight(tmp_path / "receipts.db", secret=SECRET) as engine:

@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any
 
 from agents.items import TResponseStreamEvent
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from ._agents_compat import carry_model_timeout
 from ._turns import Request, jsonable, usage_of
@@ -35,11 +35,14 @@ class LiveStream:
     async def record(self, request: Request) -> dict[str, Any]:
         self.ran_here = True
         events: list[Any] = []
+        plain: list[int] = []  # the events the model yielded as dicts, replayed as dicts
         usage, completed = usage_of(0, 0), False
         stream = self._open()
         try:
             async for event in stream:
                 self.queue.put_nowait(event)
+                if isinstance(event, Mapping):
+                    plain.append(len(events))
                 events.append(dump(event))
                 response = getattr(event, "response", None)
                 if event_type(event) == "response.completed" and response is not None:
@@ -55,7 +58,7 @@ class LiveStream:
             last = events[-1]["type"] if events else "no event"
             raise IncompleteStreamError(f"{self._tool_name}: the stream ended without "
                                         f"response.completed (last: {last}); not recorded")
-        return {"usage": usage, "events": events}
+        return {"usage": usage, "events": events, **({"plain": plain} if plain else {})}
 
 
 async def relay(live: LiveStream,
@@ -79,9 +82,9 @@ async def relay(live: LiveStream,
             yield event
         outcome = turn.result()  # raises the turn's error after the events it streamed
         if not live.ran_here:
-            adapter = _stream_event_adapter()
-            for recorded in outcome.value["events"]:
-                yield adapter.validate_python(recorded)
+            plain = set(outcome.value.get("plain", ()))
+            for i, recorded in enumerate(outcome.value["events"]):
+                yield recorded if i in plain else _rebuilt(recorded)
     finally:
         if waiter is not None:
             waiter.cancel()  # cancelled while waiting for the next event
@@ -108,6 +111,16 @@ def dump(item: Any) -> Any:
 
 def event_type(event: Any) -> Any:
     return event.get("type") if isinstance(event, Mapping) else getattr(event, "type", None)
+
+
+def _rebuilt(recorded: dict[str, Any]) -> Any:
+    """A recorded event as the OpenAI library's own event type; one it does not know (a
+    provider's extension, a newer event) as the dict it was recorded as, which the SDK passes
+    on as a raw event, rather than failing every replay of the turn."""
+    try:
+        return _stream_event_adapter().validate_python(recorded)
+    except ValidationError:
+        return recorded
 
 
 @cache

@@ -124,12 +124,16 @@ def keyed(value: Any) -> Any:
     if isinstance(value, BaseMessage):
         entry = message_to_dict(value)
         return {**entry, "data": {k: v for k, v in entry["data"].items() if k != "id"}}
-    if isinstance(value, BaseModel):
-        return {name: keyed(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, BaseModel):  # extra fields (extra="allow") included
+        fields = {name: getattr(value, name) for name in type(value).model_fields}
+        return {name: keyed(v) for name, v in {**fields, **(value.model_extra or {})}.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: keyed(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {str(k): keyed(v) for k, v in value.items()}
+        if all(isinstance(k, str) for k in value):
+            return {k: keyed(v) for k, v in value.items()}
+        # Keys of other types stay apart from their text ({1: x} is not {"1": x}).
+        return ["<mapping>", [[keyed(k), keyed(v)] for k, v in value.items()]]
     if isinstance(value, list | tuple):
         return [keyed(v) for v in value]
     legacy = getattr(value, "dict", None)  # a pydantic.v1 model
