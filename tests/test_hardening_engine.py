@@ -384,7 +384,7 @@ def _refuse_to_load() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*not persisted")
-def test_a_pickle_that_does_not_load_back_is_shared_as_the_value(
+def test_a_pickle_that_does_not_load_back_reaches_every_caller_and_is_never_stored(
         sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
     value = _LoadsBadly()
     joined = _joins(monkeypatch, 4)
