@@ -44,12 +44,13 @@ class Injected:
 
 def injected_args(tool: BaseTool) -> Injected:
     found = _get_all_injected_args(tool)
-    # LangChain's own record of a tool's injected parameters (InjectedToolArg and its kinds).
-    every: frozenset[str] = frozenset(getattr(tool, "_injected_args_keys", frozenset()))
+    # The parameters annotated as injected (InjectedToolArg and its kinds), as LangChain
+    # finds them.
     try:
         annotations = get_all_basemodel_annotations(tool.get_input_schema())
-    except Exception:  # a schema LangChain cannot read: no call-id parameter known
+    except Exception:  # a schema LangChain cannot read: no injected parameter known
         annotations = {}
+    every = frozenset(name for name, kind in annotations.items() if _is_injected_arg_type(kind))
     call_id = frozenset(name for name, kind in annotations.items()
                         if _is_injected_arg_type(kind, injected_type=InjectedToolCallId))
     named = set(found.state) | {found.store, found.runtime}
