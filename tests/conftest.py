@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from singleflight_agents import Singleflight
+from singleflight_agents.flights import FLIGHTS
 
 pytest_plugins = ["pytester"]
 
@@ -171,3 +173,34 @@ def _close_the_default_loop_left_behind() -> Iterator[None]:
     if loop is not None and not loop.is_running() and not loop.is_closed():
         loop.close()
         asyncio.set_event_loop(None)
+
+
+# -- callers of one flight, held until every one joined it ------------------------------------
+
+
+def joined_after(monkeypatch: pytest.MonkeyPatch, n: int) -> threading.Event:
+    """An event set once ``n`` callers have joined a flight (owner included)."""
+    joined, lock, count = threading.Event(), threading.Lock(), [0]
+    original = FLIGHTS.join
+
+    def counting(key: tuple[str, str]) -> Any:
+        result = original(key)
+        with lock:
+            count[0] += 1
+            if count[0] >= n:
+                joined.set()
+        return result
+
+    monkeypatch.setattr(FLIGHTS, "join", counting)
+    return joined
+
+
+def run_together(target: Any, n: int, joined: threading.Event, release: threading.Event) -> None:
+    """Run ``target`` in ``n`` threads; let the tool go once all of them joined the flight."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    assert joined.wait(30)
+    release.set()
+    for thread in threads:
+        thread.join(30)

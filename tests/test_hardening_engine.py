@@ -13,43 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import joined_after, run_together
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from singleflight_agents import SharedExecutionError, Singleflight, Source, ToolExecutionOptions
 from singleflight_agents.fingerprint import make_fingerprint
-from singleflight_agents.flights import FLIGHTS
 from singleflight_agents.store import Lease
 
 SHARED = ToolExecutionOptions(tool_name="t.hard", deterministic=True)
-
-
-def _joins(monkeypatch: pytest.MonkeyPatch, n: int) -> threading.Event:
-    """An event set once ``n`` callers have joined a flight (owner included)."""
-    joined, lock, count = threading.Event(), threading.Lock(), [0]
-    original = FLIGHTS.join
-
-    def counting(key: tuple[str, str]) -> Any:
-        result = original(key)
-        with lock:
-            count[0] += 1
-            if count[0] >= n:
-                joined.set()
-        return result
-
-    monkeypatch.setattr(FLIGHTS, "join", counting)
-    return joined
-
-
-def _together(target: Any, n: int, joined: threading.Event, release: threading.Event) -> None:
-    """Run ``target`` in ``n`` threads; let the tool go once all of them joined the flight."""
-    threads = [threading.Thread(target=target) for _ in range(n)]
-    for thread in threads:
-        thread.start()
-    assert joined.wait(30)
-    release.set()
-    for thread in threads:
-        thread.join(30)
 
 
 def _free(sf: Singleflight, key: str) -> bool:
@@ -68,7 +40,7 @@ def test_a_tool_timeout_error_runs_once_for_every_thread(sf: Singleflight,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[str] = []
     release = threading.Event()
-    joined = _joins(monkeypatch, 8)
+    joined = joined_after(monkeypatch, 8)
 
     def tool(query: str) -> str:
         runs.append(query)
@@ -83,7 +55,7 @@ def test_a_tool_timeout_error_runs_once_for_every_thread(sf: Singleflight,
         except TimeoutError as exc:
             errors.append(exc)
 
-    _together(call, 8, joined, release)
+    run_together(call, 8, joined, release)
     assert runs == ["q"]
     assert [str(e) for e in errors] == ["upstream read timed out"] * 8
 
@@ -92,7 +64,7 @@ async def test_a_tool_timeout_error_runs_once_for_every_task(
         sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[str] = []
     release = asyncio.Event()
-    joined = _joins(monkeypatch, 8)
+    joined = joined_after(monkeypatch, 8)
 
     async def tool(query: str) -> str:
         runs.append(query)
@@ -387,7 +359,7 @@ def _refuse_to_load() -> None:
 def test_a_pickle_that_does_not_load_back_reaches_every_caller_and_is_never_stored(
         sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
     value = _LoadsBadly()
-    joined = _joins(monkeypatch, 4)
+    joined = joined_after(monkeypatch, 4)
     release = threading.Event()
 
     def tool(x: int) -> Any:
@@ -396,7 +368,7 @@ def test_a_pickle_that_does_not_load_back_reaches_every_caller_and_is_never_stor
 
     options = SHARED.replace(tool_name="t.badpickle", allow_pickle=True)
     got: list[Any] = []
-    _together(lambda: got.append(sf.execute_sync(tool, 1, options=options).value), 4, joined,
+    run_together(lambda: got.append(sf.execute_sync(tool, 1, options=options).value), 4, joined,
               release)
     assert got == [value] * 4
     assert list(sf.store.iter_receipts()) == []

@@ -12,9 +12,9 @@ from typing import Any
 
 import pydantic
 import pytest
+from conftest import joined_after, run_together
 
 from singleflight_agents import ExecutionOutcome, Singleflight, Source, ToolExecutionOptions
-from singleflight_agents.flights import FLIGHTS
 from singleflight_agents.store import Lease
 
 SHARED = ToolExecutionOptions(tool_name="t.sharing", deterministic=True)
@@ -31,23 +31,6 @@ class Held:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-
-
-def _joins(monkeypatch: pytest.MonkeyPatch, n: int) -> threading.Event:
-    """An event set once ``n`` callers have joined a flight (owner included)."""
-    joined, lock, count = threading.Event(), threading.Lock(), [0]
-    original = FLIGHTS.join
-
-    def counting(key: tuple[str, str]) -> Any:
-        result = original(key)
-        with lock:
-            count[0] += 1
-            if count[0] >= n:
-                joined.set()
-        return result
-
-    monkeypatch.setattr(FLIGHTS, "join", counting)
-    return joined
 
 
 class Flight:
@@ -73,7 +56,7 @@ class Flight:
 
     def run(self, entry: str, n: int = 2) -> list[ExecutionOutcome]:
         """``entry``: threads (sync entry) or tasks (async entry), and the tool's kind."""
-        joined = _joins(self.monkeypatch, n)
+        joined = joined_after(self.monkeypatch, n)
         tool = self.async_tool if entry.endswith("async-tool") else self.sync_tool
         if entry.startswith("threads"):
             return self._threads(tool, n, joined)
@@ -90,13 +73,7 @@ class Flight:
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=call) for _ in range(n)]
-        for thread in threads:
-            thread.start()
-        assert joined.wait(30)
-        self.release.set()
-        for thread in threads:
-            thread.join(30)
+        run_together(call, n, joined, self.release)
         assert not errors, errors
         return outcomes
 
@@ -280,7 +257,7 @@ def test_a_result_that_cannot_be_copied_is_not_shared(
 @pytest.mark.filterwarnings("ignore:.*not persisted")
 async def test_do_gives_each_task_its_own_value(
         sf: Singleflight, monkeypatch: pytest.MonkeyPatch, produce: Callable[[], Any]) -> None:
-    joined, release, runs = _joins(monkeypatch, 3), asyncio.Event(), [0]
+    joined, release, runs = joined_after(monkeypatch, 3), asyncio.Event(), [0]
 
     async def fn() -> Any:
         runs[0] += 1
@@ -299,7 +276,7 @@ async def test_do_gives_each_task_its_own_value(
 
 def test_do_sync_never_hands_a_generator_to_a_second_thread(
         sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
-    joined, release, runs = _joins(monkeypatch, 2), threading.Event(), [0]
+    joined, release, runs = joined_after(monkeypatch, 2), threading.Event(), [0]
     outcomes: list[ExecutionOutcome] = []
 
     def fn() -> Iterator[int]:
