@@ -38,7 +38,7 @@ def finish(sf: Singleflight, call: Call, result: Result, started: float) -> Exec
         counters["unshared"] = 1
     if call.options.meter is not None:
         _count_usage(sf, call, call.options.meter, result, counters)
-    sf._stats.add(call.tool_name, **counters)
+    sf._stats.add_all(call.tool_name, counters)
     if time.monotonic() - sf._last_flush > FLUSH_INTERVAL:  # batched: at most 1 write/s
         try:
             sf.flush_stats()

@@ -7,7 +7,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .fingerprint import binder, encode_inputs, fingerprint_of, shown_identity, shown_inputs
+from .fingerprint import (
+    binder,
+    encode_inputs,
+    fingerprint_of,
+    remember_key,
+    remembered_key,
+    shown_identity,
+    shown_inputs,
+)
 from .models import Receipt, Source, ToolExecutionOptions, check_text
 from .sessions import active_session
 
@@ -83,7 +91,17 @@ def call_of_function(func: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     bind = binder(func)
     call = Call(func, args, kwargs, options,
                 options.tool_name or default_tool_name(func, options.shared), bind.is_async, mode)
-    if options.shared:
+    if options.shared and options.key is None and options.redact is None:
+        head = (call.tool_name, options.namespace, options.scope, options.version)
+        memo, keyed = remembered_key(bind, head, args, kwargs)
+        if keyed is None:
+            _key(call, bind.bind(args, kwargs), None)
+            if memo is not None:
+                remember_key(bind, memo, (call.inputs, call.key))
+        else:
+            call.inputs = call.shown_inputs = keyed[0]
+            call.key = keyed[1]
+    elif options.shared:
         ident = options.key(*args, **kwargs) if options.key else bind.bind(args, kwargs)
         shown = None
         if options.redact is not None:

@@ -53,7 +53,10 @@ def _trusted(sf: Singleflight, call: Call, receipt: Receipt) -> bool:
     # file changes; Redis a new one, equal in every field to the one checked before.
     verified = sf._verified
     known = verified.get(call.key)
-    if known is receipt or known == receipt:
+    if known is receipt:
+        return True
+    if known == receipt:
+        verified[call.key] = receipt  # the store's own object: next time, found by identity
         return True
     signer = sf._signer
     try:

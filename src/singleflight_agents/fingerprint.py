@@ -19,6 +19,10 @@ from ._redact import IdentityPaths, Redactor, masked
 from .codec import UnencodableError, canonical_json
 
 FORMAT = "sf1"
+# Exact types whose equal values always encode alike: a call made only of them can reuse
+# the key an equal call got. Not float: 0.0 == -0.0 but their encodings differ.
+_PLAIN = frozenset((str, int, bool, type(None)))
+_KEYS_MAX = 1024
 
 
 class _Binder:
@@ -36,6 +40,11 @@ class _Binder:
         self.var_keyword = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
         self.is_async = is_async_callable(func)
         self.redactors: dict[tuple[str, ...], Redactor] = {}  # by (tool name, *paths)
+        self.keys: dict[tuple[Any, ...], tuple[str, str]] = {}  # see remembered_key
+        # A default a call may leave out is part of its key: only plain ones can be
+        # remembered (a list default may have changed since).
+        self.rememberable = self.signature is not None and all(
+            p.default is p.empty or type(p.default) in _PLAIN for p in params)
 
     def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if self.names is not None and not kwargs and len(args) == len(self.names):
@@ -91,6 +100,28 @@ def encode_inputs(tool_name: str, arguments: Any) -> str:
             f"{tool_name}: argument {where or 'value'!r} of type {exc.type_name} cannot be "
             f"fingerprinted; pass key= to the tool to choose what identifies the call"
         ) from None
+
+
+
+
+def remembered_key(bind: _Binder, head: tuple[str, ...], args: tuple[Any, ...],
+                   kwargs: Mapping[str, Any]) -> tuple[tuple[Any, ...] | None, tuple[str, str] | None]:
+    """``(memo key, (inputs, fingerprint))`` of a call whose arguments are all plain (str,
+    int, bool, None): the second is what an equal earlier call got, if remembered. A memo
+    key of ``None``: the call is not plain, key it in full."""
+    types = (*map(type, args), *map(type, kwargs.values()))
+    if not (bind.rememberable and _PLAIN.issuperset(types)):
+        return None, None
+    # The types are part of the key: True == 1, yet they encode differently.
+    memo = (head, args, tuple(kwargs.items()), types)
+    return memo, bind.keys.get(memo)
+
+
+def remember_key(bind: _Binder, memo: tuple[Any, ...], keyed: tuple[str, str]) -> None:
+    keys = bind.keys
+    if len(keys) >= _KEYS_MAX:
+        keys.pop(next(iter(keys)), None)  # the oldest; a race with another thread is harmless
+    keys[memo] = keyed
 
 
 def fingerprint_of(

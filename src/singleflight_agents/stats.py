@@ -36,6 +36,9 @@ class Stats:
             self._pid, self._tools, self.dirty = os.getpid(), {}, False
 
     def add(self, tool_name: str, **increments: float) -> None:
+        self.add_all(tool_name, increments)
+
+    def add_all(self, tool_name: str, increments: Mapping[str, float]) -> None:
         with self._lock:
             self._forked()
             counters = self._tools.get(tool_name)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -33,9 +34,14 @@ R = TypeVar("R")
 SCHEMA_VERSION = 1
 _RECEIPT_COLUMNS = ", ".join(RECEIPT_FIELDS)  # one column per field, in the receipt's order
 _RECEIPT_VALUES = ", ".join("?" * len(RECEIPT_FIELDS))
+_TOOL_COLUMN, _FINGERPRINT_COLUMN = RECEIPT_FIELDS.index("tool_name"), RECEIPT_FIELDS.index("fingerprint")
+# The order of iter_receipts (export, verify), paged through by key.
+_TOOL_INDEX = "CREATE INDEX IF NOT EXISTS receipts_by_tool ON receipts (tool_name, fingerprint)"
+BATCH = 1000  # receipts per page of iter_receipts and per transaction of import_receipts
 _SCHEMA = f"""
 CREATE TABLE receipts ({_RECEIPT_COLUMNS.replace("fingerprint,", "fingerprint TEXT PRIMARY KEY,", 1)});
 CREATE INDEX receipts_by_expiry ON receipts (expires_at);
+{_TOOL_INDEX};
 CREATE TABLE leases (
     fingerprint TEXT PRIMARY KEY, token INTEGER NOT NULL, owner TEXT NOT NULL,
     state TEXT NOT NULL, expires_at REAL NOT NULL, error_type TEXT, error_message TEXT
@@ -55,15 +61,18 @@ _translated = translating(sqlite3.Error, OSError)
 def _operation(method: Callable[Concatenate[SQLiteStore, P], R]) -> Callable[Concatenate[SQLiteStore, P], R]:
     """A store operation: its errors as StoreError, and no fork while it runs (see
     :mod:`._connections`)."""
-    translated = _translated(method)
 
     @functools.wraps(method)
     def wrapper(self: SQLiteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        self._conns.enter()
+        # translating() inlined: this wraps every warm hit
+        conns = self._conns
+        conns.enter()
         try:
-            return translated(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"store {self.url}: {exc}") from exc
         finally:
-            self._conns.leave()
+            conns.leave()
 
     return wrapper
 
@@ -212,6 +221,10 @@ class SQLiteStore(ReceiptStore):
         return Lease(key, token, owner, lease_seconds, held, fd)
 
     def _busy(self, key: str) -> Busy:
+        # A lease that ended normally leaves no row (put and release delete it), and a
+        # failed one is replaced by the next acquire: with no row, no failure is recorded
+        # now, and any found later is a newer holder's (its token comes from the counter),
+        # so since_token 0 is as right as "the last finished token + 1" was.
         row = self._conn().execute(
             "SELECT token, state FROM leases WHERE fingerprint = ?", (key,)).fetchone()
         return Busy(since_token=0 if row is None else row[0] if row[1] == "held" else row[0] + 1)
@@ -231,15 +244,16 @@ class SQLiteStore(ReceiptStore):
 
     @_operation
     def release(self, lease: Lease, failure: tuple[str, str] | None = None) -> None:
-        error_type, message = failure or (None, None)
         try:
             with self._write() as conn:
-                conn.execute(
-                    "UPDATE leases SET state = ?, expires_at = ?, error_type = ?, "
-                    "error_message = ? WHERE fingerprint = ? AND token = ?",
-                    ("failed" if failure else "released", time.time(), error_type, message,
-                     lease.key, lease.token),
-                )
+                if failure is None:  # ended normally: no row is kept (see _busy)
+                    conn.execute("DELETE FROM leases WHERE fingerprint = ? AND token = ?",
+                                 (lease.key, lease.token))
+                else:  # kept for last_failure, until the next acquire or prune
+                    conn.execute(
+                        "UPDATE leases SET state = 'failed', expires_at = ?, error_type = ?, "
+                        "error_message = ? WHERE fingerprint = ? AND token = ?",
+                        (time.time(), *failure, lease.key, lease.token))
         finally:
             self._finish(lease)
 
@@ -253,8 +267,7 @@ class SQLiteStore(ReceiptStore):
                     return False
                 conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
                              f"({_RECEIPT_VALUES})", receipt_row(receipt))
-                conn.execute("UPDATE leases SET state = 'done', expires_at = ? "
-                             "WHERE fingerprint = ?", (time.time(), lease.key))
+                conn.execute("DELETE FROM leases WHERE fingerprint = ?", (lease.key,))
             return True
         finally:
             self._finish(lease)
@@ -327,11 +340,48 @@ class SQLiteStore(ReceiptStore):
 
     # -- maintenance ----------------------------------------------------------------
 
-    @_operation
     def iter_receipts(self) -> Iterator[Receipt]:
-        rows = self._conn().execute(
-            f"SELECT {_RECEIPT_COLUMNS} FROM receipts ORDER BY tool_name, fingerprint").fetchall()
-        return (Receipt(*row) for row in rows)
+        # Streamed in pages of BATCH, each read by a statement of its own that is done
+        # before anything is yielded: no read snapshot outlives a page (WAL checkpoints,
+        # prune's included, are never held back by a slow consumer), and no operation is
+        # in flight between pages (a fork or close() meanwhile waits for nothing).
+        self._ensure_tool_index()
+        # A row whose tool name or fingerprint is NULL (edited in) compares as neither
+        # before nor after a key: such rows come first, on a page of their own.
+        yield from (Receipt(*row) for row in self._receipts_page(None))
+        after: tuple[object, ...] = ()
+        while True:
+            rows = self._receipts_page(after)
+            yield from (Receipt(*row) for row in rows)
+            if len(rows) < BATCH:
+                return
+            after = (rows[-1][_TOOL_COLUMN], rows[-1][_FINGERPRINT_COLUMN])
+
+    @_operation
+    def _receipts_page(self, after: tuple[object, ...] | None) -> list[tuple[object, ...]]:
+        """The rows with a NULL key for ``None``, else the next page of the others after
+        ``after`` (``()``: the first page)."""
+        select = f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE "
+        order = " ORDER BY tool_name, fingerprint"
+        conn = self._conn()
+        if after is None:
+            return conn.execute(f"{select}tool_name IS NULL OR fingerprint IS NULL{order}"
+                                ).fetchall()
+        keyed = "tool_name IS NOT NULL AND fingerprint IS NOT NULL"
+        if not after:
+            return conn.execute(f"{select}{keyed}{order} LIMIT {BATCH}").fetchall()
+        return conn.execute(f"{select}{keyed} AND (tool_name, fingerprint) > (?, ?)"
+                            f"{order} LIMIT {BATCH}", after).fetchall()
+
+    @_operation
+    def _ensure_tool_index(self) -> None:
+        # Pages in (tool_name, fingerprint) order, each found in log time. Stores made
+        # before the index get it on their first listing (one write, once).
+        conn = self._conn()
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = "
+                        "'receipts_by_tool'").fetchone() is None:
+            with self._write(conn):
+                conn.execute(_TOOL_INDEX)
 
     @_operation
     def import_receipt(self, receipt: Receipt) -> None:
@@ -339,28 +389,47 @@ class SQLiteStore(ReceiptStore):
             conn.execute(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
                          f"({_RECEIPT_VALUES})", receipt_row(receipt))
 
+    def import_receipts(self, receipts: Iterable[Receipt]) -> int:
+        # One transaction per BATCH: the write lock is held for a page at a time, never
+        # while the caller's iterable runs (it may parse, check and print).
+        count = 0
+        for batch in _batches(receipts):
+            self._import_batch(batch)
+            count += len(batch)
+        return count
+
+    @_operation
+    def _import_batch(self, batch: list[Receipt]) -> None:
+        with self._write() as conn:
+            conn.executemany(f"INSERT OR REPLACE INTO receipts ({_RECEIPT_COLUMNS}) VALUES "
+                             f"({_RECEIPT_VALUES})", [receipt_row(r) for r in batch])
+
     @_operation
     def prune(self, now: float) -> dict[str, int]:
         # First: a lock directory that is not ours is refused before anything is deleted.
         lock_files = 0 if self._locks is None else self._locks.prune()
-        before = self._bytes()
+        before = self.bytes_on_disk()
         with self._write() as conn:
             receipts = conn.execute("DELETE FROM receipts WHERE expires_at <= ?", (now,)).rowcount
-            # A held lease may belong to a live holder whose heartbeat lags: only drop those
-            # whose holder has been silent for an hour.
+            # Finished leases leave no row; what is left is failed ones (for last_failure)
+            # and held ones. A held lease may belong to a live holder whose heartbeat lags:
+            # only drop those whose holder has been silent for an hour.
             leases = conn.execute("DELETE FROM leases WHERE state != 'held' OR expires_at <= ?",
                                   (now - 3600,)).rowcount
             _ensure_seen_table(conn)
             conn.execute("DELETE FROM seen WHERE at <= ?", (now - _SEEN_SECONDS,))
         conn = self._conn()
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         conn.execute("VACUUM")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # VACUUM wrote the shrunk file to the WAL
+        # VACUUM wrote the shrunk file to the WAL: only a complete checkpoint moves it into
+        # the file and truncates both. One held back by a reader (past the busy timeout)
+        # leaves them as they are, and the sizes below say so.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return {"receipts": receipts, "leases": leases, "lock_files": lock_files,
-                "bytes_before": before, "bytes_after": self._bytes()}
+                "bytes_before": before, "bytes_after": self.bytes_on_disk()}
 
-    def _bytes(self) -> int:
-        """The store's size on disk: the file and its write-ahead log."""
+    def bytes_on_disk(self) -> int:
+        """The store's size on disk now: the file and its write-ahead log."""
         total = 0
         for path in (self.path, self.path.with_name(self.path.name + "-wal")):
             with contextlib.suppress(FileNotFoundError):
@@ -378,6 +447,12 @@ class SQLiteStore(ReceiptStore):
 
 
 _SEEN_SECONDS = 86400
+
+
+def _batches(items: Iterable[Receipt]) -> Iterator[list[Receipt]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, BATCH)):
+        yield batch
 
 
 def _ensure_seen_table(conn: sqlite3.Connection) -> None:
