@@ -172,7 +172,8 @@ def _untag(obj: dict[str, Any]) -> Any:
 
 
 _decoder = json.JSONDecoder(object_hook=_untag)
-_loads, _scan = _decoder.decode, _decoder.scan_once
+_loads = _decoder.decode
+_scan: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def canonical_json(value: Any) -> str:
