@@ -5,6 +5,7 @@
     python bench/run.py --quick    # smoke run (about a minute); writes no docs unless --docs PATH
     python bench/run.py --profile  # cProfile of warm hits and misses, printed; no benchmarks
     python bench/run.py --stores sqlite          # leave the Redis store out
+    python bench/run.py --scale [--quick]        # bench/scale.py instead: costs against store size
 
 The store-dependent benchmarks (1, 2, 4-7, 9) run on the SQLite store and on the Redis store
 (--redis-url, default redis://127.0.0.1:6379/14; each benchmark under a prefix of its own,
@@ -72,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated stores to measure (default: sqlite,redis)")
     parser.add_argument("--redis-url", default=REDIS_URL,
                         help=f"the Redis server and database to use (default: {REDIS_URL})")
+    parser.add_argument("--scale", action="store_true",
+                        help="run bench/scale.py (costs against store size, issue 16) instead")
     args = parser.parse_args(argv)
+    if args.scale:
+        import scale
+
+        return scale.main([*(["--quick"] if args.quick else []), "--redis-url", args.redis_url,
+                           *(["--no-redis"] if "redis" not in args.stores else []),
+                           *(["--json", str(args.json)] if args.json else [])])
     cfg = QUICK if args.quick else FULL
     common.REDIS_URL = args.redis_url
     res = Results()

@@ -1,0 +1,107 @@
+"""What bench/scale.py runs in spawned processes (a fresh interpreter each, as workers.py's)
+and in subprocesses: the diskcache fill, the miss-storm workers, the mode="off" memory probe,
+and the CLI runner that measures a command's peak RSS."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from common import open_engine, payload
+from workers import SPAWN, STORE_CALLS, _blocking_time
+
+from singleflight_agents import Singleflight, ToolExecutionOptions
+
+__all__ = ["SPAWN", "diskcache_filler", "mode_off_memory", "run_measured", "storm_worker"]
+
+
+def diskcache_filler(path: str, n: int, conn: Any) -> None:
+    """Fill a diskcache at ``path`` with ``n`` memoized entries; send the fill's seconds."""
+    import diskcache
+    from scale_fill import fill_diskcache
+
+    started = time.perf_counter()
+    with diskcache.Cache(path) as cache:
+        fill_diskcache(cache, n)
+    conn.send(time.perf_counter() - started)
+
+
+def storm_worker(conn: Any) -> None:
+    """One process of a miss storm, for several runs: each ("run", url, log, keys, tool_s)
+    opens the store, says ready, waits for the start instant, calls every key at once
+    (asyncio), and sends ("done", time, seconds the loop spent inside store calls)."""
+    while (message := conn.recv())[0] == "run":
+        _, url, log_path, keys, tool_s = message
+        sf = open_engine(url)
+        options = ToolExecutionOptions(deterministic=True, tool_name="bench.scale_storm")
+        blocked_ns = _blocking_time(sf.store, STORE_CALLS)
+
+        async def tool(key: str, log_path: str = log_path, tool_s: float = tool_s) -> str:
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, f"{time.time()} {os.getpid()} {key}\n".encode())
+            finally:
+                os.close(fd)
+            await asyncio.sleep(tool_s)
+            return key
+
+        async def all_keys(sf: Singleflight = sf, keys: list[str] = keys,
+                           options: ToolExecutionOptions = options) -> None:
+            await asyncio.gather(*(sf.execute(tool, key, options=options) for key in keys))
+
+        conn.send(("ready", os.getpid()))
+        start_at = conn.recv()
+        time.sleep(max(0.0, start_at - time.time()))
+        asyncio.run(all_keys())
+        conn.send(("done", time.time(), blocked_ns[0] / 1e9))
+        sf.close()
+
+
+def _rss() -> int:
+    """This process's resident set now, in bytes."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def mode_off_memory(path: str, calls: int, conn: Any) -> None:
+    """``calls`` distinct calls of a tool in mode "off" on a fresh store: RSS growth, and the
+    engine's sets and dicts that grew with them (attribute name -> length)."""
+    sf = Singleflight(store=path, secret="singleflight-agents benchmark secret", mode="off")
+    tool = sf.tool(deterministic=True, tool_name="bench.scale_off")(payload)
+    for i in range(1000):  # warm: store open, tables made, caches at their working size
+        tool(-1 - i)
+    gc.collect()
+    before = _rss()
+    started = time.perf_counter()
+    for i in range(calls):
+        tool(i)
+    elapsed = time.perf_counter() - started
+    gc.collect()
+    grown = {name: len(value) for name, value in vars(sf).items()
+             if isinstance(value, set | dict) and len(value) >= calls // 2}
+    conn.send({"rss_growth": _rss() - before, "seconds": elapsed, "grown": grown})
+    sf.close()
+
+
+def run_measured(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Run ``command``; its wall time, peak RSS (its own, from wait4), exit status and
+    output (stdout and stderr together, the last 2,000 characters)."""
+    out = cwd / f"out-{time.monotonic_ns()}.txt"
+    with open(out, "w") as handle:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = out.read_text(errors="replace")
+    out.unlink()
+    return {"wall": wall, "maxrss": usage.ru_maxrss * 1024, "rc": proc.returncode,
+            "output": text[-2000:], "cpu": usage.ru_utime + usage.ru_stime,
+            "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
