@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import stat
 import sys
+import tempfile
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO, TextIO
 
 from . import codec
-from ._cli_common import PROG, UsageError, existing_store, new_store, store_signer, utf8
+from ._cli_common import (
+    PROG,
+    Progress,
+    UsageError,
+    existing_store,
+    is_terminal,
+    new_store,
+    store_signer,
+    utf8,
+)
 from ._platform import O_CLOEXEC, has_posix_modes
 from .models import RECEIPT_FIELDS, Receipt
 from .signing import ENV_SECRET, Signer, key_path_for
@@ -28,14 +40,15 @@ def verify_store(args: argparse.Namespace, db: str | None) -> int:
         bad: list[str] = []
         now = time.time()
         total = expired = foreign = 0
-        for key, receipt in store.keyed_receipts():
-            total += 1
-            foreign += receipt.key_id != signer.key_id
-            problem = _problem(signer, key, receipt)
-            if problem is not None:
-                bad.append(f"{_name(receipt)}: {problem}")
-            else:
-                expired += receipt.expires_at <= now  # a verified receipt's fields are sound
+        with Progress("verify") as progress:
+            for key, receipt in progress.counted(store.keyed_receipts()):
+                total += 1
+                foreign += receipt.key_id != signer.key_id
+                problem = _problem(signer, key, receipt)
+                if problem is not None:
+                    bad.append(f"{_name(receipt)}: {problem}")
+                else:
+                    expired += receipt.expires_at <= now  # a verified receipt's fields are sound
     if total and foreign == total:
         raise UsageError(f"every receipt in {store.url} was signed with another key than "
                          f"key id {signer.key_id}; set SINGLEFLIGHT_SECRET to the secret that "
@@ -99,29 +112,37 @@ def _self_check(signer: Signer) -> list[str]:
 def export_receipts(args: argparse.Namespace, db: str | None) -> int:
     if args.output == "":
         raise UsageError("-o needs a file name; leave it out to write to stdout")
-    with existing_store(db) as store:
-        receipts = list(store.iter_receipts())
-    lines, skipped = [], 0
-    for receipt in receipts:
-        fields = receipt.to_dict()
-        try:
-            if not all(utf8(value) for value in fields.values() if isinstance(value, str)):
-                raise ValueError("text that is not UTF-8")
-            lines.append(json.dumps(fields, sort_keys=True, allow_nan=False) + "\n")
-        except (TypeError, ValueError) as exc:  # bytes, NaN, bad text: edited in the store
-            skipped += 1
-            print(f"FAIL {_name(receipt)}: holds a value an export cannot carry ({exc}); "
-                  f"damaged in the store (run verify); not exported", file=sys.stderr)
-    if args.output is not None:
-        _write_private(args.output, "".join(lines))
-    else:
-        sys.stdout.write("".join(lines))
-    print(f"exported {len(lines)} of {len(receipts)} receipts" if skipped
-          else f"exported {len(receipts)} receipts", file=sys.stderr)
+    exported = skipped = 0
+    # Streamed: one receipt at a time from the store to the output, whatever its size.
+    # On a terminal, the receipts themselves show the progress.
+    show = args.output is not None or not is_terminal(sys.stdout)
+    with existing_store(db) as store, _output(args.output) as out, \
+            Progress("export", show=show) as progress:
+        for receipt in progress.counted(store.iter_receipts()):
+            fields = receipt.to_dict()
+            try:
+                if not all(utf8(value) for value in fields.values() if isinstance(value, str)):
+                    raise ValueError("text that is not UTF-8")
+                line = json.dumps(fields, sort_keys=True, allow_nan=False) + "\n"
+            except (TypeError, ValueError) as exc:  # bytes, NaN, bad text: edited in the store
+                skipped += 1
+                progress.print(f"FAIL {_name(receipt)}: holds a value an export cannot carry "
+                               f"({exc}); damaged in the store (run verify); not exported",
+                               file=sys.stderr)
+                continue
+            out.write(line)
+            exported += 1
+    total = exported + skipped
+    print(f"exported {exported} of {total} receipts" if skipped
+          else f"exported {total} receipts", file=sys.stderr)
     return 1 if skipped else 0
 
 
-def _write_private(path: str, text: str) -> None:
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+        return
     # An export holds every stored input and output: readable by this user only, as the
     # store and key are. Created 0600; a file already there is made 0600 before it is
     # emptied, so the new content is never readable by others, not even for a moment.
@@ -137,47 +158,67 @@ def _write_private(path: str, text: str) -> None:
                 raise UsageError(f"cannot make {path} readable by this user only: "
                                  f"{exc.strerror}; write the export to a new file") from None
             os.ftruncate(fd, 0)
-        handle.write(text)
+        yield handle
 
 
 def import_receipts(args: argparse.Namespace, db: str | None) -> int:
     if not args.file:
         raise UsageError("FILE is empty; pass a file written by export, or - for stdin")
-    if args.file == "-":
-        receipts = _read_receipts(sys.stdin.buffer, "<stdin>")
-    else:
-        with open(args.file, "rb") as handle:
-            receipts = _read_receipts(handle, args.file)
-    existing = not is_sqlite_url(db) or sqlite_path(db).exists()
-    if not existing and not os.environ.get(ENV_SECRET) \
-            and not key_path_for(sqlite_path(db)).exists() and receipts:
-        # A new key could check none of them: say how the key travels, and create nothing.
-        raise UsageError(f"{sqlite_path(db)} is a new store with no key; the key that signed "
-                         f"the receipts must travel with them: {_KEY_TRAVELS}")
-    with existing_store(db) if existing else new_store(db) as store:
-        signer = store_signer(store)
-        rejected = other_key = 0
-        for receipt in receipts:
-            why = _import_problem(signer, receipt)
-            if why is None:
-                store.import_receipt(receipt)
-                continue
-            rejected += 1
-            other_key += receipt.key_id != signer.key_id
-            print(f"FAIL {_name(receipt)}: {why}; not imported")
-    print(f"imported {len(receipts) - rejected} of {len(receipts)} receipts")
+    with _input(args.file) as (source, name), Progress("import") as progress:
+        # Two passes, a line at a time: the first checks every line's shape (a malformed
+        # line imports nothing, as before), the second imports.
+        progress.what = "import, reading"
+        total = sum(1 for _ in progress.counted(_read_receipts(source, name)))
+        existing = not is_sqlite_url(db) or sqlite_path(db).exists()
+        if not existing and not os.environ.get(ENV_SECRET) \
+                and not key_path_for(sqlite_path(db)).exists() and total:
+            # A new key could check none of them: say how the key travels, and create nothing.
+            raise UsageError(f"{sqlite_path(db)} is a new store with no key; the key that "
+                             f"signed the receipts must travel with them: {_KEY_TRAVELS}")
+        with existing_store(db) if existing else new_store(db) as store:
+            signer = store_signer(store)
+            rejected = other_key = 0
+
+            def accepted() -> Iterator[Receipt]:
+                nonlocal rejected, other_key
+                source.seek(0)
+                for receipt in progress.counted(_read_receipts(source, name)):
+                    why = _import_problem(signer, receipt)
+                    if why is None:
+                        yield receipt
+                        continue
+                    rejected += 1
+                    other_key += receipt.key_id != signer.key_id
+                    progress.print(f"FAIL {_name(receipt)}: {why}; not imported")
+
+            progress.what, progress.count = "import", 0
+            store.import_receipts(accepted())
+    print(f"imported {total - rejected} of {total} receipts")
     if other_key:
         print(f"{other_key} receipt(s) were signed with another key than this store's (key id "
               f"{signer.key_id}); the key must travel with them: {_KEY_TRAVELS}")
     return 1 if rejected else 0
 
 
+@contextlib.contextmanager
+def _input(file: str) -> Iterator[tuple[BinaryIO, str]]:
+    """The file to import, for reading twice: stdin is copied to a temporary file first
+    (unnamed, this user's only), a line at a time."""
+    if file != "-":
+        with open(file, "rb") as handle:
+            yield handle, file
+        return
+    with tempfile.TemporaryFile() as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        spool.seek(0)
+        yield spool, "<stdin>"
+
+
 _KEY_TRAVELS = (f"set {ENV_SECRET} to the content of the key file of the store they came from "
                 f"(<store>.key), or copy that file beside this store as <this store>.key")
 
 
-def _read_receipts(lines: Iterable[bytes], name: str) -> list[Receipt]:
-    receipts = []
+def _read_receipts(lines: Iterable[bytes], name: str) -> Iterator[Receipt]:
     for number, raw in enumerate(lines, 1):
         where = f"{name}:{number}"
         try:
@@ -192,8 +233,7 @@ def _read_receipts(lines: Iterable[bytes], name: str) -> list[Receipt]:
         except (ValueError, RecursionError) as exc:
             raise UsageError(f"{where}: not a receipt exported by {PROG} (not JSON: "
                              f"{exc})") from None
-        receipts.append(_receipt_from(data, where))
-    return receipts
+        yield _receipt_from(data, where)
 
 
 def _receipt_from(data: Any, where: str) -> Receipt:

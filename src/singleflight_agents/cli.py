@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 
 from . import __version__
-from ._cli_common import PROG, UsageError, existing_store, utf8
+from ._cli_common import PROG, Progress, UsageError, existing_store, utf8
 from ._cli_receipts import export_receipts, import_receipts, verify_store
 from .demo import run_demo
 from .engine import Singleflight
@@ -26,7 +26,7 @@ from .models import SingleflightError
 from .reporting import format_json, format_markdown, format_summary
 from .sessions import ignore_inherited_session
 from .stats import damage, summarize
-from .store import DEFAULT_PATH, ReceiptStore
+from .store import DEFAULT_PATH, ReceiptStore, SQLiteStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -173,10 +173,14 @@ def _stats_rows(store: ReceiptStore, run: str | None) -> list[tuple[str, str, di
 
 
 def _prune(args: argparse.Namespace, db: str | None) -> int:
-    with existing_store(db) as store:
+    with existing_store(db) as store, Progress("prune", counting=False):
         removed = store.prune(time.time())
-        size = (f"; {removed['bytes_before']} -> {removed['bytes_after']} bytes"
-                if "bytes_after" in removed else "")
+    if isinstance(store, SQLiteStore):
+        # Measured again now that the store is closed: closing the last connection may
+        # checkpoint what a reader held back, so this is the size the command leaves.
+        removed["bytes_after"] = store.bytes_on_disk()
+    size = (f"; {removed['bytes_before']} -> {removed['bytes_after']} bytes"
+            if "bytes_after" in removed else "")
     print(f"pruned {removed['receipts']} expired receipts, {removed['leases']} finished "
           f"leases, {removed['lock_files']} stale lock files{size}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import functools
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -138,7 +138,9 @@ class Admin(abc.ABC):
 
     @abc.abstractmethod
     def iter_receipts(self) -> Iterator[Receipt]:
-        """Every receipt, ordered by tool name then fingerprint."""
+        """Every receipt, ordered by tool name then fingerprint. Streamed where the backend
+        can: memory must not grow with the store (``export`` and ``verify`` consume it
+        lazily)."""
 
     def keyed_receipts(self) -> Iterator[tuple[str, Receipt]]:
         """Every receipt with the key the engine looks it up by, which must be its
@@ -149,6 +151,16 @@ class Admin(abc.ABC):
     @abc.abstractmethod
     def import_receipt(self, receipt: Receipt) -> None:
         """Store an already signed receipt (used by ``import``)."""
+
+    def import_receipts(self, receipts: Iterable[Receipt]) -> int:
+        """Store already signed receipts, consuming ``receipts`` as it goes (never all of
+        them at once); how many were stored. A backend may batch them (the SQLite store
+        writes one transaction per thousand); the default stores them one by one."""
+        count = 0
+        for receipt in receipts:
+            self.import_receipt(receipt)
+            count += 1
+        return count
 
     @abc.abstractmethod
     def prune(self, now: float) -> dict[str, int]:
@@ -174,6 +186,9 @@ class ReceiptStore(ReceiptsAndLeases, Statistics, Admin):
     url: str
     identity: str
     key_path: Path | None = None
+    # Whether a read (``get``) answers without waiting on a server: then an async call
+    # makes its first look on its event loop; else every store call leaves the loop.
+    reads_locally: bool = False
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .._platform import O_CLOEXEC
 from ..models import RECEIPT_FIELDS, Receipt, StoreError, receipt_row
@@ -79,6 +79,8 @@ def _operation(method: Callable[Concatenate[SQLiteStore, P], R]) -> Callable[Con
 
 class SQLiteStore(ReceiptStore):
     """A :class:`ReceiptStore` in one SQLite file; see the module docstring."""
+
+    reads_locally = True  # WAL: a reader never waits for a writer
 
     def __init__(self, path: str | os.PathLike[str], lock: LivenessLock | None = None) -> None:
         self.path = Path(path).expanduser().absolute()
@@ -358,7 +360,7 @@ class SQLiteStore(ReceiptStore):
             after = (rows[-1][_TOOL_COLUMN], rows[-1][_FINGERPRINT_COLUMN])
 
     @_operation
-    def _receipts_page(self, after: tuple[object, ...] | None) -> list[tuple[object, ...]]:
+    def _receipts_page(self, after: tuple[object, ...] | None) -> list[Any]:
         """The rows with a NULL key for ``None``, else the next page of the others after
         ``after`` (``()``: the first page)."""
         select = f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE "
