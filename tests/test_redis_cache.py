@@ -297,3 +297,28 @@ def test_a_user_without_client_tracking_reads_uncached(private_redis: int) -> No
     assert reader._cache._disabled and not reader._cache._entries  # type: ignore[attr-defined]
     reader.close()
     writer.close()
+
+
+# -- listing: streamed in batches, in the documented order -----------------------------
+
+
+def test_listing_streams_every_receipt_in_tool_then_fingerprint_order(redis_url: str) -> None:
+    import random
+
+    store = open_store(redis_url)
+    client = store._redis  # type: ignore[attr-defined]
+    wanted = []
+    for i in random.sample(range(1200), 1200):  # more than two batches
+        r = receipt(f"{i:05d}")
+        r = Receipt(**{**r.to_dict(), "tool_name": f"tool{i % 3}"})
+        store.import_receipt(r)
+        wanted.append((r.tool_name, r.fingerprint))
+    client.set(f"{store.prefix}r:not-a-hash", "x")  # skipped here, reported by check()
+    client.rename(f"{store.prefix}r:00007", f"{store.prefix}r:renamed")
+    listing = store.keyed_receipts()
+    assert not isinstance(listing, list)
+    got = [(r.tool_name, r.fingerprint, key) for key, r in listing]
+    assert [(t, f) for t, f, _ in got] == sorted(wanted)
+    assert ("tool1", "00007", "renamed") in got
+    assert [r.fingerprint for r in store.iter_receipts()] == [f for _, f, _ in got]
+    store.close()

@@ -98,6 +98,7 @@ redis.call('HSET', KEYS[1], 'state', 'done')
 redis.call('PUBLISH', ARGV[3], '1')
 return 1
 """
+_BATCH = 500  # keys per SCAN step and per pipeline of the admin commands
 _LEASE_RETENTION_MS = 24 * 3600 * 1000  # a lease hash outlives any holder, then goes
 _RECHECK_SECONDS = 1.0
 translated = translating(redis.RedisError)
@@ -628,28 +629,44 @@ class RedisStore(ReceiptStore):
     # -- maintenance ----------------------------------------------------------------
 
     def iter_receipts(self) -> Iterator[Receipt]:
-        return iter([receipt for _, receipt in self._keyed()])
+        return (receipt for _, receipt in self._keyed())
 
     def keyed_receipts(self) -> Iterator[tuple[str, Receipt]]:
         """Every receipt with the fingerprint its key names: the engine serves a receipt
         only under its own fingerprint, and a hash can be renamed onto another key."""
-        return iter(self._keyed())
+        return self._keyed()
 
-    @translated
-    def _keyed(self) -> list[tuple[str, Receipt]]:
+    def _keyed(self) -> Iterator[tuple[str, Receipt]]:
+        # In the documented order (tool name, fingerprint), which Redis cannot give: a first
+        # pass reads only those two fields of each hash (a few dozen bytes per receipt,
+        # sorted here), a second reads the receipts in that order, a batch at a time.
+        try:
+            yield from self._keyed_in_order()
+        except redis.RedisError as exc:
+            raise StoreError(f"store {self.url}: {exc}") from exc
+
+    def _keyed_in_order(self) -> Iterator[tuple[str, Receipt]]:
         start = len(self.prefix) + 2
-        found = []
-        for name in self._redis.scan_iter(match=f"{self.prefix}r:*", count=500):
-            try:
-                fields = self._redis.hgetall(name)
-            except redis.ResponseError as exc:
-                if "WRONGTYPE" not in str(exc):
-                    raise
-                continue  # not a receipt: check() reports it
-            if fields:
-                found.append((name[start:], _receipt(fields)))
-        found.sort(key=lambda item: (str(item[1].tool_name), str(item[1].fingerprint), item[0]))
-        return found
+        order: list[tuple[str, str, str]] = []
+        tools: dict[str, str] = {}  # one string per tool name, however many receipts
+        for names in _batches(self._redis.scan_iter(match=f"{self.prefix}r:*", count=_BATCH)):
+            pipe = self._redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(name, ["tool_name", "fingerprint"])
+            for name, found in zip(names, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(found, list):  # else not a hash: check() reports it
+                    tool = str(found[0])
+                    order.append((tools.setdefault(tool, tool), str(found[1]), name[start:]))
+        order.sort()
+        # SCAN may return a key twice: once sorted, side by side.
+        keys = (key for i, (_, _, key) in enumerate(order) if i == 0 or order[i - 1] != order[i])
+        for batch in _batches(keys):
+            pipe = self._redis.pipeline(transaction=False)
+            for key in batch:
+                pipe.hgetall(self._key("r", key))
+            for key, fields in zip(batch, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(fields, dict) and fields:  # gone, or retyped, meanwhile
+                    yield key, _receipt(fields)
 
     @translated
     def import_receipt(self, receipt: Receipt) -> None:
@@ -693,6 +710,17 @@ class RedisStore(ReceiptStore):
 
 
 _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _batches(items: Iterator[Any]) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == _BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _reset_after_fork() -> None:
