@@ -18,6 +18,7 @@ from workers import SPAWN, STORE_CALLS, _blocking_time
 
 from singleflight_agents import Singleflight, ToolExecutionOptions
 
+TIME = "/usr/bin/time"  # GNU time: the child's own peak RSS
 __all__ = ["SPAWN", "diskcache_filler", "mode_off_memory", "run_measured", "storm_worker"]
 
 
@@ -90,18 +91,24 @@ def mode_off_memory(path: str, calls: int, conn: Any) -> None:
 
 
 def run_measured(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run ``command``; its wall time, peak RSS (its own, from wait4), exit status and
-    output (stdout and stderr together, the last 2,000 characters)."""
-    out = cwd / f"out-{time.monotonic_ns()}.txt"
+    """Run ``command``; its wall time, peak RSS, exit status and output (stdout and stderr
+    together, the last 2,000 characters).
+
+    The peak RSS is /usr/bin/time's (%M): Linux starts a forked child's ru_maxrss at its
+    parent's, so wait4 on a child of this big benchmark process would report ours."""
+    stamp = time.monotonic_ns()
+    out, rss = cwd / f"out-{stamp}.txt", cwd / f"rss-{stamp}.txt"
     with open(out, "w") as handle:
         started = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                cwd=cwd)
+        proc = subprocess.Popen([TIME, "-f", "%M", "-o", str(rss), *command], stdout=handle,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     text = out.read_text(errors="replace")
     out.unlink()
-    return {"wall": wall, "maxrss": usage.ru_maxrss * 1024, "rc": proc.returncode,
+    maxrss = int(rss.read_text().split()[-1]) * 1024
+    rss.unlink()
+    return {"wall": wall, "maxrss": maxrss, "rc": proc.returncode,
             "output": text[-2000:], "cpu": usage.ru_utime + usage.ru_stime,
             "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
