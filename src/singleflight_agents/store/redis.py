@@ -159,8 +159,10 @@ def _connect(client_url: str, shown: str) -> Any:
         # ?socket_timeout=... in the URL overrides them.
         # Bytes that are not UTF-8 (an edited receipt) decode to surrogate escapes, so the
         # receipt fails its signature check instead of the read raising UnicodeDecodeError.
+        # redis-py 8 caps a pool at 100 connections and then raises: every thread of a
+        # process in a command at once (waiters of a storm) can need more (?max_connections=).
         client = redis.Redis.from_url(client_url, decode_responses=True, socket_timeout=2,
-                                      socket_connect_timeout=2,
+                                      socket_connect_timeout=2, max_connections=1000,
                                       encoding_errors="surrogateescape")
         client.ping()
     except TypeError as exc:  # an ?option the client has no parameter for
