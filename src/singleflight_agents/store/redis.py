@@ -358,8 +358,8 @@ class _ReceiptCache:
             # From here on the socket is read here, not by redis-py: nothing is pending
             # on it (no push comes before tracking is on).
             sock = conn._sock
-            sock.sendall(conn.pack_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX",
-                                           self._names)[0])
+            sock.sendall(b"".join(conn.pack_command("CLIENT", "TRACKING", "ON", "BCAST",
+                                                    "PREFIX", self._names)))
         except redis.ResponseError:  # no RESP3 or no tracking (Redis < 6): no cache
             self._disabled = True
             with contextlib.suppress(Exception):
