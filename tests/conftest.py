@@ -195,6 +195,14 @@ def joined_after(monkeypatch: pytest.MonkeyPatch, n: int) -> threading.Event:
     return joined
 
 
+async def all_joined(joined: threading.Event) -> None:
+    """Await ``joined`` (see :func:`joined_after`) without blocking the loop: an async
+    call's first look may run in a store thread."""
+    import asyncio
+
+    assert await asyncio.to_thread(joined.wait, 30)
+
+
 def run_together(target: Any, n: int, joined: threading.Event, release: threading.Event) -> None:
     """Run ``target`` in ``n`` threads; let the tool go once all of them joined the flight."""
     threads = [threading.Thread(target=target) for _ in range(n)]

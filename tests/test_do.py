@@ -9,15 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from conftest import SECRET
+from conftest import SECRET, all_joined, joined_after
 
 from singleflight_agents import ReplayMissError, Session, Singleflight, Source, ToolExecutionOptions
 
 SHARED = ToolExecutionOptions(deterministic=True)
 
 
-async def test_async_callers_share_one_run(sf: Singleflight) -> None:
-    release = asyncio.Event()
+async def test_async_callers_share_one_run(sf: Singleflight,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    release, joined = asyncio.Event(), joined_after(monkeypatch, 50)
     runs = 0
 
     async def fetch() -> dict[str, Any]:
@@ -28,7 +29,7 @@ async def test_async_callers_share_one_run(sf: Singleflight) -> None:
 
     tasks = [asyncio.create_task(sf.do("t.fetch", {"q": "a"}, fetch, options=SHARED))
              for _ in range(50)]
-    await asyncio.sleep(0)
+    await all_joined(joined)
     release.set()
     outcomes = await asyncio.gather(*tasks)
     assert runs == 1
@@ -152,7 +153,8 @@ def test_max_age_reruns_an_older_receipt_outside_replay_and_replay_still_serves_
         SHARED.replace(max_age_seconds=-1)
 
 
-async def test_max_age_zero_still_shares_a_call_in_flight(sf: Singleflight) -> None:
+async def test_max_age_zero_still_shares_a_call_in_flight(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
     release = asyncio.Event()
     runs = []
 
@@ -162,7 +164,8 @@ async def test_max_age_zero_still_shares_a_call_in_flight(sf: Singleflight) -> N
         return "tools"
 
     fresh = SHARED.replace(max_age_seconds=0)
+    joined = joined_after(monkeypatch, 4)
     tasks = [asyncio.create_task(sf.do("t.flight", 1, listing, options=fresh)) for _ in range(4)]
-    await asyncio.sleep(0)  # every task has joined the flight: none yields before it waits
+    await all_joined(joined)
     release.set()
     assert [o.value for o in await asyncio.gather(*tasks)] == ["tools"] * 4 and len(runs) == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _backdoor import lease_expiries
+from conftest import all_joined, joined_after
 
 from singleflight_agents import (
     ExecutionOutcome,
@@ -34,8 +35,9 @@ def _wait_until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.001)
 
 
-async def test_1000_async_callers_of_an_async_tool_execute_once(sf: Singleflight) -> None:
-    release = asyncio.Event()
+async def test_1000_async_callers_of_an_async_tool_execute_once(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
+    release, joined = asyncio.Event(), joined_after(monkeypatch, 1000)
     runs = 0
 
     async def search(query: str) -> dict[str, object]:
@@ -45,7 +47,7 @@ async def test_1000_async_callers_of_an_async_tool_execute_once(sf: Singleflight
         return {"query": query, "hits": (1, 2)}
 
     tasks = [asyncio.create_task(sf.execute(search, "q", options=SHARED)) for _ in range(1000)]
-    await asyncio.sleep(0)  # let every task reach the flight before the tool returns
+    await all_joined(joined)  # every task reached the flight before the tool returns
     release.set()
     outcomes = await asyncio.gather(*tasks)
     assert runs == 1
@@ -168,8 +170,9 @@ def test_sharing_rules(sf: Singleflight) -> None:
                     "side_effecting": 2, "both": 2}
 
 
-async def test_failure_reaches_every_waiter_and_is_not_cached(sf: Singleflight) -> None:
-    release = asyncio.Event()
+async def test_failure_reaches_every_waiter_and_is_not_cached(
+        sf: Singleflight, monkeypatch: pytest.MonkeyPatch) -> None:
+    release, joined = asyncio.Event(), joined_after(monkeypatch, 50)
     runs = 0
 
     async def flaky(x: int) -> int:
@@ -181,7 +184,7 @@ async def test_failure_reaches_every_waiter_and_is_not_cached(sf: Singleflight) 
         return x
 
     tasks = [asyncio.create_task(sf.execute(flaky, 1, options=SHARED)) for _ in range(50)]
-    await asyncio.sleep(0)
+    await all_joined(joined)
     release.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, ConnectionError) and str(r) == "upstream 503" for r in results)

@@ -352,7 +352,8 @@ async def test_an_async_waiter_with_the_largest_wait_timeout_is_served(sf: Singl
     await asyncio.sleep(0)  # the waiter's first step: it waits on the owner's flight
     release.set()
     outcomes = await asyncio.gather(owner, waiter)
-    assert [o.source for o in outcomes] == [Source.EXECUTED, Source.SHARED_WAIT]
+    # An async call's first look may run in a store thread: either may own the flight.
+    assert sorted(o.source for o in outcomes) == [Source.EXECUTED, Source.SHARED_WAIT]
 
 
 def _blocked_in_a_wait(thread: threading.Thread) -> bool:

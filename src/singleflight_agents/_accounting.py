@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._call import Call, Result
+from ._drive import running_loop
 from ._platform import host_name
+from .flights import store_thread
 from .models import ExecutionOutcome, Source
 
 if TYPE_CHECKING:
@@ -40,10 +42,11 @@ def finish(sf: Singleflight, call: Call, result: Result, started: float) -> Exec
         _count_usage(sf, call, call.options.meter, result, counters)
     sf._stats.add_all(call.tool_name, counters)
     if time.monotonic() - sf._last_flush > FLUSH_INTERVAL:  # batched: at most 1 write/s
-        try:
-            sf.flush_stats()
-        except Exception as exc:  # counting must never fail a call whose tool has run
-            sf._warn("flush", f"singleflight: statistics not written: {describe(exc)}")
+        sf._last_flush = time.monotonic()
+        if sf._backend is not None and running_loop() is not None:
+            store_thread(_flush, sf)  # no event loop waits for the statistics
+        else:  # (the first flush opens the store: at once, as the first call's look does)
+            _flush(sf)
     outcome = ExecutionOutcome(
         value=result.value, source=source, tool_name=call.tool_name, fingerprint=call.key,
         receipt=result.receipt, elapsed_ms=(time.perf_counter() - started) * 1000,
@@ -52,6 +55,13 @@ def finish(sf: Singleflight, call: Call, result: Result, started: float) -> Exec
     if call.session is not None:
         call.session.observe(outcome)
     return outcome
+
+
+def _flush(sf: Singleflight) -> None:
+    try:
+        sf.flush_stats()
+    except Exception as exc:  # counting must never fail a call whose tool has run
+        sf._warn("flush", f"singleflight: statistics not written: {describe(exc)}")
 
 
 def note_fallback(sf: Singleflight, call: Call, reason: str, topic: str = "") -> None:

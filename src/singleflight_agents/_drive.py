@@ -7,10 +7,18 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from .flights import Flight, run_in_thread, running, start_thread, wait_future, wait_sync
+from .flights import (
+    Flight,
+    run_in_thread,
+    running,
+    start_thread,
+    store_thread,
+    wait_future,
+    wait_sync,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -55,8 +63,19 @@ class Detach:
         self.steps = steps
 
 
+class Io:
+    """Call ``func(*args)``, which talks to the store: in the calling thread for a sync
+    caller, in a store thread for an async one, so that no event loop waits on the store.
+    Its result is sent back, its exception thrown in."""
+
+    __slots__ = ("args", "func")
+
+    def __init__(self, func: Callable[..., Any], *args: Any) -> None:
+        self.func, self.args = func, args
+
+
 RUN = Run()
-Step = Run | WaitStore | WaitFlight | Detach
+Step = Run | WaitStore | WaitFlight | Detach | Io
 Steps = Generator[Step, Any, T]
 
 
@@ -72,13 +91,17 @@ class Escaped(Exception):
 class _Driving(Generic[T]):
     """Where a driver stands in the flow: what to send it next, and its result once done."""
 
-    __slots__ = ("error", "reply", "result", "steps")
+    __slots__ = ("cancelled", "error", "reply", "result", "steps")
 
     def __init__(self, steps: Steps[T]) -> None:
         self.steps = steps
         self.reply: Any = None
         self.error: BaseException | None = None
         self.result: Any = None
+        # A cancellation that came while an Io step ran: it is thrown in at the next step
+        # that is not one, after the flow has seen what the store did (a lease it must give
+        # back).
+        self.cancelled: BaseException | None = None
 
     def next(self) -> Step | None:
         """The flow's next step, or ``None`` when it is done (its result in ``result``)."""
@@ -112,14 +135,41 @@ async def drive_async(call: Call, steps: Steps[T]) -> T:
     """Carry out ``steps`` on the running event loop, blocking calls in threads."""
     driving = _Driving(steps)
     while (step := driving.next()) is not None:
+        if isinstance(step, Io):
+            try:
+                driving.reply = await _off_loop(driving, step)
+            except BaseException as exc:
+                driving.failed(exc)
+            continue
+        if driving.cancelled is not None:
+            driving.failed(driving.cancelled)
+            driving.cancelled = None
+            continue
         try:
             driving.reply = await _carry_out_async(call, step)
         except BaseException as exc:
             driving.failed(exc)
+    if driving.cancelled is not None:
+        raise driving.cancelled
     return cast(T, driving.result)
 
 
+async def _off_loop(driving: _Driving[Any], step: Io) -> Any:
+    """Run an Io step in a store thread. A store operation cannot be stopped halfway: a
+    cancellation waits for it to end, and is kept for the flow (``_Driving.cancelled``)."""
+    future = store_thread(contextvars.copy_context().run, step.func, *step.args)
+    while True:
+        try:
+            return await wait_future(future, None)
+        except BaseException as exc:
+            if future.done() and future.exception() is exc:
+                raise  # the operation's own error
+            driving.cancelled = driving.cancelled or exc
+
+
 def _carry_out_sync(call: Call, step: Step) -> Any:
+    if isinstance(step, Io):
+        return step.func(*step.args)
     if isinstance(step, Run):
         with running(call.flight_key):
             return call_tool(call)
@@ -141,6 +191,7 @@ async def _carry_out_async(call: Call, step: Step) -> Any:
         return await run_in_thread(step.store.wait, call.key, step.timeout)
     if isinstance(step, WaitFlight):
         return await wait_future(step.flight.future, step.timeout)
+    assert isinstance(step, Detach)
     return await run_in_thread(drive_sync, call, step.steps, name="singleflight-owner")
 
 

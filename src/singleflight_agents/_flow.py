@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from . import _accounting, _receipts
 from ._call import Call, Result
-from ._drive import RUN, Detach, Escaped, Steps, WaitFlight, WaitStore, running_loop
+from ._drive import RUN, Detach, Escaped, Io, Steps, WaitFlight, WaitStore, running_loop
 from .flights import ABANDONED, FLIGHTS, RUNNING, Flight, WaitTimeout
 from .models import ExecutionOutcome, ReplayMissError, SharedExecutionError, Source, StoreError
-from .store.base import Lease
+from .store.base import Busy, Lease
 
 if TYPE_CHECKING:
     from .engine import Singleflight
@@ -36,6 +36,13 @@ def begin(sf: Singleflight, call: Call) -> ExecutionOutcome | Steps[ExecutionOut
     if isinstance(start, Result):
         return _accounting.finish(sf, call, start, started)
     return _flow(sf, call, start, started)
+
+
+def first_look(sf: Singleflight, call: Call) -> Steps[ExecutionOutcome | Steps[ExecutionOutcome]]:
+    """:func:`begin` as one store step: for an async call whose first look may wait on a
+    server, so that its event loop does not."""
+    got: ExecutionOutcome | Steps[ExecutionOutcome] = yield Io(begin, sf, call)
+    return got
 
 
 def _flow(sf: Singleflight, call: Call, start: Source | None,
@@ -166,19 +173,19 @@ def _get_lease(sf: Singleflight, call: Call) -> Steps[Lease | Result | str]:
     # No look before the first acquire: the fast path has just looked, and a holder looks
     # again once it has the lease (_run_holding). After a wait, the result is theirs.
     while True:
-        attempt = sf.store.acquire(call.key, sf._owner, options.lease_seconds)
+        attempt: Lease | Busy = yield Io(sf.store.acquire, call.key, sf._owner, options.lease_seconds)
         if isinstance(attempt, Lease):
             return attempt
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "waiting for another process timed out"
         yield WaitStore(sf.store, remaining)
-        hit = _receipts.lookup(sf, call)
+        hit: Result | None = yield Io(_receipts.lookup, sf, call)
         if hit is not None:
             hit.source = Source.SHARED_WAIT
             return hit
         if options.share_failures:
-            failure = sf.store.last_failure(call.key)
+            failure = yield Io(sf.store.last_failure, call.key)
             if failure is not None and failure.token >= attempt.since_token:
                 raise SharedExecutionError(call.tool_name, failure.error_type, failure.message)
 
@@ -186,24 +193,28 @@ def _get_lease(sf: Singleflight, call: Call) -> Steps[Lease | Result | str]:
 def _run_holding(sf: Singleflight, call: Call, lease: Lease) -> Steps[Result]:
     with sf._heartbeat.hold(lease):
         try:
-            hit = _receipts.lookup(sf, call)  # a holder may have finished since our last look
+            # A holder may have finished since our last look.
+            hit: Result | None = yield Io(_receipts.lookup, sf, call)
         except StoreError:
             hit = None  # the store just failed: run the tool; storing it will warn
         if hit is not None:
             with contextlib.suppress(StoreError):
-                sf.store.release(lease)
+                yield Io(sf.store.release, lease)
             return hit
         try:
             started = time.perf_counter()
             value = yield RUN
-        except BaseException as exc:
+        except GeneratorExit as exc:  # abandoned (its driver is gone): no step can follow
             _receipts.release_failed(sf, call, lease, exc)
+            raise
+        except BaseException as exc:
+            yield Io(_receipts.release_failed, sf, call, lease, exc)
             raise
     latency_ms = (time.perf_counter() - started) * 1000
     # Counted here, not per caller: the run happened even if its caller was cancelled.
     sf._stats.add(call.tool_name, executed=1, takeovers=int(lease.takeover))
     result = Result(value, Source.EXECUTED, latency_ms=latency_ms, takeover=lease.takeover)
-    _receipts.persist(sf, call, result, lease)
+    yield Io(_receipts.persist, sf, call, result, lease)
     return result
 
 

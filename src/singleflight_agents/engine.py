@@ -20,7 +20,7 @@ from ._accounting import flush_stats, owner_id
 from ._backend import Backend, open_backend
 from ._call import Call, call_of_function, call_of_identity, default_tool_name
 from ._drive import drive_async, drive_sync, running_loop
-from ._flow import begin
+from ._flow import begin, first_look
 from .fingerprint import (
     binder,
     check_redact,
@@ -258,7 +258,14 @@ class Singleflight:
         return self if call.session is None or self._own_store else call.session.engine
 
     async def _run(self, call: Call) -> ExecutionOutcome:
-        got = begin(self._engine_for(call), call)
+        engine = self._engine_for(call)
+        backend = engine._backend
+        if backend is not None and (not backend.store.reads_locally or call.mode == "off"):
+            # The first look may wait on a server (or write, in mode "off"). Not the first
+            # call's, which opens the store: as before, callers join flights in call order.
+            got = await drive_async(call, first_look(engine, call))
+        else:
+            got = begin(engine, call)
         if isinstance(got, ExecutionOutcome):
             return got
         call.loop = running_loop()

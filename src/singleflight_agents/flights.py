@@ -158,6 +158,35 @@ def start_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
     return future
 
 
+_STORE_THREADS = 8
+_store_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_store_pool_lock = threading.Lock()
+
+
+def store_thread(func: Any, *args: Any) -> concurrent.futures.Future[Any]:
+    """Run ``func(*args)`` in one of a few threads kept for store operations (each bounded
+    by the store's own timeouts), started on first use and anew in a forked child."""
+    global _store_pool
+    pool = _store_pool
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with _store_pool_lock:
+            if _store_pool is None:
+                _store_pool = ThreadPoolExecutor(
+                    _STORE_THREADS, thread_name_prefix="singleflight-store")
+            pool = _store_pool
+    return pool.submit(func, *args)
+
+
+def _forget_store_pool() -> None:
+    global _store_pool, _store_pool_lock
+    _store_pool, _store_pool_lock = None, threading.Lock()  # its threads are the parent's
+
+
+at_fork_in_child(_forget_store_pool)
+
+
 async def run_in_thread(func: Any, *args: Any, name: str = "singleflight-call") -> Any:
     """Await ``func(*args)`` run by :func:`start_thread`, in a copy of this context (as
     ``asyncio.to_thread``): a tool running here is known as running there too."""
