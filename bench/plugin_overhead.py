@@ -1,8 +1,15 @@
 #!/usr/bin/env python
 """The pytest plugin's overhead per test: generated projects run by pytest in subprocesses.
 
-    python bench/plugin_overhead.py              # about two minutes: 500 tests, 5 repetitions
-    python bench/plugin_overhead.py --quick      # smoke run (2 repetitions), about a minute
+    python bench/plugin_overhead.py              # all hits: 2,000 tests, serial, -n 2, -n 4
+    python bench/plugin_overhead.py --quick      # the same, 300 tests, 2 repetitions
+    python bench/plugin_overhead.py --all        # every variant below (500 tests by default)
+
+By default (and through ``measure()``, for a bigger benchmark to call) only the all-hits
+figure is measured: for each of serial, ``-n 2`` and ``-n 4``, the baseline and a run served
+entirely from receipts (after an untimed record run on its store); it prints a small table
+(tests, mode, baseline s, with plugin s, overhead per test ms; wall time, then CPU time).
+With ``--all``:
 
 A generated project of --tests parametrized tests, each making one call of a
 ``bounded_read=True`` tool of an app engine created at import (test i calls it with i // 2,
@@ -50,6 +57,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import report
 from common import ms
@@ -122,6 +130,7 @@ class Variant:
 
 NO_PLUGIN = ("-p", "no:singleflight")
 XDIST = ("-n", "2")
+XDIST4 = ("-n", "4")
 VARIANTS = [
     Variant("baseline", "tools", NO_PLUGIN, executions="all"),
     Variant("record, fresh store", "tools", (), "serial", "distinct", "baseline"),
@@ -130,6 +139,9 @@ VARIANTS = [
     Variant("-n 2 baseline", "tools", (*NO_PLUGIN, *XDIST), executions="all"),
     Variant("-n 2 record, fresh store", "tools", XDIST, "xdist", "distinct", "-n 2 baseline"),
     Variant("-n 2 from receipts", "tools", XDIST, "xdist", "none", "-n 2 baseline"),
+    Variant("-n 4 baseline", "tools", (*NO_PLUGIN, *XDIST4), executions="all"),
+    Variant("-n 4 record, fresh store", "tools", XDIST4, "xdist4", "distinct", "-n 4 baseline"),
+    Variant("-n 4 from receipts", "tools", XDIST4, "xdist4", "none", "-n 4 baseline"),
     Variant("trivial, no plugin", "trivial", NO_PLUGIN),
     Variant("trivial, plugin loaded", "trivial", (), baseline="trivial, no plugin"),
     Variant("1 trivial test, no plugin", "single", NO_PLUGIN),
@@ -141,7 +153,8 @@ BY_NAME = {v.name: v for v in VARIANTS}
 # and their difference small: they run in SINGLE_PAIRS pairs per repetition.
 SINGLE_PAIRS = 3
 GROUPS = [["baseline"], ["record, fresh store", "from receipts", "replay"], ["-n 2 baseline"],
-          ["-n 2 record, fresh store", "-n 2 from receipts"], ["trivial, no plugin"],
+          ["-n 2 record, fresh store", "-n 2 from receipts"], ["-n 4 baseline"],
+          ["-n 4 record, fresh store", "-n 4 from receipts"], ["trivial, no plugin"],
           ["trivial, plugin loaded"],
           ["1 trivial test, no plugin", "1 trivial test, plugin loaded"] * SINGLE_PAIRS]
 
@@ -223,14 +236,16 @@ def repetition(bench: Bench, rep: int) -> None:
                f"repetition {rep + 1}", record=True)
 
 
-def run_groups(bench: Bench, groups: list[list[str]], label: str, record: bool) -> None:
-    stores = {chain: bench.root / f"store-{chain}" / "receipts.db" for chain in ("serial", "xdist")}
+def run_groups(bench: Bench, groups: list[list[str]], label: str, record: bool,
+               all_hits: bool = False) -> None:
+    stores = {chain: bench.root / f"store-{chain}" / "receipts.db"
+              for chain in ("serial", "xdist", "xdist4")}
     for group in groups:
         for name in group:
             variant = BY_NAME[name]
             store = stores[variant.store] if variant.store else None
             elapsed = bench.run(variant, store, label)
-            if record:
+            if record and not (all_hits and "record" in name):
                 bench.times.setdefault(name, []).append(elapsed)
     for path in stores.values():
         shutil.rmtree(path.parent, ignore_errors=True)
@@ -264,6 +279,70 @@ def table(bench: Bench) -> str:
     return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
 
 
+# The all-hits figure (measure()): per mode, its baseline, and its run served from receipts
+# after an untimed record run on a fresh store.
+MODES = {"serial": ("baseline", "from receipts"), "-n 2": ("-n 2 baseline", "-n 2 from receipts"),
+         "-n 4": ("-n 4 baseline", "-n 4 from receipts")}
+HIT_GROUPS = [["baseline"], ["record, fresh store", "from receipts"], ["-n 2 baseline"],
+              ["-n 2 record, fresh store", "-n 2 from receipts"], ["-n 4 baseline"],
+              ["-n 4 record, fresh store", "-n 4 from receipts"]]
+
+
+def _environment(root: Path) -> dict[str, str]:
+    # Bytecode cached, as installed, in a prefix of the run's own: nothing is written into
+    # the checkout. No key or run id from the environment: the store keeps a key file, each
+    # session is a run of its own.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDONTWRITEBYTECODE", "PYTEST_ADDOPTS", "SINGLEFLIGHT_SECRET",
+                        "SINGLEFLIGHT_RUN_ID", "SINGLEFLIGHT_SESSION")}
+    env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
+    return env
+
+
+def measure(tests: int = 2000, repeats: int = 3) -> list[dict[str, Any]]:
+    """The plugin's overhead per test in an all-hits run, serial, ``-n 2`` and ``-n 4``: one
+    dict per mode with ``tests``, ``mode``, ``baseline_s``, ``plugin_s``,
+    ``overhead_ms_per_test`` (wall time, medians over ``repeats``), the same three for CPU
+    time (``baseline_cpu_s``, ``plugin_cpu_s``, ``overhead_cpu_ms_per_test``) and
+    ``failures`` (checks that failed: a test not passing, a tool run from receipts).
+    Each repetition runs every session once, the modes' order rotating."""
+    with tempfile.TemporaryDirectory(prefix="sf-bench-plugin-") as tmp:
+        root = Path(tmp)
+        setup(root, tests)
+        bench = Bench(root, tests, _environment(root))
+        run_groups(bench, [HIT_GROUPS[1], HIT_GROUPS[3]], "warm-up", record=False)
+        for rep in range(repeats):
+            shift = 2 * (rep % len(MODES))
+            run_groups(bench, HIT_GROUPS[shift:] + HIT_GROUPS[:shift], f"repetition {rep + 1}",
+                       record=True, all_hits=True)
+    rows = []
+    for mode, (base_name, hit_name) in MODES.items():
+        base, hit = bench.times[base_name], bench.times[hit_name]
+        row: dict[str, Any] = {"tests": tests, "mode": mode}
+        for i, suffix in ((0, ""), (1, "_cpu")):
+            row[f"baseline{suffix}_s"] = statistics.median(b[i] for b in base)
+            row[f"plugin{suffix}_s"] = statistics.median(h[i] for h in hit)
+            row[f"overhead{suffix}_ms_per_test"] = statistics.median(
+                (h[i] - b[i]) / tests * 1000 for h, b in zip(hit, base, strict=True))
+        rows.append(row)
+    if rows:
+        rows[0]["failures"] = bench.failures
+    return rows
+
+
+def hits_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| tests | mode   | baseline s | with plugin s | overhead per test ms | "
+             "CPU: baseline s | with plugin s | overhead per test ms |",
+             "|------:|--------|-----------:|--------------:|---------------------:|"
+             "----------------:|--------------:|---------------------:|"]
+    for r in rows:
+        lines.append(f"| {r['tests']:5} | {r['mode']:6} | {r['baseline_s']:10.2f} | "
+                     f"{r['plugin_s']:13.2f} | {r['overhead_ms_per_test']:+20.3f} | "
+                     f"{r['baseline_cpu_s']:15.2f} | {r['plugin_cpu_s']:13.2f} | "
+                     f"{r['overhead_cpu_ms_per_test']:+20.3f} |")
+    return "\n".join(lines)
+
+
 def pytest_version() -> str:
     import pytest
     import xdist
@@ -273,12 +352,17 @@ def pytest_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--tests", type=int, default=500, help="tests per project (default 500)")
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions (default 5)")
+    parser.add_argument("--tests", type=int, help="tests per project (default 2000; "
+                        "500 with --all, 300 with --quick)")
+    parser.add_argument("--repeats", type=int, help="repetitions (default 3; 5 with --all)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions")
+    parser.add_argument("--all", action="store_true", help="every variant, not only all hits")
     parser.add_argument("--json", type=Path, help="also write every session's times as JSON")
     args = parser.parse_args(argv)
-    repeats = 2 if args.quick else args.repeats
+    repeats = 2 if args.quick else args.repeats or (5 if args.all else 3)
+    args.tests = args.tests or (300 if args.quick else 500 if args.all else 2000)
+    if not args.all:
+        return main_hits(args.tests, repeats, args.json)
     print(f"pytest plugin overhead: {args.tests} tests per project, {repeats} repetitions "
           f"after a warm-up, {report.cores()} cores usable, load average {report.loadavg()}; "
           f"{sys.executable} -m pytest {pytest_version()}; singleflight_agents from "
@@ -287,16 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sf-bench-plugin-") as tmp:
         root = Path(tmp)
         setup(root, args.tests)
-        # Bytecode cached, as installed, in a prefix of the run's own: nothing is written
-        # into the checkout. No key or run id from the environment: the store keeps a key
-        # file, each session is a run of its own.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONDONTWRITEBYTECODE", "PYTEST_ADDOPTS", "SINGLEFLIGHT_SECRET",
-                             "SINGLEFLIGHT_RUN_ID")}
-        env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
-        bench = Bench(root, args.tests, env)
+        bench = Bench(root, args.tests, _environment(root))
         # Warm-up, not timed: the bytecode cache filled, xdist and the plugin's modules read.
-        run_groups(bench, [GROUPS[1], GROUPS[3], GROUPS[4]], "warm-up", record=False)
+        run_groups(bench, [GROUPS[1], GROUPS[3], GROUPS[6]], "warm-up", record=False)
         for rep in range(repeats):
             began = time.perf_counter()
             repetition(bench, rep)
@@ -312,6 +389,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CHECK FAILED: {failure}")
     print("CHECKS FAILED" if bench.failures else "all checks passed")
     return 1 if bench.failures else 0
+
+
+def main_hits(tests: int, repeats: int, json_path: Path | None) -> int:
+    print(f"pytest plugin overhead, all hits: {tests} tests, {repeats} repetitions, "
+          f"{report.cores()} cores usable, load average {report.loadavg()}; pytest "
+          f"{pytest_version()}; singleflight_agents from "
+          f"{Path(singleflight_agents.__file__).parent}", flush=True)
+    started = time.perf_counter()
+    rows = measure(tests, repeats)
+    failures = rows[0].pop("failures", []) if rows else []
+    print(f"\n{hits_table(rows)}\n\ntook {time.perf_counter() - started:.0f} s; load average "
+          f"at the end {report.loadavg()}")
+    if json_path:
+        json_path.write_text(json.dumps({"rows": rows, "failures": failures}, indent=2))
+    for failure in failures:
+        print(f"CHECK FAILED: {failure}")
+    print("CHECKS FAILED" if failures else "all checks passed")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class Run:
         worker = getattr(config, "workerinput", {}).get("singleflight", {})
         self.db = config.getoption("singleflight_db") or from_rootdir(
             config, config.getini("singleflight_db") or ".singleflight/receipts.db")
+        self._record_command = record_command(self.db)
         self.mode: str = config.getoption("singleflight_mode") or config.getini("singleflight_mode")
         try:
             check_mode(self.mode, "singleflight_mode")
@@ -143,7 +144,8 @@ class Run:
         return self.session.used or self.worker_used
 
     def record_command(self, item: pytest.Item | None = None) -> str:
-        return record_command(self.db, item)
+        command = self._record_command  # the store's part, made once
+        return command if item is None else f"{command} {shlex.quote(item.nodeid)}"
 
     def summary(self) -> dict[str, Any] | None:
         """This run's statistics from the store, or ``None`` if nothing used it."""

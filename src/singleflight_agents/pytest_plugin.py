@@ -139,9 +139,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             break
     http = [host for mark in marks for host in marker_hosts(item, mark.kwargs.get("http", ()))]
     hook = item.ihook.pytest_singleflight_outcome
+    on_outcome = (lambda outcome: hook(item=item, outcome=outcome)) \
+        if hook.get_hookimpls() else None  # no implementation: no hook call per outcome
     with state.session.scope(item.nodeid, mode=mode, record_command=state.record_command(item),
-                             on_outcome=lambda outcome: hook(item=item, outcome=outcome),
-                             http=http) as scope:
+                             on_outcome=on_outcome, http=http) as scope:
         item.stash[_SCOPE] = scope
         try:
             return (yield)

@@ -59,13 +59,13 @@ def ignore_inherited_session() -> None:
 
 
 def _publish() -> None:
-    """Export the innermost session, as a call would see it now (under ``_STACK_LOCK``)."""
-    if _STACK:
-        os.environ[ENV_SESSION] = _STACK[-1]._export()
-    elif _ENV_BEFORE is None:
+    """Export the innermost session, as a call would see it now (under ``_STACK_LOCK``);
+    the variable is written only when it changes (a scope per test, most of them alike)."""
+    value = _STACK[-1]._export() if _STACK else _ENV_BEFORE
+    if value is None:
         os.environ.pop(ENV_SESSION, None)
-    else:
-        os.environ[ENV_SESSION] = _ENV_BEFORE
+    elif os.environ.get(ENV_SESSION) != value:
+        os.environ[ENV_SESSION] = value
 
 
 def _held_by(outer: Session | None, mode: str) -> str | None:
@@ -111,26 +111,21 @@ def check_replayable(store: str | os.PathLike[str] | ReceiptStore | None,
     from .signing import ENV_SECRET, key_path_for
     from .store import ReceiptStore, is_sqlite_url, sqlite_path
 
-    if secret is not None or os.environ.get(ENV_SECRET):
-        path = None if isinstance(store, ReceiptStore) or not is_sqlite_url(store) \
-            else sqlite_path(store)
-    elif isinstance(store, ReceiptStore):
-        if not hasattr(store, "path"):
-            raise StoreError(f"replay needs the key that signed the receipts: set {ENV_SECRET} "
-                             f"(a server store has no key file)")
-        path = store.path
-    elif not is_sqlite_url(store):
+    keyed = secret is not None or bool(os.environ.get(ENV_SECRET))
+    if isinstance(store, ReceiptStore):
+        file = hasattr(store, "path")
+        path = None if keyed else getattr(store, "path", None)
+    else:
+        file = is_sqlite_url(store)
+        path = sqlite_path(store) if file else None
+    if not file and not keyed:
         raise StoreError(f"replay needs the key that signed the receipts: set {ENV_SECRET} "
                          f"(a server store has no key file)")
-    else:
-        path = sqlite_path(store)
-    if path is None:
-        return
-    if not path.is_file():
+    if path is not None and not path.is_file():
         raise StoreError(f"replay: receipt store {path} does not exist; record it first "
                          f"({record_command}) or copy it here with its key file "
                          f"{key_path_for(path).name}")
-    if secret is None and not os.environ.get(ENV_SECRET) and not key_path_for(path).is_file():
+    if path is not None and not keyed and not key_path_for(path).is_file():
         raise StoreError(f"replay: the key of {path} is missing ({key_path_for(path)}); copy "
                          f"the key file beside the store, or set {ENV_SECRET} to its content")
 
@@ -185,10 +180,9 @@ class Session:
                  http: Iterable[str] | str | None = None, ttl: float | None = None) -> None:
         from .models import ToolExecutionOptions
         from .pricing import PriceTable
-
-        self.mode = check_mode(mode, "session mode")
         from .store import ReceiptStore, is_sqlite_url, sqlite_path
 
+        self.mode = check_mode(mode, "session mode")
         if not isinstance(store, ReceiptStore) and is_sqlite_url(store):
             sqlite_path(store)  # a bad URL fails here, in every mode
         self.store = store
@@ -206,9 +200,8 @@ class Session:
         self._lock = threading.Lock()
         self._used = False
         self._scopes: list[Scope] = []
+        self._exported: tuple[str | None, list[str] | None, str] = (None, None, "")
         self.held_to: str | None = None  # an outer session's replay or off, which wins
-
-    # -- lifetime ---------------------------------------------------------------------
 
     def start(self) -> Session:
         """Govern every engine in this process, and the processes it starts, from now on.
@@ -242,9 +235,7 @@ class Session:
             routed = any(s.http for s in _STACK) or (_FROM_PARENT is not None
                                                      and '"http": []' not in _FROM_PARENT)
         if not routed and "singleflight_agents.http_receipts" in sys.modules:
-            from .http_receipts import uninstall
-
-            uninstall()
+            sys.modules["singleflight_agents.http_receipts"].uninstall()
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None:
@@ -289,17 +280,23 @@ class Session:
     def _export(self) -> str:
         from .store import ReceiptStore
 
-        # A URL's password goes along: the environment is the user's own, like the command
-        # line the parent was started with.
+        # Only the mode and hosts change while it runs: the text is kept for the last pair.
+        # A URL's password goes along: the environment is the user's own, like its argv.
+        scope, mode = self.current, self.mode_now()
+        hosts = self.http_now().names() if scope is not None and scope.http else None
+        if self._exported[:2] == (mode, hosts):
+            return self._exported[2]
         store = self.store
         where = store.url if isinstance(store, ReceiptStore) else store
-        return json.dumps({"store": None if where is None else os.fspath(where),
-                           "mode": self.mode_now(), "run_id": self.run_id,
-                           "started": self.started, "record_command": self.record_command,
-                           "http": self.http_now().names(), "ttl": self.ttl})
+        text = json.dumps({"store": None if where is None else os.fspath(where), "mode": mode,
+                           "run_id": self.run_id, "started": self.started,
+                           "record_command": self.record_command,
+                           "http": hosts if hosts is not None else self.http.names(),
+                           "ttl": self.ttl})
+        self._exported = (mode, hosts, text)
+        return text
 
-    def __enter__(self) -> Session:
-        return self.start()
+    __enter__ = start
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -319,8 +316,6 @@ class Session:
                         record_command=self.record_command, own_store=True)
                 engine = self._engine
         return engine
-
-    # -- attribution --------------------------------------------------------------------
 
     @contextlib.contextmanager
     def scope(self, name: str, *, mode: str | None = None, record_command: str | None = None,
@@ -352,11 +347,9 @@ class Session:
     def mode_now(self) -> str:
         """The mode of a call made now: the session's, unless it records or refreshes and
         the open scope asks for another."""
-        scope = self.current
-        mode = self.run_mode
-        if scope is None or scope.mode is None or mode in ("replay", "off"):
-            return mode
-        return scope.mode
+        scope, mode = self.current, self.run_mode
+        return mode if scope is None or scope.mode is None or mode in ("replay", "off") \
+            else scope.mode
 
     def http_now(self) -> Hosts:
         """The hosts routed through receipts now: the session's and the open scope's."""
@@ -364,9 +357,7 @@ class Session:
         return self.http if scope is None or not scope.http else self.http | scope.http
 
     def record_command_now(self) -> str:
-        scope = self.current
-        return scope.record_command if scope is not None and scope.record_command \
-            else self.record_command
+        return getattr(self.current, "record_command", None) or self.record_command
 
     def observe(self, outcome: ExecutionOutcome) -> None:
         scope = self.current
