@@ -71,7 +71,7 @@ def _trusted(sf: Singleflight, call: Call, receipt: Receipt) -> bool:
                  f"its signature check (tampered, or signed with another key); {then}")
         return False
     if len(verified) >= _VERIFIED_MAX:
-        verified.clear()
+        verified.pop(next(iter(verified)), None)  # the oldest (another thread may race us)
     verified[call.key] = receipt
     return True
 

@@ -15,10 +15,12 @@ closed nor collected there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,15 @@ def _close_in_owner(conn: sqlite3.Connection, pid: int) -> None:
         conn.close()
     else:
         _INHERITED.append(conn)
+
+
+def _lenient(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def not_utf8(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's refusal of text that is not UTF-8."""
+    return isinstance(exc, sqlite3.OperationalError) and "decode" in str(exc)
 
 
 class _ThreadEnd:
@@ -110,10 +121,19 @@ class Connections:
         except BaseException:
             conn.close()
             raise
-        # Bytes that are not UTF-8 (a damaged row) decode with replacement characters,
-        # so the receipt fails its signature check instead of aborting the read.
-        conn.text_factory = lambda data: data.decode("utf-8", "replace")
         return conn
+
+    @contextlib.contextmanager
+    def leniently(self) -> Iterator[None]:
+        """This thread's reads decode bytes that are not UTF-8 (a damaged row) with
+        replacement characters, so that its receipt fails its signature check instead of
+        aborting the read. Only then: a Python text factory slows every row read."""
+        conn = self.get()
+        conn.text_factory = _lenient
+        try:
+            yield
+        finally:
+            conn.text_factory = str
 
     def close_all(self) -> None:
         """Close every connection this process opened, on every thread, once no operation

@@ -23,7 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from .._platform import O_CLOEXEC
 from ..models import RECEIPT_FIELDS, Receipt, StoreError, receipt_row
 from ..signing import key_path_for
-from ._connections import Connections
+from ._connections import Connections, not_utf8
 from ._liveness import POLL_SECONDS, LivenessLock, platform_lock
 from ._locks import KeyLocks
 from .base import Busy, Failure, Lease, ReceiptStore, load_counters, translating
@@ -68,7 +68,13 @@ def _operation(method: Callable[Concatenate[SQLiteStore, P], R]) -> Callable[Con
         conns = self._conns
         conns.enter()
         try:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not not_utf8(exc):
+                    raise
+            with conns.leniently():  # a damaged row: read again, tolerating it
+                return method(self, *args, **kwargs)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"store {self.url}: {exc}") from exc
         finally:
@@ -189,7 +195,7 @@ class SQLiteStore(ReceiptStore):
             if row is None:
                 return None
             if len(receipts) >= 4096:
-                receipts.clear()
+                del receipts[next(iter(receipts))]  # the oldest
             receipt = receipts[key] = Receipt(*row)
         return receipt
 
