@@ -75,7 +75,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from singleflight_agents import SharedExecutionError, Singleflight, ToolExecutionOptions
+from singleflight_agents import (
+    SharedExecutionError,
+    Singleflight,
+    ToolExecutionOptions,
+    make_fingerprint,
+)
 from singleflight_agents.codec import decode
 from singleflight_agents.store import REDIS_SCHEMES
 from singleflight_agents.store.base import Lease
@@ -115,6 +120,10 @@ def name_of(key: tuple[str, str, int]) -> str:
 
 W: dict[str, Any] = {}  # this worker: wid, slot, states, fd, rng, seq
 _HELD = threading.local()  # the lease this thread holds, if any, and when it was asked for
+# An async call's lease is taken in a store thread, and its tool runs on the loop: the lease
+# waits here, by fingerprint, for the tool's start to claim it.
+_HELD_BY_FP: dict[str, tuple[Lease, float]] = {}
+_HELD_LOCK = threading.Lock()
 
 
 class ToolFailure(RuntimeError):
@@ -129,15 +138,19 @@ def _state(value: int) -> None:
     W["states"][W["slot"]] = value
 
 
-def _begin(key: str) -> tuple[str, float, bool]:
+def _begin(key: str, fp: str) -> tuple[str, float, bool]:
     lease: Lease | None = getattr(_HELD, "lease", None)
+    acq0 = getattr(_HELD, "acq0", None)
+    if lease is None:
+        with _HELD_LOCK:
+            lease, acq0 = _HELD_BY_FP.pop(fp, (None, None))
     nonce = f"{W['wid']}.{next(W['seq'])}"
     rng = W["tool_rng"]
     latency = math.exp(rng.uniform(math.log(LATENCY[0]), math.log(LATENCY[1])))
     _state(EXECUTING if lease else FALLBACK)
     _log(ev="start", wid=W["wid"], key=key, nonce=nonce, fp=lease.key if lease else None,
          token=lease.token if lease else None, takeover=bool(lease and lease.takeover),
-         acq0=_HELD.acq0 if lease else None, t=time.time())
+         acq0=acq0 if lease else None, t=time.time())
     return nonce, latency, rng.random() < FAILURE_RATE
 
 
@@ -151,16 +164,20 @@ def _end(key: str, nonce: str, fail: bool) -> dict[str, Any]:
 
 def chaos_tool(tool: str, topic: str, page: int) -> dict[str, Any]:
     key = f"{tool}/{topic}/{page}"
-    nonce, latency, fail = _begin(key)
+    nonce, latency, fail = _begin(key, _fingerprint(tool, topic, page))
     time.sleep(latency)
     return _end(key, nonce, fail)
 
 
 async def chaos_tool_async(tool: str, topic: str, page: int) -> dict[str, Any]:
     key = f"{tool}/{topic}/{page}"
-    nonce, latency, fail = _begin(key)
+    nonce, latency, fail = _begin(key, _fingerprint(tool, topic, page))
     await asyncio.sleep(latency)
     return _end(key, nonce, fail)
+
+
+def _fingerprint(tool: str, topic: str, page: int) -> str:
+    return make_fingerprint(tool, {"tool": tool, "topic": topic, "page": page})
 
 
 def _instrument(store: Any) -> None:
@@ -170,12 +187,19 @@ def _instrument(store: Any) -> None:
         asked = time.time()
         got = acquire(key, owner, lease_seconds)
         if isinstance(got, Lease):
-            _HELD.lease, _HELD.acq0 = got, asked
+            if threading.current_thread().name.startswith("singleflight-store"):
+                with _HELD_LOCK:
+                    _HELD_BY_FP[key] = (got, asked)
+            else:
+                _HELD.lease, _HELD.acq0 = got, asked
         return got
 
     def drop(lease: Lease) -> None:
         if getattr(_HELD, "lease", None) is lease:
             _HELD.lease = None
+        with _HELD_LOCK:
+            if _HELD_BY_FP.get(lease.key, (None,))[0] is lease:
+                del _HELD_BY_FP[lease.key]
 
     def release_(lease: Lease, failure: Any = None) -> None:
         drop(lease)
