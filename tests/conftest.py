@@ -5,7 +5,7 @@ import importlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +121,10 @@ def procs() -> Iterator[list[Any]]:
 
 
 class SpyEngine(Singleflight):
-    """An engine that tells a test how many calls have entered it: ``reached(n)`` is set once
-    ``n`` have. Between entering and waiting on a flight an async call never yields to the
-    loop, so a set event means every one of those callers has joined the flight."""
+    """An engine that tells a test how many async calls have made their first look:
+    ``reached(n)`` is set once ``n`` have. From there to waiting on a flight an async call
+    never yields to the loop, so a set event means every one of those callers has joined
+    the flight (or had its result)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -136,21 +137,11 @@ class SpyEngine(Singleflight):
             event.set()
         return event
 
-    def _enter(self) -> None:
+    def _looked(self) -> None:
         self.entered += 1
         for n, event in self._milestones.items():
             if self.entered >= n:
                 event.set()
-
-    async def execute(self, func: Callable[..., Any], /, *args: Any, options: Any = None,
-                      **kwargs: Any) -> Any:
-        self._enter()
-        return await super().execute(func, *args, options=options, **kwargs)
-
-    async def do(self, tool_name: str, identity: Any, fn: Callable[[], Any], /, *,
-                 options: Any = None) -> Any:
-        self._enter()
-        return await super().do(tool_name, identity, fn, options=options)
 
 
 @pytest.fixture

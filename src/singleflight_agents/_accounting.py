@@ -134,10 +134,13 @@ def flush_finally(store: ReceiptStore, stats: Stats, run_id: str, instance: str)
 
 
 def flush_stats(store: ReceiptStore, stats: Stats, run_id: str, instance: str) -> None:
-    counters = stats.snapshot()
-    if counters:
-        try:
-            store.save_stats(run_id, owner_id(instance), counters)
-        except BaseException:
-            stats.dirty = True  # written next time
-            raise
+    # One flush at a time: a summary's must find the counters written, also when a store
+    # thread is writing them right now.
+    with stats.flushing:
+        counters = stats.snapshot()
+        if counters:
+            try:
+                store.save_stats(run_id, owner_id(instance), counters)
+            except BaseException:
+                stats.dirty = True  # written next time
+                raise

@@ -266,10 +266,15 @@ class Singleflight:
             got = await drive_async(call, first_look(engine, call))
         else:
             got = begin(engine, call)
+        self._looked()
         if isinstance(got, ExecutionOutcome):
             return got
         call.loop = running_loop()
         return await drive_async(call, got)
+
+    def _looked(self) -> None:
+        """After an async call's first look; from there on it reaches its flight without
+        yielding to the loop (a test's hook)."""
 
     def _run_sync(self, call: Call) -> ExecutionOutcome:
         got = begin(self._engine_for(call), call)

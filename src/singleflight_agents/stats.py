@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from ._platform import at_fork_in_child
 
 COUNTERS = (
     "calls", "executed", "cache_hits", "shared_waits", "unshared", "fallbacks", "takeovers",
@@ -27,7 +30,9 @@ class Stats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.flushing = threading.Lock()  # held while the counters are written
         self._pid = os.getpid()
+        _ALL.add(self)
         self._tools: dict[str, dict[str, float]] = {}
         self.dirty = False
 
@@ -56,6 +61,17 @@ class Stats:
                 return {}
             self.dirty = False
             return {tool: dict(counters) for tool, counters in self._tools.items()}
+
+
+_ALL: weakref.WeakSet[Stats] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for stats in list(_ALL):  # a parent's store thread may have held it: not ours
+        stats.flushing = threading.Lock()
+
+
+at_fork_in_child(_after_fork)
 
 
 def damage(counters: object) -> str | None:
