@@ -71,7 +71,8 @@ def _trusted(sf: Singleflight, call: Call, receipt: Receipt) -> bool:
                  f"its signature check (tampered, or signed with another key); {then}")
         return False
     if len(verified) >= _VERIFIED_MAX:
-        verified.pop(next(iter(verified)), None)  # the oldest (another thread may race us)
+        with contextlib.suppress(KeyError):  # another thread emptied it meanwhile
+            verified.popitem(last=False)  # the oldest, in O(1) (a dict's first item is not)
     verified[call.key] = receipt
     return True
 

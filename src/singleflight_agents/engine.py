@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -89,7 +90,8 @@ class Singleflight:
         self._stats = Stats()
         self._last_flush = 0.0
         self._warned: set[str] = set()
-        self._verified: dict[str, Receipt] = {}  # receipt objects already checked, by key
+        # Receipt objects already checked, by key, oldest first
+        self._verified: OrderedDict[str, Receipt] = OrderedDict()
         self._backend: Backend | None = None
         self._open_lock = threading.Lock()
 

@@ -8,10 +8,12 @@ differ from lists, dict and set order does not matter. Nothing is ever ``repr()`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +42,7 @@ class _Binder:
         self.var_keyword = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
         self.is_async = is_async_callable(func)
         self.redactors: dict[tuple[str, ...], Redactor] = {}  # by (tool name, *paths)
-        self.keys: dict[tuple[Any, ...], tuple[str, str]] = {}  # see remembered_key
+        self.keys: OrderedDict[tuple[Any, ...], tuple[str, str]] = OrderedDict()  # see remembered_key
         # A default a call may leave out is part of its key: only plain ones can be
         # remembered (a list default may have changed since).
         self.rememberable = self.signature is not None and all(
@@ -120,7 +122,8 @@ def remembered_key(bind: _Binder, head: tuple[str, ...], args: tuple[Any, ...],
 def remember_key(bind: _Binder, memo: tuple[Any, ...], keyed: tuple[str, str]) -> None:
     keys = bind.keys
     if len(keys) >= _KEYS_MAX:
-        keys.pop(next(iter(keys)), None)  # the oldest; a race with another thread is harmless
+        with contextlib.suppress(KeyError):  # another thread emptied it meanwhile
+            keys.popitem(last=False)  # the oldest, in O(1) (a dict's first item is not)
     keys[memo] = keyed
 
 
