@@ -20,6 +20,7 @@ import os
 import sqlite3
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class Connections:
                 self._finalizers = [f for f in self._finalizers if f.alive]
                 self._finalizers.append(finalizer)
             local.conn, local.pid, local.marker = conn, os.getpid(), marker
-            local.receipts, local.data_version = {}, None
+            local.receipts, local.data_version = OrderedDict(), None
         return conn
 
     def _open(self) -> sqlite3.Connection:

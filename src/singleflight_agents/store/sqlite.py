@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -123,7 +124,7 @@ class SQLiteStore(SQLiteAdmin, ReceiptStore):
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-        self._conns.local.receipts = {}  # our own commits do not move data_version
+        self._conns.local.receipts = OrderedDict()  # our own commits do not move data_version
 
     # -- receipts and leases --------------------------------------------------------
 
@@ -134,7 +135,7 @@ class SQLiteStore(SQLiteAdmin, ReceiptStore):
         # cheaper than reading the row again. A hit therefore costs one pragma.
         conn, local = self._conn(), self._conns.local
         version = conn.execute("PRAGMA data_version").fetchone()[0]
-        receipts: dict[str, Receipt] = local.receipts
+        receipts: OrderedDict[str, Receipt] = local.receipts
         if version != local.data_version:
             receipts.clear()
             local.data_version = version
@@ -146,7 +147,7 @@ class SQLiteStore(SQLiteAdmin, ReceiptStore):
             if row is None:
                 return None
             if len(receipts) >= 4096:
-                del receipts[next(iter(receipts))]  # the oldest
+                receipts.popitem(last=False)  # the oldest (this thread's own memo)
             receipt = receipts[key] = Receipt(*row)
         return receipt
 
