@@ -180,13 +180,17 @@ STORE_CALLS = ("get", "acquire", "put", "release", "last_failure", "save_stats")
 
 
 def _blocking_time(obj: Any, methods: tuple[str, ...]) -> list[int]:
-    """Time every call of ``obj``'s ``methods`` (shadowed on the instance): [total ns]."""
+    """Time every call of ``obj``'s ``methods`` (shadowed on the instance) made on a thread
+    that runs an event loop, i.e. time that loop spent blocked: [total ns]. Calls the engine
+    makes in its store threads do not block a loop and are not counted."""
     total = [0]
     lock = threading.Lock()
     for name in methods:
         original = getattr(obj, name)
 
         def timed(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if asyncio._get_running_loop() is None:
+                return _original(*args, **kwargs)
             start = time.perf_counter_ns()
             try:
                 return _original(*args, **kwargs)
