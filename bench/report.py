@@ -126,10 +126,17 @@ def _once(n: dict[str, float], store: str) -> str:
     return "did NOT run each key exactly once (see the failed checks above)"
 
 
-def _times(slower: float, faster: float) -> str:
-    """How ``slower`` compares to ``faster``: "3.2x" or "about the same"."""
-    ratio = slower / faster
-    return "about the same as" if 0.9 <= ratio <= 1.1 else f"{ratio:.1f}x"
+def _times(this: float, that: float) -> str:
+    """How ``this`` compares to ``that``: "3.2x", "about the same as" or "1.5x faster than"."""
+    ratio = this / that
+    if 0.9 <= ratio <= 1.1:
+        return "about the same as"
+    return f"{ratio:.1f}x" if ratio > 1 else f"{1 / ratio:.1f}x faster than"
+
+
+def _blocked(seconds: float) -> str:
+    """A loop's blocked time; "none" below 0.05 ms (what ``ms`` would print as 0.0 ms)."""
+    return "none" if seconds < 0.00005 else ms(seconds)
 
 
 def interpretation(n: dict[str, float]) -> str:
@@ -141,22 +148,28 @@ def interpretation(n: dict[str, float]) -> str:
     ]
     if "sqlite_sync_hit_median_ns" in n and "sqlite_hit_busy_median_ns" in n:
         ours, theirs = n["sqlite_sync_hit_median_ns"], n["hit_diskcache_median_ns"]
-        faster = f"{theirs / ours:.1f}x faster than" if ours <= theirs else f"{ours / theirs:.1f}x"
         parts.append(
-            f"**Warm hit.** A hit fingerprints the arguments (canonical JSON, SHA-256), reads "
-            f"the receipt from SQLite (so a write by another process is seen at once), checks "
-            f"its HMAC unless already checked, and decodes a fresh copy of the value: "
-            f"{us(ours)} per sync call, {faster} diskcache's {us(theirs)} (one SQLite read and "
-            f"an unpickle). `lru_cache` ({us(n['hit_lru_median_ns'])}) is the in-memory floor. "
-            f"Beside a process storing {n['sqlite_hit_busy_writer_rate']:,.0f} receipts/s into "
-            f"the same store: {us(n['sqlite_hit_busy_median_ns'])} against diskcache's "
-            f"{us(n['sqlite_hit_busy_diskcache_median_ns'])}. Next to a tool call of "
-            f"milliseconds or more, either hit is noise.")
+            f"**Warm hit.** A repeated call with plain arguments (str, int, bool, None) finds "
+            f"its key remembered per tool (other arguments are fingerprinted: canonical JSON, "
+            f"SHA-256). SQLite is asked whether the file changed since this thread last read it "
+            f"(`PRAGMA data_version`, so a write by another process is seen at once); if not, "
+            f"the store hands back the receipt object it read before, which the engine "
+            f"recognises as already checked (no HMAC again), and the hit decodes a fresh copy "
+            f"of the value: {us(ours)} per sync call, {_times(ours, theirs)} diskcache's "
+            f"{us(theirs)} (one SQLite read and an unpickle). `lru_cache` "
+            f"({us(n['hit_lru_median_ns'])}) is the in-memory floor. Beside a process storing "
+            f"{n['sqlite_hit_busy_writer_rate']:,.0f} receipts/s into the same store, whose "
+            f"commits change the file, so that the first hit after each reads the row again "
+            f"and compares it with the receipt checked before (equal: no HMAC): "
+            f"{us(n['sqlite_hit_busy_median_ns'])} against "
+            f"diskcache's {us(n['sqlite_hit_busy_diskcache_median_ns'])}. Next to a tool call "
+            f"of milliseconds or more, either hit is noise.")
     if "sqlite_miss_rate" in n:
         ratio = n["diskcache_miss_rate"] / n["sqlite_miss_rate"]
         parts.append(
-            f"**Miss + store.** A miss takes a lease (a write transaction and a per-key lock "
-            f"file) and then stores the signed receipt (a second transaction): "
+            f"**Miss + store.** A miss reads, takes a lease (a write transaction and a per-key "
+            f"lock file) and then stores the signed receipt (a second transaction, which also "
+            f"deletes the lease's row; the heartbeat thread stays up between misses): "
             f"{n['sqlite_miss_rate']:,.0f} calls/s against diskcache's "
             f"{n['diskcache_miss_rate']:,.0f}/s ({ratio:.1f}x). That buys exactly-once across "
             f"processes; two processes missing the same diskcache key both run the tool.")
@@ -165,16 +178,19 @@ def interpretation(n: dict[str, float]) -> str:
         parts.append(
             f"**Fan-out in one process.** Identical concurrent calls join one in-memory "
             f"flight: every case executed once. The overhead grows with the callers, each of "
-            f"which fingerprints its arguments and decodes its own copy (1,000 async callers: "
+            f"which keys its call (the first fingerprints the arguments, the others find the "
+            f"key remembered) and decodes its own copy (1,000 async callers: "
             f"{ms(overhead)}, about {overhead / 1000 * 1e6:.0f} µs each).")
     if "sqlite_mp_wall_s" in n:
         parts.append(
             f"**Processes.** 8 processes x 20 keys {_once(n, 'sqlite')}, in "
             f"{ms(n['sqlite_mp_wall_s'])} against the tool's 20 ms: the last execution started "
-            f"{ms(n['sqlite_mp_last_start_s'])} after the common start, because taking a lease "
-            f"is a write transaction and the processes queue for SQLite's single write lock on "
-            f"{cores()} cores (each event loop spent a median "
-            f"{ms(n['sqlite_mp_blocked_median_s'])} blocked in store calls).")
+            f"{ms(n['sqlite_mp_last_start_s'])} after the common start: taking a lease is a "
+            f"write transaction, and the processes queue for SQLite's single write lock on "
+            f"{cores()} cores. They queue in store threads: an async call's lease and store "
+            f"run off its event loop, and only its first look, a read of the local file, runs "
+            f"on the loop (each loop spent a median "
+            f"{_blocked(n['sqlite_mp_blocked_median_s'])} blocked in store calls in all).")
     if {"sqlite_wake_sync_median_s", "sqlite_crash_median_s",
             "sqlite_fail_xproc_0_median_s"} <= n.keys():
         parts.append(
@@ -219,11 +235,14 @@ def _models_interpretation(n: dict[str, float]) -> list[str]:
         peer = (f"an `InMemoryCache` hit costs {us(cached)}, {us(cached - bare)} over the bare "
                 f"fake model's {us(bare)}")
     receipt_lc = n["models_sqlite_lc_median_ns"]
+    shared_wall, cached_wall = (n["models_inflight_sqlite_lc_wall_s"],
+                                n["models_inflight_lc_inmemory_wall_s"])
     warm = (
         f"**Model turns.** A turn served from a receipt is a tool hit plus the framework's "
         f"objects: the wrapper builds the request (messages or input items, settings, tool "
-        f"schemas) as JSON, fingerprints it, reads and checks the signed receipt, and rebuilds "
-        f"the response. OpenAI Agents SDK: `get_response` from a receipt takes "
+        f"schemas) as JSON, fingerprints it, reads the signed receipt (its HMAC checked on "
+        f"the first read only, as for a tool hit), and rebuilds the response. OpenAI Agents "
+        f"SDK: `get_response` from a receipt takes "
         f"{us(n['models_sqlite_openai_median_ns'])} on SQLite"
         f"{on_redis('models_redis_openai_median_ns')}, against "
         f"{us(n['models_openai_direct_median_ns'])} for the `ScriptedModel` called directly, "
@@ -241,7 +260,7 @@ def _models_interpretation(n: dict[str, float]) -> list[str]:
         f"{n['models_inflight_lc_bare_calls']:.0f} without a cache, "
         f"{n['models_inflight_sqlite_lc_calls']:.0f} through `receipt_chat_model` and "
         f"{n['models_inflight_sqlite_openai_calls']:.0f} through `receipt_model` (16 "
-        f"`get_response`s). The wall time is about the same either way "
+        f"`get_response`s). The wall time is {_wall_compared(shared_wall, cached_wall)} "
         f"({ms(n['models_inflight_sqlite_lc_wall_s'])} against "
         f"{ms(n['models_inflight_lc_inmemory_wall_s'])}): the 16 calls ran in parallel, so "
         f"what sharing saves is 15 calls' tokens and rate limit, not time.")
@@ -259,6 +278,14 @@ def _models_interpretation(n: dict[str, float]) -> list[str]:
     return [warm, inflight, evals]
 
 
+def _wall_compared(shared: float, unshared: float) -> str:
+    """How the wall time of a shared turn compares to unshared ones run in parallel."""
+    ratio = shared / unshared
+    if 0.9 <= ratio <= 1.1:
+        return "about the same either way"
+    return "no shorter with sharing" if ratio > 1 else "somewhat shorter with sharing"
+
+
 def _redis_interpretation(n: dict[str, float]) -> list[str]:
     """The Redis store against SQLite, for the benchmarks that ran on both."""
     parts = []
@@ -266,15 +293,19 @@ def _redis_interpretation(n: dict[str, float]) -> list[str]:
             "redis_miss_rate", "sqlite_miss_rate"} <= n.keys():
         hit, ping = n["redis_sync_hit_median_ns"], n["hit_ping_median_ns"]
         parts.append(
-            f"**Redis: hits and misses.** Every call to the Redis store is a network round "
-            f"trip; on this VM a bare `PING` over loopback takes {us(ping)}. A warm hit "
-            f"is one `HGETALL` of the receipt's 17 fields, parsed by redis-py (without "
-            f"hiredis here), then an HMAC check every time (the store hands back a new object "
-            f"per read, so the check cannot be skipped as with SQLite): {us(hit)}, "
-            f"{_times(hit, n['sqlite_sync_hit_median_ns'])} SQLite's "
-            f"{us(n['sqlite_sync_hit_median_ns'])}. A miss is five round trips (three reads of "
-            f"the receipt, the lease script, the store script; and at most once a second the "
-            f"statistics): "
+            f"**Redis: hits and misses.** A call that reaches the server is a network round "
+            f"trip; on this VM a bare `PING` over loopback takes {us(ping)}. A repeated warm "
+            f"hit does not reach it: each process keeps the receipts it read, and a connection "
+            f"with RESP3 client tracking receives the name of every receipt key written, "
+            f"deleted or expired (see docs/stores.md). A hit takes in what that connection "
+            f"received, without waiting, and gets the very Receipt object checked before: no "
+            f"round trip, no HMAC check, the fresh copy of the value decoded as on SQLite: "
+            f"{us(hit)}, {_times(hit, n['sqlite_sync_hit_median_ns'])} SQLite's "
+            f"{us(n['sqlite_sync_hit_median_ns'])} ({_times(hit, n['hit_diskcache_median_ns'])} "
+            f"diskcache's {us(n['hit_diskcache_median_ns'])}).{_redis_async_hit(n)}{_redis_busy_hit(n)} "
+            f"A miss is three round "
+            f"trips (the read, the lease script, which also returns the receipt, and the store "
+            f"script; at most once a second the statistics): "
             f"{n['redis_miss_rate']:,.0f} calls/s against SQLite's "
             f"{n['sqlite_miss_rate']:,.0f}/s. Both are small next to a tool that calls a model "
             f"or an API; what Redis buys is one deduplication domain across machines.")
@@ -283,10 +314,11 @@ def _redis_interpretation(n: dict[str, float]) -> list[str]:
             f"**Redis: processes.** 8 processes x 20 keys {_once(n, 'redis')} (the lease "
             f"is taken by a Lua script, one step on the server). The last execution started "
             f"{ms(n['redis_mp_last_start_s'])} after the common start (SQLite: "
-            f"{ms(n['sqlite_mp_last_start_s'])}); there is no single write lock to queue for, "
-            f"but each store call blocks its event loop for a round trip, "
-            f"{ms(n['redis_mp_blocked_median_s'])} per process in all (SQLite: "
-            f"{ms(n['sqlite_mp_blocked_median_s'])}), and the last process was done after "
+            f"{ms(n['sqlite_mp_last_start_s'])}){_redis_mp_start(n)}; every store call of an "
+            f"async call, its first look included, runs in a store thread, so no event loop "
+            f"waits for a round trip. Time an event loop spent blocked in store calls, per "
+            f"process: {_blocked(n['redis_mp_blocked_median_s'])} (median; SQLite: "
+            f"{_blocked(n['sqlite_mp_blocked_median_s'])}). The last process was done after "
             f"{ms(n['redis_mp_wall_s'])} (SQLite: {ms(n['sqlite_mp_wall_s'])}).")
     if {"redis_wake_sync_median_s", "redis_crash_median_s", "sqlite_wake_sync_median_s",
             "sqlite_crash_median_s"} <= n.keys():
@@ -312,6 +344,36 @@ def _redis_interpretation(n: dict[str, float]) -> list[str]:
             f"default 10 s lease the same arithmetic gives 7 to 10 s (not measured here); "
             f"choose `lease_seconds` for the wait you accept after a crash.")
     return parts
+
+
+def _redis_mp_start(n: dict[str, float]) -> str:
+    """Whether Redis's processes started their last execution sooner than SQLite's."""
+    if n["redis_mp_last_start_s"] <= n["sqlite_mp_last_start_s"]:
+        return ": there is no single write lock to queue for"
+    return (f", later, although there is no single write lock to queue for: the 8 processes "
+            f"share {cores()} cores, and each key's store operations are round trips")
+
+
+def _redis_async_hit(n: dict[str, float]) -> str:
+    """The async warm hit on Redis, whose first look is made in a store thread."""
+    if not {"redis_async_hit_median_ns", "sqlite_async_hit_median_ns"} <= n.keys():
+        return ""
+    return (f" An async hit on Redis takes its first look in a store thread (so that no event "
+            f"loop waits on a server), and pays for the hand-off to that thread and back: "
+            f"{us(n['redis_async_hit_median_ns'])} against "
+            f"{us(n['sqlite_async_hit_median_ns'])} on SQLite, whose first look reads the "
+            f"local file on the loop.")
+
+
+def _redis_busy_hit(n: dict[str, float]) -> str:
+    """The Redis warm hit beside a writer, whose every store sends this process a notice."""
+    if "redis_hit_busy_median_ns" not in n:
+        return ""
+    return (f" Beside a process storing {n['redis_hit_busy_writer_rate']:,.0f} receipts/s "
+            f"under the same prefix (each store sends this process a notice, which the next "
+            f"hit takes in; the hit's own key is not among them): "
+            f"{us(n['redis_hit_busy_median_ns'])} against "
+            f"diskcache's {us(n['redis_hit_busy_diskcache_median_ns'])}.")
 
 
 def _lost_wakeups(n: dict[str, float]) -> str:
