@@ -81,3 +81,12 @@ def test_the_scanner_reads_what_the_decoder_reads(text: str) -> None:
 def test_the_scanner_leaves_bad_text_to_the_decoder(text: str) -> None:
     with pytest.raises(ValueError):
         codec.decode("json", text)
+
+
+def test_a_long_argument_is_never_remembered(sqlite_sf: Singleflight) -> None:
+    def tool(prompt: str) -> int:
+        return len(prompt)
+
+    wrapped = sqlite_sf.tool(tool, deterministic=True, tool_name="t.long")
+    assert wrapped("x" * 100_000) == 100_000 and wrapped("short") == 5
+    assert [len(inputs) for inputs, _ in binder(tool).keys.values()] == [len('{"prompt":"short"}')]

@@ -110,6 +110,29 @@ def test_import_batches_and_a_malformed_line_imports_nothing(
     assert capsys.readouterr().out.splitlines() == lines
 
 
+def test_import_reads_a_file_that_cannot_be_read_twice(db_path: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import threading
+
+    _fill(db_path, 5)
+    out = tmp_path / "all.jsonl"
+    assert main(["export", "--db", str(db_path), "-o", str(out)]) == 0
+    target = tmp_path / "copy.db"
+    Path(f"{target}.key").write_text(Path(f"{db_path}.key").read_text())
+    Path(f"{target}.key").chmod(0o600)
+    fifo = tmp_path / "receipts.fifo"  # what `import <(cat file)` or `/dev/stdin` hands it
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(out.read_bytes()))
+    writer.start()
+    try:
+        assert main(["import", "--db", str(target), str(fifo)]) == 0
+    finally:
+        writer.join(10)
+    assert capsys.readouterr().out == "imported 5 of 5 receipts\n"
+    assert _count(target) == 5
+
+
 def _count(db: Path) -> int:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return int(conn.execute("SELECT count(*) FROM receipts").fetchone()[0])

@@ -202,16 +202,20 @@ def import_receipts(args: argparse.Namespace, db: str | None) -> int:
 
 @contextlib.contextmanager
 def _input(file: str) -> Iterator[tuple[BinaryIO, str]]:
-    """The file to import, for reading twice: stdin is copied to a temporary file first
-    (unnamed, this user's only), a line at a time."""
-    if file != "-":
-        with open(file, "rb") as handle:
-            yield handle, file
-        return
-    with tempfile.TemporaryFile() as spool:
-        shutil.copyfileobj(sys.stdin.buffer, spool)
+    """The file to import, for reading twice: stdin, a pipe or any other stream that cannot
+    be read again is copied to a temporary file first (unnamed, this user's only)."""
+    with contextlib.ExitStack() as stack:
+        if file == "-":
+            source, name = sys.stdin.buffer, "<stdin>"
+        else:
+            source, name = stack.enter_context(open(file, "rb")), file
+        if file != "-" and source.seekable():  # (stdin need not start at offset 0)
+            yield source, name
+            return
+        spool = stack.enter_context(tempfile.TemporaryFile())
+        shutil.copyfileobj(source, spool)
         spool.seek(0)
-        yield spool, "<stdin>"
+        yield spool, name
 
 
 _KEY_TRAVELS = (f"set {ENV_SECRET} to the content of the key file of the store they came from "

@@ -4,6 +4,7 @@ a driver only runs the tool and waits."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import sys
@@ -22,6 +23,7 @@ from .flights import (
 
 if TYPE_CHECKING:
     import asyncio
+    import concurrent.futures
 
     from ._call import Call
     from .store import ReceiptStore
@@ -66,12 +68,14 @@ class Detach:
 class Io:
     """Call ``func(*args)``, which talks to the store: in the calling thread for a sync
     caller, in a store thread for an async one, so that no event loop waits on the store.
-    Its result is sent back, its exception thrown in."""
+    Its result is sent back, its exception thrown in; ``undo(result)`` gives back what it
+    took if the flow is abandoned before it sees the result."""
 
-    __slots__ = ("args", "func")
+    __slots__ = ("args", "func", "undo")
 
-    def __init__(self, func: Callable[..., Any], *args: Any) -> None:
-        self.func, self.args = func, args
+    def __init__(self, func: Callable[..., Any], *args: Any,
+                 undo: Callable[[Any], None] | None = None) -> None:
+        self.func, self.args, self.undo = func, args, undo
 
 
 RUN = Run()
@@ -157,14 +161,34 @@ async def drive_async(call: Call, steps: Steps[T]) -> T:
 async def _off_loop(driving: _Driving[Any], step: Io) -> Any:
     """Run an Io step in a store thread. A store operation cannot be stopped halfway: a
     cancellation waits for it to end, and is kept for the flow (``_Driving.cancelled``)."""
+    import asyncio
+
     future = store_thread(contextvars.copy_context().run, step.func, *step.args)
     while True:
         try:
             return await wait_future(future, None)
-        except BaseException as exc:
+        except asyncio.CancelledError as exc:
             if future.done() and future.exception() is exc:
                 raise  # the operation's own error
             driving.cancelled = driving.cancelled or exc
+        except BaseException as exc:
+            if not (future.done() and future.exception() is exc):
+                # The coroutine is being closed (its loop is gone) or interrupted: no
+                # await can follow, and the flow will never see what the store did.
+                _abandon(step, future)
+            raise
+
+
+def _abandon(step: Io, future: concurrent.futures.Future[Any]) -> None:
+    """Wait for the store operation (bounded by the store's own timeouts) and give back
+    what it took."""
+    try:
+        result = future.result()
+    except BaseException:
+        return
+    if step.undo is not None:
+        with contextlib.suppress(Exception):
+            step.undo(result)
 
 
 def _carry_out_sync(call: Call, step: Step) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import _accounting, _receipts
@@ -173,7 +174,8 @@ def _get_lease(sf: Singleflight, call: Call) -> Steps[Lease | Result | str]:
     # No look before the first acquire: the fast path has just looked, and a holder looks
     # again once it has the lease (_run_holding). After a wait, the result is theirs.
     while True:
-        attempt: Lease | Busy = yield Io(sf.store.acquire, call.key, sf._owner, options.lease_seconds)
+        attempt: Lease | Busy = yield Io(sf.store.acquire, call.key, sf._owner,
+                                         options.lease_seconds, undo=_give_back(sf))
         if isinstance(attempt, Lease):
             return attempt
         remaining = deadline - time.monotonic()
@@ -190,7 +192,23 @@ def _get_lease(sf: Singleflight, call: Call) -> Steps[Lease | Result | str]:
                 raise SharedExecutionError(call.tool_name, failure.error_type, failure.message)
 
 
+def _give_back(sf: Singleflight) -> Callable[[Lease | Busy], None]:
+    def give_back(attempt: Lease | Busy) -> None:
+        if isinstance(attempt, Lease):
+            sf.store.release(attempt)
+
+    return give_back
+
+
 def _run_holding(sf: Singleflight, call: Call, lease: Lease) -> Steps[Result]:
+    try:
+        return (yield from _holding(sf, call, lease))
+    except GeneratorExit as exc:  # abandoned (its driver is gone): no step can follow
+        _receipts.release_failed(sf, call, lease, exc)
+        raise
+
+
+def _holding(sf: Singleflight, call: Call, lease: Lease) -> Steps[Result]:
     with sf._heartbeat.hold(lease):
         try:
             # A holder may have finished since our last look.
@@ -204,9 +222,8 @@ def _run_holding(sf: Singleflight, call: Call, lease: Lease) -> Steps[Result]:
         try:
             started = time.perf_counter()
             value = yield RUN
-        except GeneratorExit as exc:  # abandoned (its driver is gone): no step can follow
-            _receipts.release_failed(sf, call, lease, exc)
-            raise
+        except GeneratorExit:
+            raise  # see _run_holding
         except BaseException as exc:
             yield Io(_receipts.release_failed, sf, call, lease, exc)
             raise

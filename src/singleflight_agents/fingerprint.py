@@ -25,6 +25,7 @@ FORMAT = "sf1"
 # the key an equal call got. Not float: 0.0 == -0.0 but their encodings differ.
 _PLAIN = frozenset((str, int, bool, type(None)))
 _KEYS_MAX = 1024
+_KEYS_INPUT_MAX = 1024  # characters of canonical inputs: at most ~2 MB per tool in all
 
 
 class _Binder:
@@ -120,6 +121,8 @@ def remembered_key(bind: _Binder, head: tuple[str, ...], args: tuple[Any, ...],
 
 
 def remember_key(bind: _Binder, memo: tuple[Any, ...], keyed: tuple[str, str]) -> None:
+    if len(keyed[0]) > _KEYS_INPUT_MAX:
+        return  # a prompt-sized argument would be kept alive by the memo
     keys = bind.keys
     if len(keys) >= _KEYS_MAX:
         with contextlib.suppress(KeyError):  # another thread emptied it meanwhile
