@@ -284,14 +284,8 @@ def test_do_sync_never_hands_a_generator_to_a_second_thread(
         assert release.wait(30)
         return _items()
 
-    threads = [threading.Thread(target=lambda: outcomes.append(sf.do_sync("t.do", 1, fn, options=SHARED)))
-               for _ in range(2)]
     with pytest.warns(RuntimeWarning, match=r"t\.do: its result \(of type generator\)"):
-        for thread in threads:
-            thread.start()
-        assert joined.wait(30)
-        release.set()
-        for thread in threads:
-            thread.join(30)
+        run_together(lambda: outcomes.append(sf.do_sync("t.do", 1, fn, options=SHARED)), 2,
+                     joined, release)
     assert runs == [2]
     assert [list(o.value) for o in outcomes] == [[1, 2], [1, 2]]
