@@ -1,5 +1,5 @@
 """An async call whose task is destroyed (its loop closed under it) while a store operation
-runs in a store thread: the collector returns, and whatever the operation took (a lease) is
+runs in a store thread (a server's store): the collector returns, and whatever the operation took (a lease) is
 given back, so no caller in this or another process waits it out."""
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def _abandon_in_store_step(sf: Singleflight, monkeypatch: pytest.MonkeyPatch) ->
         return got
 
     monkeypatch.setattr(sf.store, "acquire", recording)
+    # A server's store (Redis) runs an async caller's store operations in store threads;
+    # SQLite, as if it were one.
+    monkeypatch.setattr(sf.store, "reads_locally", False)
     loop = asyncio.new_event_loop()
     task = loop.create_task(sf.execute(tool, 1, options=OPTIONS))
     loop.run_until_complete(asyncio.to_thread(acquired.wait, 10))

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 # Plain classes, not dataclasses: each dataclass costs milliseconds at import.
 
 class Call:
-    __slots__ = ("args", "began", "duplicate", "flight_key", "func", "inputs", "is_async", "key",
-                 "kwargs", "loop", "mode", "options", "session", "shown_inputs", "tampered",
-                 "tool_name")
+    __slots__ = ("args", "began", "duplicate", "flight_key", "func", "inline_io", "inputs",
+                 "is_async", "key", "kwargs", "loop", "mode", "options", "session", "shown_inputs",
+                 "tampered", "tool_name")
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  options: ToolExecutionOptions, tool_name: str, is_async: bool,
@@ -45,6 +45,9 @@ class Call:
         self.key = self.inputs = ""  # set for shared calls only
         # (store identity, key): the call's flight, once its store is open; None if unshared.
         self.flight_key: tuple[str, str] | None = None
+        # Whether its store's operations run on an async caller's loop (a local file), or in
+        # store threads (a server): see _drive.Io.
+        self.inline_io = False
         self.shown_inputs = ""  # what receipts and messages show: inputs, minus redactions
         self.tampered = False  # counted once per call, however often the receipt was read
         self.duplicate = False  # mode="off": an earlier call had the same key

@@ -67,7 +67,10 @@ class Detach:
 
 class Io:
     """Call ``func(*args)``, which talks to the store: in the calling thread for a sync
-    caller, in a store thread for an async one, so that no event loop waits on the store.
+    caller or a store on this machine's disk (``Call.inline_io``, microseconds unless another
+    process holds SQLite's write lock); for an async caller of a server's store, in a store
+    thread, so that its event loop never waits on the network. (Inline, an async caller's
+    parallel tools also finish in the order they would without receipts.)
     Its result is sent back, its exception thrown in; ``undo(result)`` gives back what it
     took if the flow is abandoned before it sees the result."""
 
@@ -141,7 +144,8 @@ async def drive_async(call: Call, steps: Steps[T]) -> T:
     while (step := driving.next()) is not None:
         if isinstance(step, Io):
             try:
-                driving.reply = await _off_loop(driving, step)
+                driving.reply = (step.func(*step.args) if call.inline_io
+                                 else await _off_loop(driving, step))
             except BaseException as exc:
                 driving.failed(exc)
             continue
