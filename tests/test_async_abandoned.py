@@ -76,3 +76,33 @@ def test_a_destroyed_call_gives_its_lease_back(store_url: str,
     finally:
         sf.close()
         other.close()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_redis_store_runs_async_store_operations_where_its_url_says(
+        redis_url: str, offload: bool) -> None:
+    url = redis_url + ("&offload=1" if offload else "")
+    sf = Singleflight(store=url, secret=SECRET)
+    threads: list[str] = []
+    try:
+        assert sf.store.reads_locally is not offload
+        acquire = sf.store.acquire
+
+        def recording(*args: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return acquire(*args)
+
+        sf.store.acquire = recording  # type: ignore[method-assign]
+        sf.execute_sync(tool, 0, options=OPTIONS)  # opens the store
+        assert asyncio.run(sf.execute(tool, 1, options=OPTIONS)).source is Source.EXECUTED
+        on_loop = threads[-1] == threading.main_thread().name
+        assert on_loop is not offload and (on_loop or threads[-1].startswith("singleflight-store"))
+    finally:
+        sf.close()
+
+
+def test_a_bad_offload_value_is_refused(redis_url: str) -> None:
+    from singleflight_agents import StoreError
+
+    with pytest.raises(StoreError, match=r"offload='yes' is not 0 or 1; write offload=1"):
+        Singleflight(store=redis_url + "&offload=yes", secret=SECRET).store  # noqa: B018

@@ -13,8 +13,9 @@ from ..models import StoreError
 from ._redis_cache import CACHE_ENTRIES
 
 
-def parse_url(url: str, shown: str) -> tuple[str, str, int]:
-    # The URL for the redis client, the key prefix and the size of the receipt cache. The
+def parse_url(url: str, shown: str) -> tuple[str, str, int, bool]:
+    # The URL for the redis client, the key prefix, the size of the receipt cache and whether
+    # async callers' store operations leave their event loop (?offload=1). The
     # client itself accepts some mistakes silently (a database that is not a number is 0),
     # so they are refused here.
     try:
@@ -37,6 +38,10 @@ def parse_url(url: str, shown: str) -> tuple[str, str, int]:
     if not (cache.isascii() and cache.isdigit()):
         raise StoreError(f"store URL {shown!r}: cache={cache!r} is not a number of receipts; "
                          f"write cache=0 for no cache in this process, or e.g. cache=16384")
+    offload = query.pop("offload", "0")
+    if offload not in ("0", "1"):
+        raise StoreError(f"store URL {shown!r}: offload={offload!r} is not 0 or 1; write "
+                         f"offload=1 to run async callers' store operations in store threads")
     if not base.startswith("unix://"):
         # The client reads a path that is not a number as database 0, and /0/1 as 1.
         db = unquote(base.partition("://")[2].partition("/")[2])
@@ -46,7 +51,7 @@ def parse_url(url: str, shown: str) -> tuple[str, str, int]:
         if db and "db" in query:
             raise StoreError(f"store URL {shown!r} names the database twice (/{db} and "
                              f"?db={query['db']}); give it once")
-    return base + (f"?{urlencode(query)}" if query else ""), prefix, int(cache)
+    return base + (f"?{urlencode(query)}" if query else ""), prefix, int(cache), offload == "1"
 
 
 def connect(client_url: str, shown: str) -> Any:

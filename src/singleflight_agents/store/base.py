@@ -186,8 +186,9 @@ class ReceiptStore(ReceiptsAndLeases, Statistics, Admin):
     url: str
     identity: str
     key_path: Path | None = None
-    # Whether a read (``get``) answers without waiting on a server: then an async call
-    # makes its first look on its event loop; else every store call leaves the loop.
+    # Whether an async call's store operations run on its event loop (a local file, or a
+    # server's round trips when that is faster: Redis without ?offload=1); else they run in
+    # store threads, and the loop never waits on the store.
     reads_locally: bool = False
 
     @abc.abstractmethod
