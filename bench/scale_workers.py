@@ -4,7 +4,6 @@ and the CLI runner that measures a command's peak RSS."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import resource
@@ -13,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import open_engine, payload
-from workers import SPAWN, STORE_CALLS, _blocking_time
+from common import payload
+from workers import SPAWN, fanout_run
 
-from singleflight_agents import Singleflight, ToolExecutionOptions
+from singleflight_agents import Singleflight
 
 TIME = "/usr/bin/time"  # GNU time: the child's own peak RSS
 __all__ = ["SPAWN", "diskcache_filler", "mode_off_memory", "run_measured", "storm_worker"]
@@ -39,29 +38,7 @@ def storm_worker(conn: Any) -> None:
     (asyncio), and sends ("done", time, seconds the loop spent inside store calls)."""
     while (message := conn.recv())[0] == "run":
         _, url, log_path, keys, tool_s = message
-        sf = open_engine(url)
-        options = ToolExecutionOptions(deterministic=True, tool_name="bench.scale_storm")
-        blocked_ns = _blocking_time(sf.store, STORE_CALLS)
-
-        async def tool(key: str, log_path: str = log_path, tool_s: float = tool_s) -> str:
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, f"{time.time()} {os.getpid()} {key}\n".encode())
-            finally:
-                os.close(fd)
-            await asyncio.sleep(tool_s)
-            return key
-
-        async def all_keys(sf: Singleflight = sf, keys: list[str] = keys,
-                           options: ToolExecutionOptions = options) -> None:
-            await asyncio.gather(*(sf.execute(tool, key, options=options) for key in keys))
-
-        conn.send(("ready", os.getpid()))
-        start_at = conn.recv()
-        time.sleep(max(0.0, start_at - time.time()))
-        asyncio.run(all_keys())
-        conn.send(("done", time.time(), blocked_ns[0] / 1e9))
-        sf.close()
+        fanout_run(conn, url, log_path, keys, tool_s, "bench.scale_storm")
 
 
 def _rss() -> int:

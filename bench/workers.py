@@ -209,7 +209,8 @@ def fanout_worker(conn: Any) -> None:
         fanout_run(conn, *message[1:])
 
 
-def fanout_run(conn: Any, url: str, log_path: str, keys: list[str]) -> None:
+def fanout_run(conn: Any, url: str, log_path: str, keys: list[str], tool_s: float = 0.02,
+               tool_name: str = "bench.mp_fanout") -> None:
     """Open the store, say ("ready", pid), wait for the start instant the parent sends,
     call every key at once, and send ("done", time, blocked seconds), where blocked is how
     long the event loop spent inside the store's calls.
@@ -218,7 +219,7 @@ def fanout_run(conn: Any, url: str, log_path: str, keys: list[str]) -> None:
     don't mix), which the parent counts.
     """
     sf = open_engine(url)
-    options = ToolExecutionOptions(deterministic=True, tool_name="bench.mp_fanout")
+    options = ToolExecutionOptions(deterministic=True, tool_name=tool_name)
     blocked_ns = _blocking_time(sf.store, STORE_CALLS)
 
     async def tool(key: str) -> str:
@@ -227,7 +228,7 @@ def fanout_run(conn: Any, url: str, log_path: str, keys: list[str]) -> None:
             os.write(fd, f"{time.time()} {os.getpid()} {key}\n".encode())
         finally:
             os.close(fd)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(tool_s)
         return key
 
     async def all_keys() -> None:
