@@ -42,7 +42,7 @@ def _abandon_in_store_step(sf: Singleflight, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(sf.store, "acquire", recording)
     # A server's store (Redis) runs an async caller's store operations in store threads;
     # SQLite, as if it were one.
-    monkeypatch.setattr(sf.store, "reads_locally", False)
+    monkeypatch.setattr(sf.store, "runs_on_loop", False)
     loop = asyncio.new_event_loop()
     task = loop.create_task(sf.execute(tool, 1, options=OPTIONS))
     loop.run_until_complete(asyncio.to_thread(acquired.wait, 10))
@@ -85,7 +85,7 @@ def test_a_redis_store_runs_async_store_operations_where_its_url_says(
     sf = Singleflight(store=url, secret=SECRET)
     threads: list[str] = []
     try:
-        assert sf.store.reads_locally is not offload
+        assert sf.store.runs_on_loop is not offload
         acquire = sf.store.acquire
 
         def recording(*args: Any) -> Any:

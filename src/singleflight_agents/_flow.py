@@ -113,7 +113,7 @@ def _start(sf: Singleflight, call: Call) -> Result | Source | None:
         # run through: it raises, as it did when stores were opened at construction.
         backend = sf._open(replay=call.mode == "replay")
     call.flight_key = (backend.store.identity, call.key)
-    call.inline_io = backend.store.reads_locally
+    call.inline_io = backend.store.runs_on_loop
     if _off(sf, call):
         return Source.EXECUTED_UNSHARED
     try:

@@ -262,7 +262,7 @@ class Singleflight:
     async def _run(self, call: Call) -> ExecutionOutcome:
         engine = self._engine_for(call)
         backend = engine._backend
-        if backend is not None and (not backend.store.reads_locally or call.mode == "off"):
+        if backend is not None and (not backend.store.runs_on_loop or call.mode == "off"):
             # The first look may wait on a server (or write, in mode "off"). Not the first
             # call's, which opens the store: as before, callers join flights in call order.
             got = await drive_async(call, first_look(engine, call))

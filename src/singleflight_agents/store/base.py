@@ -189,7 +189,7 @@ class ReceiptStore(ReceiptsAndLeases, Statistics, Admin):
     # Whether an async call's store operations run on its event loop (a local file, or a
     # server's round trips when that is faster: Redis without ?offload=1); else they run in
     # store threads, and the loop never waits on the store.
-    reads_locally: bool = False
+    runs_on_loop: bool = False
 
     @abc.abstractmethod
     def close(self) -> None:

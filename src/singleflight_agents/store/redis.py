@@ -70,7 +70,7 @@ class RedisStore(ReceiptStore):
         # An async caller's store operations on its loop (a round trip each: in a storm of
         # misses, 2.4x faster in wall time here than handing each to a store thread), or, with
         # ?offload=1, in store threads: its loop never waits on the network.
-        self.reads_locally = not offload
+        self.runs_on_loop = not offload
         self.prefix = prefix + ":"
         self._redis: Any = connect(client_url, self.url)
         self._cache = ReceiptCache(self._redis, self.prefix, cache) if cache else None

@@ -38,7 +38,7 @@ _translated = translating(sqlite3.Error, OSError)
 class SQLiteStore(SQLiteAdmin, ReceiptStore):
     """A :class:`ReceiptStore` in one SQLite file; see the module docstring."""
 
-    reads_locally = True  # microseconds; a WAL reader never waits for a writer
+    runs_on_loop = True  # microseconds; a WAL reader never waits for a writer
 
     def __init__(self, path: str | os.PathLike[str], lock: LivenessLock | None = None) -> None:
         self.path = Path(path).expanduser().absolute()
